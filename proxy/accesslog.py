@@ -1,0 +1,120 @@
+"""The access log: one JSON object per exchange, or one readable coloured line on a terminal.
+
+Rules:
+1. Finished exchanges are queued and written in batches (by a timer, or when the batch is
+   full): never a write per request on the hot path.
+2. Only the record's own fields are logged; headers are never logged, so Authorization,
+   Cookie and Set-Cookie cannot leak; configured query parameters are redacted.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
+from typing import IO, Any
+from urllib.parse import parse_qsl, quote
+
+import orjson
+
+from .exchange import Exchange
+from .faults import info
+
+BATCH_MAX = 512
+REDACTED = "REDACTED"
+
+
+def redact_target(target: str, secret_params: frozenset[str]) -> str:
+    """The request target with the values of secret query parameters replaced."""
+    path, sep, query = target.partition("?")
+    if not sep or not secret_params:
+        return target
+    pairs = parse_qsl(query, keep_blank_values=True)
+    if not any(name.lower() in secret_params for name, _ in pairs):
+        return target
+    redacted = "&".join(
+        f"{quote(name, safe='')}={REDACTED if name.lower() in secret_params else quote(value)}"
+        for name, value in pairs
+    )
+    return f"{path}?{redacted}"
+
+
+class Clock:
+    """Turns perf_counter_ns marks into wall-clock times (one anchor, taken at start)."""
+
+    def __init__(self) -> None:
+        self.wall = time.time()
+        self.mono_ns = time.perf_counter_ns()
+
+    def at(self, mark_ns: int) -> float:
+        return self.wall + (mark_ns - self.mono_ns) / 1e9
+
+    def iso(self, mark_ns: int) -> str:
+        return datetime.fromtimestamp(self.at(mark_ns), UTC).isoformat(timespec="milliseconds")
+
+
+def log_record(ex: Exchange, clock: Clock, secret_params: frozenset[str]) -> dict[str, Any]:
+    """The JSON access-log object of CONTRACT.md for one finished exchange."""
+    row = info(ex.fault, ex.problem) if ex.fault is not None else None
+    return {
+        "time": clock.iso(ex.t_end),
+        "request_id": ex.request_id,
+        "method": ex.method,
+        "path": redact_target(ex.target, secret_params),
+        "status": ex.status,
+        "source": ex.source.value,
+        "layer": row.layer.value if row else "origin",
+        "error": ex.fault.value if ex.fault is not None else None,
+        "details": ex.details,
+        "upstream": ex.upstream,
+        "client": ex.client,
+        "bytes_in": ex.body_bytes_in,
+        "bytes_out": ex.body_bytes_out,
+        "duration_ms": round((ex.t_end - ex.t_start) / 1e6, 3),
+        "phases_ms": ex.phases_ms(),
+        "reused": ex.reused,
+        "retried": ex.retried,
+        "hop": ex.hop,
+        "hints": list(ex.hints),
+    }
+
+
+class AccessLog:
+    """Buffered writer of access-log lines; `formatter` turns a record into one line."""
+
+    def __init__(
+        self,
+        stream: IO[bytes],
+        formatter: Callable[[dict[str, Any]], bytes],
+        secret_params: Iterable[str] = (),
+    ) -> None:
+        self.stream = stream
+        self.formatter = formatter
+        self.secret_params = frozenset(p.lower() for p in secret_params)
+        self.clock = Clock()
+        self.pending: list[Exchange] = []
+        self.written = 0
+
+    def record(self, ex: Exchange) -> None:
+        pending = self.pending
+        pending.append(ex)
+        if len(pending) >= BATCH_MAX:
+            self.flush()
+
+    def flush(self) -> None:
+        pending = self.pending
+        if not pending:
+            return
+        self.pending = []
+        clock, secrets, fmt = self.clock, self.secret_params, self.formatter
+        data = b"".join([fmt(log_record(ex, clock, secrets)) for ex in pending])
+        try:
+            self.stream.write(data)
+            self.stream.flush()
+        except (BrokenPipeError, ValueError):
+            return  # stdout went away (piped to a process that exited): keep serving
+        self.written += len(pending)
+
+
+def json_line(record: dict[str, Any]) -> bytes:
+    return orjson.dumps(record) + b"\n"

@@ -1,0 +1,149 @@
+"""Turn an upstream failure into a fault: the phase it happened in plus what the OS said.
+
+Rule 1: this is the one boundary where foreign exceptions (OSError, ssl.SSLError,
+socket.gaierror, httptools errors) become faults; the map is ordered, most specific first.
+Rule 2: pure functions, no I/O: the protocol code reports (phase, error, facts) and gets a
+fault and a one-line detail for Proxy-Status and the logs.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+import ssl
+
+from .exchange import Phase
+from .faults import Fault
+
+
+class UpstreamError(Exception):
+    """Base of the failures the upstream side detects itself (not raised by the OS)."""
+
+
+class DeadlineExpired(UpstreamError, TimeoutError):
+    """A phase's timeout passed (which one is told by the phase)."""
+
+
+class UpstreamProtocolError(UpstreamError):
+    """The upstream sent bytes that are not valid HTTP/1.x."""
+
+
+class ResponseHeadersTooLarge(UpstreamError):
+    """The upstream's response header section exceeded the configured limit."""
+
+
+class UpgradeBroken(UpstreamError):
+    """The upstream answered an Upgrade request with a malformed 101."""
+
+
+# getaddrinfo errors -> DNS rcode names (RFC 9209 dns_error carries `rcode`).
+_GAI_RCODE = {
+    socket.EAI_NONAME: "NXDOMAIN",
+    getattr(socket, "EAI_NODATA", -5): "NOERROR",  # name exists, no address record
+    socket.EAI_FAIL: "SERVFAIL",
+}
+
+
+def _errno_name(exc: BaseException) -> str:
+    code = getattr(exc, "errno", None)
+    if isinstance(code, int) and code in errno.errorcode:
+        return errno.errorcode[code]
+    return type(exc).__name__
+
+
+def classify(
+    phase: Phase,
+    error: BaseException | None,
+    *,
+    response_bytes_seen: bool = False,
+    upgrade: bool = False,
+) -> tuple[Fault, str]:
+    """The fault and a short detail for a failure in `phase`.
+
+    `error` None means the upstream closed the connection cleanly (EOF).
+    `response_bytes_seen`: part of the response head had arrived before the failure.
+    """
+    if phase is Phase.POOL_WAIT:
+        return Fault.CONNECTION_LIMIT_REACHED, "no upstream connection slot became free in time"
+    if phase is Phase.DNS:
+        return _classify_dns(error)
+    if phase is Phase.CONNECT:
+        return _classify_connect(error)
+    if phase is Phase.TLS:
+        return _classify_tls(error)
+    if phase in (Phase.SEND, Phase.AWAIT_HEAD):
+        fault, detail = _classify_before_head(phase, error, response_bytes_seen)
+        if upgrade and fault in (Fault.CONNECTION_TERMINATED, Fault.HTTP_PROTOCOL_ERROR):
+            return Fault.HTTP_UPGRADE_FAILED, detail
+        return fault, detail
+    if phase is Phase.TUNNEL:
+        return Fault.HTTP_UPGRADE_FAILED, _describe(error, "upstream closed the tunnel")
+    # Phase.BODY: the response had started
+    if isinstance(error, DeadlineExpired):
+        return Fault.CONNECTION_READ_TIMEOUT, "upstream sent nothing for timeouts.upstream_read"
+    if isinstance(error, UpstreamProtocolError):
+        return Fault.HTTP_PROTOCOL_ERROR, f"invalid response body framing: {error}"
+    return Fault.HTTP_RESPONSE_INCOMPLETE, _describe(error, "upstream closed mid-body")
+
+
+def _describe(error: BaseException | None, eof_text: str) -> str:
+    if error is None:
+        return eof_text
+    if isinstance(error, ConnectionResetError):
+        return f"{eof_text} (connection reset)"
+    if isinstance(error, OSError):
+        return f"{eof_text} ({_errno_name(error)})"
+    return f"{eof_text} ({error})" if str(error) else eof_text
+
+
+def _classify_dns(error: BaseException | None) -> tuple[Fault, str]:
+    if isinstance(error, TimeoutError):
+        return Fault.DNS_TIMEOUT, "name resolution did not finish in time"
+    if isinstance(error, socket.gaierror):
+        if error.errno == socket.EAI_AGAIN:
+            return Fault.DNS_TIMEOUT, "temporary failure in name resolution (EAI_AGAIN)"
+        rcode = _GAI_RCODE.get(error.errno or 0, "SERVFAIL")
+        return Fault.DNS_ERROR, rcode
+    return Fault.DNS_ERROR, "SERVFAIL"
+
+
+def _classify_connect(error: BaseException | None) -> tuple[Fault, str]:
+    if isinstance(error, TimeoutError) or getattr(error, "errno", None) == errno.ETIMEDOUT:
+        return Fault.CONNECTION_TIMEOUT, "TCP connect did not finish within timeouts.connect"
+    if isinstance(error, ConnectionRefusedError):
+        return Fault.CONNECTION_REFUSED, "connection refused (ECONNREFUSED)"
+    return Fault.CONNECTION_REFUSED, f"connect failed ({_errno_name(error or OSError())})"
+
+
+def _classify_tls(error: BaseException | None) -> tuple[Fault, str]:
+    if isinstance(error, TimeoutError):
+        return Fault.CONNECTION_TIMEOUT, "TLS handshake did not finish within timeouts.connect"
+    if isinstance(error, ssl.SSLCertVerificationError):
+        reason = error.verify_message or error.reason or "verification failed"
+        return Fault.TLS_CERTIFICATE_ERROR, f"certificate rejected: {reason}"
+    if isinstance(error, ssl.SSLError):
+        return Fault.TLS_PROTOCOL_ERROR, f"TLS handshake failed: {error.reason or error}"
+    return Fault.TLS_PROTOCOL_ERROR, _describe(error, "connection closed during the TLS handshake")
+
+
+def _classify_before_head(
+    phase: Phase, error: BaseException | None, response_bytes_seen: bool
+) -> tuple[Fault, str]:
+    if isinstance(error, DeadlineExpired):
+        return (
+            Fault.HTTP_RESPONSE_TIMEOUT,
+            "no response headers within timeouts.response_headers",
+        )
+    if isinstance(error, ResponseHeadersTooLarge):
+        return Fault.HTTP_RESPONSE_HEADER_SECTION_SIZE, str(error)
+    if isinstance(error, UpgradeBroken):
+        return Fault.HTTP_UPGRADE_FAILED, str(error)
+    if isinstance(error, UpstreamProtocolError):
+        return Fault.HTTP_PROTOCOL_ERROR, str(error)
+    if response_bytes_seen:
+        return (
+            Fault.HTTP_PROTOCOL_ERROR,
+            _describe(error, "upstream closed inside the response header section"),
+        )
+    when = "while the request was sent" if phase is Phase.SEND else "before responding"
+    return Fault.CONNECTION_TERMINATED, _describe(error, f"upstream closed the connection {when}")

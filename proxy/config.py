@@ -1,0 +1,370 @@
+"""The configuration tree: YAML file + FAULTLINE_* environment twins + flags, validated once.
+
+Rules: precedence is flag > environment > file > built-in default. Every leaf key has an
+environment twin, `FAULTLINE_` + the upper-cased key path joined by `_`. The tree is frozen
+and built once at start-up; nothing reads the environment at request time. A bad value
+raises `ConfigError` whose message names the key (and where the value came from).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal, get_args, get_origin
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+
+ENV_PREFIX = "FAULTLINE_"
+
+
+class ConfigError(Exception):
+    """The configuration is unusable; the message is one line naming the key or address."""
+
+
+# -- value types -----------------------------------------------------------------------------
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def parse_duration(value: Any) -> float:
+    """`250ms`, `5s`, `2m`, `1h` or a number of seconds -> seconds."""
+    if isinstance(value, bool):
+        raise ValueError(f"invalid duration {value!r}")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError(f"invalid duration {value!r}: must not be negative")
+        return float(value)
+    if isinstance(value, str):
+        match = _DURATION.match(value)
+        if match:
+            return float(match.group(1)) * _UNIT_S[match.group(2)]
+    raise ValueError(f"invalid duration {value!r} (use 250ms, 5s, 2m or a number of seconds)")
+
+
+def parse_address(value: Any) -> tuple[str, int]:
+    """`host:port`, `[v6]:port` or `:port` -> (host, port)."""
+    if isinstance(value, tuple | list) and len(value) == 2:
+        host, port = str(value[0]), value[1]
+    elif isinstance(value, str):
+        host, sep, port_text = value.strip().rpartition(":")
+        if not sep or not port_text.isdigit():
+            raise ValueError(f"invalid address {value!r} (use HOST:PORT)")
+        host, port = host.strip("[]") or "0.0.0.0", int(port_text)
+    else:
+        raise ValueError(f"invalid address {value!r} (use HOST:PORT)")
+    if not 0 <= int(port) <= 65535:
+        raise ValueError(f"invalid port in {value!r}")
+    return host, int(port)
+
+
+def parse_upstream(value: Any) -> str:
+    """An http:// or https:// origin, host[:port] only (no path, query or credentials)."""
+    if not isinstance(value, str):
+        raise ValueError(f"invalid upstream {value!r}")
+    text = value.strip()
+    if "://" not in text:
+        raise ValueError(f"invalid upstream {value!r}: give a URL such as http://127.0.0.1:3000")
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https"):
+        raise ValueError(f"invalid upstream {value!r}: scheme must be http or https")
+    if not parts.hostname:
+        raise ValueError(f"invalid upstream {value!r}: no host")
+    if parts.username or parts.password:
+        raise ValueError("invalid upstream: credentials in the URL are not supported")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ValueError(f"invalid upstream {value!r}: only scheme://host[:port] is supported")
+    try:
+        port = parts.port
+    except ValueError as exc:
+        raise ValueError(f"invalid upstream {value!r}: bad port") from exc
+    host = parts.hostname
+    shown = f"[{host}]" if ":" in host else host
+    return f"{parts.scheme}://{shown}:{port or (443 if parts.scheme == 'https' else 80)}"
+
+
+def parse_token(value: Any) -> str:
+    """A Proxy-Status member name must be an sf-token (RFC 8941)."""
+    if not isinstance(value, str) or not re.fullmatch(
+        r"[A-Za-z*][A-Za-z0-9_\-.:%*/!#$&'+^`|~]*", value
+    ):
+        raise ValueError(f"invalid proxy name {value!r}: use letters, digits, - _ . :")
+    return value
+
+
+def parse_list(value: Any) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    if isinstance(value, list | tuple):
+        return [str(item) for item in value]
+    raise ValueError(f"expected a list, got {value!r}")
+
+
+def parse_networks(value: Any) -> list[str]:
+    items = parse_list(value)
+    for item in items:
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError as exc:
+            raise ValueError(f"invalid network {item!r} (use an address or a CIDR)") from exc
+    return items
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+Address = Annotated[tuple[str, int], BeforeValidator(parse_address)]
+UpstreamURL = Annotated[str, BeforeValidator(parse_upstream)]
+ProxyName = Annotated[str, BeforeValidator(parse_token)]
+StrList = Annotated[list[str], BeforeValidator(parse_list)]
+Networks = Annotated[list[str], BeforeValidator(parse_networks)]
+PositiveInt = Annotated[int, Field(ge=1)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class AdminConfig(_Section):
+    listen: Address = ("127.0.0.1", 9901)
+    token: str | None = None
+
+
+class TimeoutsConfig(_Section):
+    connect: Duration = 5.0
+    response_headers: Duration = 60.0
+    upstream_read: Duration = 60.0
+    client_headers: Duration = 10.0
+    client_body: Duration = 60.0
+    keepalive: Duration = 75.0
+    drain: Duration = 20.0
+    shutdown_delay: Duration = 0.0
+    dns: Duration = 5.0
+    pool_wait: Duration = 5.0
+
+
+class LimitsConfig(_Section):
+    max_in_flight: PositiveInt = 1024
+    max_connections: PositiveInt = 10000
+    max_request_header_bytes: PositiveInt = 32768
+    max_request_body_bytes: NonNegativeInt = 0
+    max_response_header_bytes: PositiveInt = 65536
+
+
+class PoolConfig(_Section):
+    max_connections: PositiveInt = 512
+    max_idle: NonNegativeInt = 128
+    idle_timeout: Duration = 30.0
+
+
+class TLSConfig(_Section):
+    verify: bool = True
+    ca_file: str | None = None
+    server_name: str | None = None
+
+
+class HeadersConfig(_Section):
+    proxy_status: bool = True
+    server_timing: bool = True
+    forwarded: bool = True
+    via: bool = True
+
+
+class LogConfig(_Section):
+    format: Literal["auto", "json", "pretty"] = "auto"
+    access: bool = True
+    quiet: bool = False
+    redact_query: StrList = Field(
+        default_factory=lambda: [
+            "token",
+            "access_token",
+            "api_key",
+            "apikey",
+            "key",
+            "password",
+            "secret",
+            "signature",
+            "sig",
+            "code",
+        ]
+    )
+
+
+class StatsConfig(_Section):
+    recent_errors: PositiveInt = 100
+
+
+class Config(_Section):
+    listen: Address = ("0.0.0.0", 8080)
+    upstream: UpstreamURL = "http://127.0.0.1:3000"
+    proxy_name: ProxyName = "faultline"
+    upstream_wait: Duration = 0.0
+    diagnostics: bool = True
+    trusted_proxies: Networks = Field(default_factory=list)
+    admin: AdminConfig = AdminConfig()
+    timeouts: TimeoutsConfig = TimeoutsConfig()
+    limits: LimitsConfig = LimitsConfig()
+    pool: PoolConfig = PoolConfig()
+    tls: TLSConfig = TLSConfig()
+    headers: HeadersConfig = HeadersConfig()
+    log: LogConfig = LogConfig()
+    stats: StatsConfig = StatsConfig()
+
+    # -- derived facts -------------------------------------------------------------------
+
+    @property
+    def upstream_scheme(self) -> str:
+        return self.upstream.split("://", 1)[0]
+
+    @property
+    def upstream_host(self) -> str:
+        host = urlsplit(self.upstream).hostname
+        assert host is not None
+        return host
+
+    @property
+    def upstream_port(self) -> int:
+        port = urlsplit(self.upstream).port
+        assert port is not None
+        return port
+
+    @property
+    def upstream_authority(self) -> str:
+        """host:port as used in Host and next-hop."""
+        return self.upstream.split("://", 1)[1]
+
+    def effective(self) -> dict[str, Any]:
+        """The configuration as plain data, addresses as HOST:PORT, the admin token hidden."""
+        data = self.model_dump()
+        data["listen"] = format_address(self.listen)
+        data["admin"]["listen"] = format_address(self.admin.listen)
+        if data["admin"]["token"]:
+            data["admin"]["token"] = "<set>"
+        return data
+
+
+def format_address(address: tuple[str, int]) -> str:
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+# -- loading -----------------------------------------------------------------------------------
+
+
+def _leaves(model: type[BaseModel], prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+    """Every leaf key path of the tree -> its annotation."""
+    out: dict[tuple[str, ...], Any] = {}
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            out.update(_leaves(annotation, (*prefix, name)))
+        else:
+            out[(*prefix, name)] = annotation
+    return out
+
+
+LEAF_KEYS = _leaves(Config)
+
+# Flags whose environment twin is not the key path (CONTRACT: FAULTLINE_ADMIN for --admin).
+FLAG_TWINS: dict[str, tuple[str, ...]] = {
+    "FAULTLINE_ADMIN": ("admin", "listen"),
+}
+
+
+def env_name(path: tuple[str, ...]) -> str:
+    return ENV_PREFIX + "_".join(path).upper()
+
+
+def _is_list(annotation: Any) -> bool:
+    base = get_args(annotation)[0] if get_origin(annotation) is Annotated else annotation
+    return get_origin(base) is list
+
+
+def _set(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
+    for key in path[:-1]:
+        node = tree.get(key)
+        if not isinstance(node, dict):
+            node = tree[key] = {}
+        tree = node
+    tree[path[-1]] = value
+
+
+def _read_file(path: str) -> dict[str, Any]:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"config file {path}: {exc.strerror or exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        line = f" line {where.line + 1}" if where is not None else ""
+        raise ConfigError(f"config file {path}:{line} not valid YAML") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: the top level must be a mapping of keys")
+    return data
+
+
+def load_config(
+    file: str | None = None,
+    env: Mapping[str, str] | None = None,
+    flags: Mapping[tuple[str, ...], Any] | None = None,
+) -> Config:
+    """Build the one validated configuration tree (flag > env > file > default)."""
+    env = os.environ if env is None else env
+    origin: dict[tuple[str, ...], str] = {}
+    raw: dict[str, Any] = {}
+    file = file or env.get("FAULTLINE_CONFIG") or None
+    if file:
+        raw = _read_file(file)
+        _mark_origin(raw, (), f"in {file}", origin)
+    for name, path in FLAG_TWINS.items():
+        if name in env:
+            _set(raw, path, env[name])
+            origin[path] = f"from {name}"
+    for path, annotation in LEAF_KEYS.items():
+        name = env_name(path)
+        if name in env:
+            value: Any = env[name]
+            if _is_list(annotation):
+                value = parse_list(value)
+            _set(raw, path, value)
+            origin[path] = f"from {name}"
+    for path, value in (flags or {}).items():
+        if value is not None:
+            _set(raw, path, value)
+            origin[path] = "from the command line"
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_first_error(exc, origin)) from None
+
+
+def _mark_origin(tree: Any, prefix: tuple[str, ...], where: str, out: dict) -> None:
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            _mark_origin(value, (*prefix, str(key)), where, out)
+    else:
+        out[prefix] = where
+
+
+def _first_error(exc: ValidationError, origin: Mapping[tuple[str, ...], str]) -> str:
+    error = exc.errors()[0]
+    path = tuple(str(p) for p in error["loc"])
+    key = ".".join(path) or "(top level)"
+    where = origin.get(path, "")
+    if error["type"] == "extra_forbidden":
+        return f"config error: unknown key {key!r}" + (f" ({where})" if where else "")
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "missing":
+        message = "required"
+    suffix = f" ({where})" if where else ""
+    return f"config error: {key}: {message}{suffix}"

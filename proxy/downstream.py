@@ -1,0 +1,554 @@
+"""The client side: parse requests with httptools, answer them in order on one connection.
+
+Rules:
+1. One exchange is answered at a time (`current`); pipelined requests wait in `queue`
+   with reading paused, so a client cannot make the proxy buffer more than one read.
+2. A request is judged when its head is complete (`RequestHead.parse`): ambiguous or
+   malformed heads are never forwarded; they become a proxy-made 4xx in turn.
+3. Reading is paused for several independent reasons (a bit each) and resumes only when
+   none is left.
+4. Bytes for the upstream produced while parsing one read are written in one go after
+   `feed_data` returns (`in_feed`), so a head and a small body leave in one syscall.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+from collections import deque
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+from httptools import (
+    HttpParserCallbackError,
+    HttpParserError,
+    HttpParserUpgrade,
+    HttpRequestParser,
+)
+
+from .exchange import Exchange, Phase, perf_ns
+from .faults import RequestProblem
+from .forward import Forwarder
+from .headers import CONNECTION_OPTIONS, connection_tokens, valid_request_id
+from .upstream import parser_error_text
+
+if TYPE_CHECKING:
+    from .server import ProxyContext
+
+log = logging.getLogger("faultline")
+
+# Request header names handled specially (anything else passes through as is).
+(
+    _Q_DROP,
+    _Q_HOST,
+    _Q_CONNECTION,
+    _Q_CL,
+    _Q_TE,
+    _Q_UPGRADE,
+    _Q_XFF,
+    _Q_XFP,
+    _Q_XFH,
+    _Q_VIA,
+    _Q_RID,
+    _Q_ACCEPT,
+) = range(12)
+_REQUEST_SPECIAL = {
+    b"keep-alive": _Q_DROP,
+    b"proxy-connection": _Q_DROP,
+    b"te": _Q_DROP,
+    b"trailer": _Q_DROP,
+    b"proxy-authorization": _Q_DROP,
+    b"forwarded": _Q_DROP,
+    b"host": _Q_HOST,
+    b"connection": _Q_CONNECTION,
+    b"content-length": _Q_CL,
+    b"transfer-encoding": _Q_TE,
+    b"upgrade": _Q_UPGRADE,
+    b"x-forwarded-for": _Q_XFF,
+    b"x-forwarded-proto": _Q_XFP,
+    b"x-forwarded-host": _Q_XFH,
+    b"via": _Q_VIA,
+    b"x-request-id": _Q_RID,
+    b"accept": _Q_ACCEPT,
+}
+
+
+class RequestRejected(Exception):
+    """Raised inside a parser callback to stop parsing a request we will not forward."""
+
+    def __init__(self, problem: RequestProblem, detail: str) -> None:
+        super().__init__(detail)
+        self.problem = problem
+        self.detail = detail
+
+
+class RequestHead:
+    """What the proxy needs of a client's request head, headers already filtered."""
+
+    __slots__ = (
+        "accept",
+        "chunked",
+        "content_length",
+        "host",
+        "http11",
+        "keep_alive",
+        "lines",
+        "loop_marker",
+        "method",
+        "request_id",
+        "target",
+        "upgrade",
+        "via",
+        "xff",
+        "xfh",
+        "xfp",
+    )
+
+    def __init__(self, method: bytes, target: bytes, http11: bool, keep_alive: bool) -> None:
+        self.method = method
+        self.target = target
+        self.http11 = http11
+        self.keep_alive = keep_alive
+        self.lines: list[bytes] = []
+        self.host: bytes | None = None
+        self.content_length: int | None = None
+        self.chunked = False
+        self.upgrade: bytes | None = None
+        self.xff: bytes | None = None
+        self.xfp: bytes | None = None
+        self.xfh: bytes | None = None
+        self.via: bytes | None = None
+        self.request_id: bytes | None = None
+        self.accept: bytes | None = None
+        self.loop_marker = False
+
+    @classmethod
+    def parse(
+        cls,
+        method: bytes,
+        target: bytes,
+        version: str,
+        keep_alive: bool,
+        upgrade: bool,
+        headers: list[tuple[bytes, bytes]],
+    ) -> tuple[RequestHead, str | None]:
+        """The head and, if the request must be refused, why (RFC 9112 §3, §6.3)."""
+        head = cls(method, target, version == "1.1", keep_alive)
+        lines = head.lines
+        special = _REQUEST_SPECIAL
+        hosts = 0
+        te_values: list[bytes] = []
+        nominated: set[bytes] = set()
+        for name, value in headers:
+            lname = name.lower()
+            code = special.get(lname)
+            if code is None:
+                lines.append(name + b": " + value + b"\r\n")
+            elif code == _Q_HOST:
+                hosts += 1
+                head.host = value
+            elif code == _Q_CONNECTION:
+                nominated |= connection_tokens(value)
+            elif code == _Q_CL:
+                if head.content_length is not None:
+                    return head, "more than one Content-Length"
+                if not value.isdigit() or len(value) > 18:
+                    return head, "invalid Content-Length"
+                head.content_length = int(value)
+            elif code == _Q_TE:
+                te_values.append(value)
+            elif code == _Q_UPGRADE:
+                head.upgrade = value
+            elif code == _Q_XFF:
+                head.xff = value if head.xff is None else head.xff + b", " + value
+            elif code == _Q_XFP:
+                head.xfp = value
+            elif code == _Q_XFH:
+                head.xfh = value
+            elif code == _Q_VIA:
+                head.via = value if head.via is None else head.via + b", " + value
+            elif code == _Q_RID:
+                head.request_id = value if valid_request_id(value) else None
+            elif code == _Q_ACCEPT:
+                head.accept = value
+                lines.append(name + b": " + value + b"\r\n")
+        if version not in ("1.1", "1.0"):
+            return head, f"unsupported HTTP version {version}"
+        if hosts > 1:
+            return head, "more than one Host header"
+        if hosts == 0 and head.http11:
+            return head, "HTTP/1.1 request without a Host header"
+        if te_values:
+            codings = [c.strip().lower() for v in te_values for c in v.split(b",")]
+            if codings[-1] != b"chunked" or codings.count(b"chunked") != 1:
+                return head, "Transfer-Encoding must end with a single chunked"
+            if not head.http11:
+                return head, "Transfer-Encoding in an HTTP/1.0 request"
+            if head.content_length is not None:
+                return head, "both Content-Length and Transfer-Encoding"
+            head.chunked = True
+        if method == b"CONNECT":
+            return head, "CONNECT is not supported: this is a reverse proxy"
+        if upgrade:
+            if head.upgrade is None or b"upgrade" not in nominated:
+                head.upgrade = None
+        else:
+            head.upgrade = None
+        nominated -= CONNECTION_OPTIONS
+        if nominated:
+            head.lines = [line for line in lines if line.split(b":", 1)[0].lower() not in nominated]
+        if target[:1] != b"/":
+            problem = head._absolute_form()
+            if problem:
+                return head, problem
+        return head, None
+
+    def _absolute_form(self) -> str | None:
+        """RFC 9112 §3.2.2: accept absolute-form, forward it in origin-form."""
+        target = self.target
+        if target == b"*" and self.method == b"OPTIONS":
+            return None
+        lowered = target[:8].lower()
+        if not (lowered.startswith(b"http://") or lowered.startswith(b"https://")):
+            return "invalid request target"
+        parts = urlsplit(target.decode("latin-1"))
+        if not parts.netloc or "@" in parts.netloc:
+            return "invalid absolute-form request target"
+        path = parts.path or "/"
+        self.target = (path + ("?" + parts.query if parts.query else "")).encode("latin-1")
+        self.host = parts.netloc.encode("latin-1")
+        return None
+
+
+class DownstreamProtocol(asyncio.Protocol):
+    """One client connection."""
+
+    PAUSE_PIPELINE = 1  # an earlier exchange is still being answered
+    PAUSE_BUFFER = 2  # request body buffered while the upstream connects
+    PAUSE_UPLOAD = 4  # the upstream connection's write buffer is full
+    PAUSE_BROKEN = 8  # the request stream is unparseable; nothing more is read
+
+    def __init__(self, ctx: ProxyContext) -> None:
+        self.ctx = ctx
+        self.transport: Any = None
+        self.parser = HttpRequestParser(self)
+        self.client_ip = ""
+        self.client_ip_b = b""
+        self.trusted = False
+        # Per-connection state
+        self.current: Forwarder | None = None  # the exchange being answered
+        self.receiving: Forwarder | None = None  # the exchange whose body is being read
+        self.queue: deque[Forwarder] = deque()
+        self.read_pauses = 0
+        self.write_paused = False
+        self.in_feed = False
+        self.raw = False  # after an Upgrade request: bytes go through unparsed
+        self.closed = False
+        self.idle_since_ns = 0
+        self.served = 0
+        # Per-request (parsing) state
+        self.ex: Exchange | None = None
+        self.url = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.head_bytes = 0
+        self.head_fed = -1
+
+    # -- connection life cycle --------------------------------------------------------------
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.client_ip = peer[0] if peer else ""
+        self.client_ip_b = self.client_ip.encode()
+        self.trusted = self.ctx.is_trusted(self.client_ip)
+        self.idle_since_ns = perf_ns()
+        self.ctx.connections.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.ctx.connections.discard(self)
+        if self.ex is not None:
+            ex, self.ex = self.ex, None
+            self._finish_orphan(ex)
+        pending = [fw for fw in (self.current, *self.queue, self.receiving) if fw is not None]
+        self.current = self.receiving = None
+        self.queue.clear()
+        for fw in dict.fromkeys(pending):
+            fw.client_gone()
+
+    def _finish_orphan(self, ex: Exchange) -> None:
+        """A request whose head never completed: the client left in the middle of it."""
+        fw = Forwarder(self, ex, None)
+        fw.client_gone()
+
+    def close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def pause_reading(self, reason: int) -> None:
+        if not self.read_pauses and not self.closed:
+            self.transport.pause_reading()
+        self.read_pauses |= reason
+
+    def resume_reading(self, reason: int) -> None:
+        if self.read_pauses & reason:
+            self.read_pauses &= ~reason
+            if not self.read_pauses and not self.closed:
+                self.transport.resume_reading()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        fw = self.current
+        if fw is not None and fw.up is not None and fw.up.transport is not None:
+            fw.up.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        fw = self.current
+        if fw is not None and fw.up is not None and fw.up.transport is not None:
+            fw.up.transport.resume_reading()
+
+    # -- bytes in ---------------------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        if self.raw:
+            fw = self.current
+            if fw is not None:
+                fw.on_request_body(data)
+            return
+        self.in_feed = True
+        try:
+            self.parser.feed_data(data)
+        except HttpParserUpgrade as exc:
+            self.raw = True
+            rest = data[exc.args[0] :]
+            if rest and self.current is not None:
+                self.current.on_request_body(rest)
+        except HttpParserCallbackError as exc:
+            cause = exc.__context__
+            if isinstance(cause, RequestRejected):
+                self._broken(cause.problem, cause.detail)
+            elif isinstance(cause, _StopParsing):
+                self.parser = HttpRequestParser(_Discard())
+            else:
+                self._defect(cause or exc)
+        except HttpParserError as exc:
+            self._broken(RequestProblem.MALFORMED, parser_error_text(exc))
+        except Exception as exc:  # a defect in our callbacks outside the parser's wrapping
+            self._defect(exc)
+        finally:
+            self.in_feed = False
+        ex = self.ex
+        if ex is not None:
+            # The head is still incomplete: everything read since it began counts.
+            if self.head_fed < 0:
+                self.head_fed = 0
+            else:
+                self.head_fed += len(data)
+                if self.head_fed > self.ctx.max_request_header_bytes:
+                    self._broken(
+                        RequestProblem.HEADERS_TOO_LARGE,
+                        f"request head over {self.ctx.max_request_header_bytes} bytes",
+                    )
+        for fw in (self.current, self.receiving):
+            if fw is not None and fw.up_out:
+                fw.flush_upstream()
+
+    def eof_received(self) -> bool:
+        # A half-closed client may still read its response (RFC 9112 §9.6).
+        return bool(self.current is not None or self.queue)
+
+    # -- httptools callbacks ----------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        ctx = self.ctx
+        self.ex = Exchange(perf_ns(), self.client_ip, ctx.upstream_authority)
+        ctx.stats.in_flight += 1
+        self.url = b""
+        self.headers = []
+        self.head_bytes = 0
+        self.head_fed = -1
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+        self.head_bytes += len(url)
+        if self.head_bytes > self.ctx.max_request_header_bytes:
+            raise RequestRejected(RequestProblem.HEADERS_TOO_LARGE, "request target too long")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self.ex is None:
+            return  # trailer fields of a chunked body: not forwarded
+        self.head_bytes += len(name) + len(value) + 4
+        if self.head_bytes > self.ctx.max_request_header_bytes:
+            raise RequestRejected(
+                RequestProblem.HEADERS_TOO_LARGE,
+                f"request head over {self.ctx.max_request_header_bytes} bytes",
+            )
+        self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        ex = self.ex
+        assert ex is not None
+        self.ex = None
+        ctx = self.ctx
+        ex.t_request_head = perf_ns()
+        parser = self.parser
+        method = parser.get_method()
+        version = parser.get_http_version()
+        head, problem = RequestHead.parse(
+            method,
+            self.url,
+            version,
+            parser.should_keep_alive(),
+            parser.should_upgrade(),
+            self.headers,
+        )
+        ex.method = method.decode("latin-1")
+        ex.target = head.target.decode("latin-1")
+        ex.http_version = version
+        ex.request_id = (head.request_id or ctx.new_request_id()).decode("latin-1")
+        head.request_id = ex.request_id.encode("latin-1")
+        reject = None
+        if problem is not None:
+            reject = (RequestProblem.MALFORMED, problem)
+        elif (
+            ctx.max_request_body_bytes
+            and head.content_length is not None
+            and head.content_length > ctx.max_request_body_bytes
+        ):
+            reject = (
+                RequestProblem.BODY_TOO_LARGE,
+                f"Content-Length {head.content_length} over {ctx.max_request_body_bytes}",
+            )
+        else:
+            head.loop_marker = ctx.headers.is_loop(head.via)
+        fw = Forwarder(self, ex, head, reject)
+        self.receiving = fw
+        if reject is not None:
+            # Nothing after a refused head can be trusted to be framed right.
+            self.pause_reading(self.PAUSE_BROKEN)
+            self._enqueue(fw)
+            raise _StopParsing
+        self._enqueue(fw)
+
+    def on_body(self, body: bytes) -> None:
+        fw = self.receiving
+        if fw is not None:
+            fw.on_request_body(body)
+
+    def on_message_complete(self) -> None:
+        fw = self.receiving
+        self.receiving = None
+        if fw is not None:
+            fw.on_request_complete()
+
+    # -- answering in order ------------------------------------------------------------------
+
+    def _enqueue(self, fw: Forwarder) -> None:
+        if self.current is None:
+            self.current = fw
+            fw.start()
+        else:
+            fw.ex.phase = Phase.QUEUED
+            self.queue.append(fw)
+            self.pause_reading(self.PAUSE_PIPELINE)
+
+    def exchange_finished(self, fw: Forwarder) -> None:
+        if fw is not self.current:
+            return
+        self.current = None
+        self.served += 1
+        self.resume_reading(self.PAUSE_UPLOAD | self.PAUSE_BUFFER)
+        if self.closed:
+            return
+        if fw.close_after or self.ctx.draining:
+            self.close()
+            return
+        if self.queue:
+            nxt = self.queue.popleft()
+            self.current = nxt
+            if not self.queue:
+                self.resume_reading(self.PAUSE_PIPELINE)
+            # Not called directly: a long pipeline must not recurse.
+            asyncio.get_running_loop().call_soon(self._start_queued, nxt)
+        else:
+            self.idle_since_ns = perf_ns()
+
+    def _start_queued(self, fw: Forwarder) -> None:
+        if self.current is fw and not fw.done and not self.closed:
+            fw.start()
+
+    def start_tunnel(self) -> None:
+        self.raw = True
+
+    # -- bad input ---------------------------------------------------------------------------
+
+    def _broken(self, problem: RequestProblem, detail: str) -> None:
+        """The request stream cannot be parsed any further: answer in turn, then close."""
+        self.pause_reading(self.PAUSE_BROKEN)
+        self.parser = HttpRequestParser(_Discard())
+        ex = self.ex
+        if ex is not None:
+            self.ex = None
+            self._enqueue(Forwarder(self, ex, None, (problem, detail)))
+            return
+        fw = self.receiving
+        if fw is not None:
+            self.receiving = None
+            fw.on_request_error(problem, detail)
+            return
+        last = self.queue[-1] if self.queue else self.current
+        if last is not None and last.reject is not None:
+            return  # already refused; this is the same bad stream
+        ex = Exchange(perf_ns(), self.client_ip, self.ctx.upstream_authority)
+        self.ctx.stats.in_flight += 1
+        ex.request_id = self.ctx.new_request_id().decode()
+        self._enqueue(Forwarder(self, ex, None, (problem, detail)))
+
+    def _defect(self, exc: BaseException) -> None:
+        fw = self.current or self.receiving
+        if fw is None:
+            log.error("internal error on a client connection", exc_info=exc)
+            self.transport.abort()
+            return
+        fw.on_internal_error(exc)
+
+    # -- deadlines -----------------------------------------------------------------------------
+
+    def check_deadline(self, now: int) -> None:
+        fw = self.current
+        if fw is not None:
+            fw.check_deadline(now)
+            return
+        ctx = self.ctx
+        ex = self.ex
+        if ex is not None:
+            if now - ex.t_start > ctx.client_headers_ns:
+                self._broken(
+                    RequestProblem.TIMEOUT,
+                    "client did not finish its request head within timeouts.client_headers",
+                )
+        elif self.served:
+            if now - self.idle_since_ns > ctx.keepalive_ns:
+                self.close()
+        elif now - self.idle_since_ns > ctx.client_headers_ns:
+            self.close()
+
+
+class _StopParsing(Exception):
+    """Raised from a callback to stop parsing after a refused head (already answered)."""
+
+
+class _Discard:
+    """Parser sink for a connection whose request stream is broken."""
+
+
+def client_is_trusted(address: str, networks: list[ipaddress._BaseNetwork]) -> bool:
+    if not networks or not address:
+        return False
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in net for net in networks)

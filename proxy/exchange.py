@@ -1,0 +1,177 @@
+"""The per-exchange record: what was asked, what happened, and when.
+
+Rules: timing marks are `perf_counter_ns()` readings set once each (0 = never reached);
+durations are derived from them, never stored twice. The protocol code writes the record
+while the exchange runs; once `Exchange.finished` is set it is handed to the sinks (stats,
+metrics, access log) and never written again.
+"""
+
+from __future__ import annotations
+
+import time
+from enum import IntEnum
+
+from .faults import Fault, Layer, RequestProblem, Source, info
+
+perf_ns = time.perf_counter_ns
+
+
+class Phase(IntEnum):
+    """Where an exchange is. A failure is classified from the phase it happened in."""
+
+    REQUEST_HEAD = 0  # reading the client's request head
+    QUEUED = 1  # pipelined behind an earlier exchange on the same connection
+    POOL_WAIT = 2  # waiting for a free upstream connection slot
+    DNS = 3  # resolving the upstream name
+    CONNECT = 4  # TCP connect to the upstream
+    TLS = 5  # TLS handshake with the upstream
+    SEND = 6  # request head sent; request body streaming upstream
+    AWAIT_HEAD = 7  # request complete; waiting for the upstream's response head
+    BODY = 8  # streaming the response body to the client
+    TUNNEL = 9  # upgraded (WebSocket): bytes flow both ways
+    DONE = 10
+
+
+# Phases in which nothing has been received from the upstream for this exchange yet.
+BEFORE_RESPONSE = frozenset(
+    {Phase.POOL_WAIT, Phase.DNS, Phase.CONNECT, Phase.TLS, Phase.SEND, Phase.AWAIT_HEAD}
+)
+
+
+def _ms(start: int, end: int) -> float | None:
+    if start and end:
+        return round((end - start) / 1e6, 3)
+    return None
+
+
+class Exchange:
+    """One request and its response, from the first request byte to the last response byte."""
+
+    __slots__ = (
+        "body_bytes_in",
+        "body_bytes_out",
+        "client",
+        "details",
+        "fault",
+        "finished",
+        "hints",
+        "hop",
+        "http_version",
+        "method",
+        "phase",
+        "problem",
+        "request_id",
+        "response_started",
+        "retried",
+        "reused",
+        "source",
+        "status",
+        "t_connect",
+        "t_connected",
+        "t_dns",
+        "t_end",
+        "t_pool",
+        "t_request_head",
+        "t_response_head",
+        "t_sent",
+        "t_start",
+        "t_tls_done",
+        "target",
+        "upstream",
+        "upstream_status",
+        "waited_s",
+    )
+
+    def __init__(self, t_start: int, client: str, upstream: str) -> None:
+        self.t_start = t_start
+        self.client = client
+        self.upstream = upstream
+        self.request_id = ""
+        self.method = ""
+        self.target = ""
+        self.http_version = "1.1"
+        self.phase = Phase.REQUEST_HEAD
+        self.status = 0
+        self.upstream_status = 0
+        self.source = Source.ORIGIN
+        self.fault: Fault | None = None
+        self.problem: RequestProblem | None = None
+        self.details: str | None = None
+        self.body_bytes_in = 0
+        self.body_bytes_out = 0
+        self.reused = False
+        self.retried = False
+        self.response_started = False
+        self.finished = False
+        self.hop: str | None = None
+        self.hints: tuple[str, ...] = ()
+        self.waited_s = 0.0
+        # Timing marks (perf_counter_ns, 0 = not reached)
+        self.t_request_head = 0
+        self.t_pool = 0
+        self.t_dns = 0
+        self.t_connect = 0
+        self.t_connected = 0
+        self.t_tls_done = 0
+        self.t_sent = 0
+        self.t_response_head = 0
+        self.t_end = 0
+
+    # -- derived facts ---------------------------------------------------------------------
+
+    @property
+    def layer(self) -> Layer:
+        if self.fault is not None:
+            return info(self.fault, self.problem).layer
+        return Layer.ORIGIN
+
+    @property
+    def path(self) -> str:
+        """The request target's path, without the query string."""
+        target = self.target
+        q = target.find("?")
+        return target if q < 0 else target[:q]
+
+    def duration_ms(self) -> float:
+        return round(((self.t_end or perf_ns()) - self.t_start) / 1e6, 3)
+
+    def connect_ns(self) -> int:
+        """TCP connect time (0 when a pooled connection was reused)."""
+        if self.t_connect and self.t_connected:
+            return self.t_connected - self.t_connect
+        return 0
+
+    def ttfb_ns(self) -> int:
+        """Request head sent upstream -> upstream response head complete."""
+        if self.t_sent and self.t_response_head:
+            return self.t_response_head - self.t_sent
+        return 0
+
+    def own_ns(self, now: int) -> int:
+        """Time spent inside the proxy so far: elapsed minus upstream connect and wait."""
+        now = now or perf_ns()
+        elapsed = now - (self.t_request_head or self.t_start)
+        waited = self.ttfb_ns()
+        if self.t_pool or self.t_dns or self.t_connect:
+            begin = self.t_pool or self.t_dns or self.t_connect
+            end = self.t_tls_done or self.t_connected or self.t_sent or now
+            waited += end - begin
+        return max(elapsed - waited, 0)
+
+    def phases_ms(self) -> dict[str, float | None]:
+        """Durations of each phase, in milliseconds (None: the phase did not happen)."""
+        connect_start = self.t_connect
+        return {
+            "dns": _ms(self.t_dns, connect_start),
+            "connect": _ms(connect_start, self.t_connected),
+            "tls": _ms(self.t_connected, self.t_tls_done),
+            "queue": _ms(self.t_pool, self.t_dns or connect_start or self.t_sent),
+            "ttfb": _ms(self.t_sent, self.t_response_head),
+            "body": _ms(self.t_response_head, self.t_end),
+        }
+
+    def __repr__(self) -> str:
+        return (
+            f"<Exchange {self.request_id} {self.method} {self.target} phase={self.phase.name} "
+            f"status={self.status} fault={self.fault}>"
+        )

@@ -1,0 +1,336 @@
+"""The fault taxonomy: the one place that names a fault, its status, its layer and its advice.
+
+Rule 1: every RFC 9209 error token Faultline can emit is a member of `Fault`, and nothing
+outside this module spells a token or decides a fault's status.
+Rule 2: every fault has a row in `TAXONOMY`; a test proves the table complete.
+Rule 3: `http_request_error` covers four client problems (malformed, too slow, body or
+headers too large); each has its own status, title and advice in `REQUEST_PROBLEMS`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum, StrEnum
+
+
+class Layer(StrEnum):
+    """Where along the path the fault lies."""
+
+    CLIENT = "client"
+    PROXY = "proxy"
+    TRANSPORT = "transport"
+    UPSTREAM = "upstream"
+    ORIGIN = "origin"
+
+
+class Source(StrEnum):
+    """Who produced the status the client got (client: nothing was sent, 499)."""
+
+    ORIGIN = "origin"
+    PROXY = "proxy"
+    CLIENT = "client"
+
+
+class Fault(StrEnum):
+    """RFC 9209 error tokens (values are the tokens as they appear on the wire)."""
+
+    DNS_ERROR = "dns_error"
+    DNS_TIMEOUT = "dns_timeout"
+    CONNECTION_REFUSED = "connection_refused"
+    CONNECTION_TIMEOUT = "connection_timeout"
+    TLS_CERTIFICATE_ERROR = "tls_certificate_error"
+    TLS_PROTOCOL_ERROR = "tls_protocol_error"
+    CONNECTION_TERMINATED = "connection_terminated"
+    HTTP_PROTOCOL_ERROR = "http_protocol_error"
+    HTTP_RESPONSE_HEADER_SECTION_SIZE = "http_response_header_section_size"
+    HTTP_RESPONSE_TIMEOUT = "http_response_timeout"
+    HTTP_RESPONSE_INCOMPLETE = "http_response_incomplete"
+    CONNECTION_READ_TIMEOUT = "connection_read_timeout"
+    HTTP_UPGRADE_FAILED = "http_upgrade_failed"
+    CONNECTION_LIMIT_REACHED = "connection_limit_reached"
+    PROXY_LOOP_DETECTED = "proxy_loop_detected"
+    PROXY_INTERNAL_ERROR = "proxy_internal_error"
+    HTTP_REQUEST_ERROR = "http_request_error"
+    CLIENT_CLOSED_REQUEST = "client_closed_request"
+
+
+class RequestProblem(Enum):
+    """The kinds of `http_request_error`: what was wrong with the client's request."""
+
+    MALFORMED = "malformed"
+    TIMEOUT = "timeout"
+    BODY_TOO_LARGE = "body_too_large"
+    HEADERS_TOO_LARGE = "headers_too_large"
+
+
+@dataclass(frozen=True, slots=True)
+class FaultInfo:
+    """One row of the taxonomy.
+
+    `status` is what the proxy sends; None when nothing can be sent any more (the response
+    had already started, or the client is gone). `hop` says in plain words which hop
+    failed; `advice` is what to check first.
+    """
+
+    fault: Fault
+    status: int | None
+    layer: Layer
+    source: Source
+    title: str
+    hop: str
+    meaning: str
+    advice: str
+
+    @property
+    def token(self) -> str:
+        return self.fault.value
+
+
+_UPSTREAM_HOP = "between Faultline and the upstream"
+
+
+def _row(
+    fault: Fault,
+    status: int | None,
+    layer: Layer,
+    title: str,
+    meaning: str,
+    advice: str,
+    *,
+    source: Source = Source.PROXY,
+    hop: str = _UPSTREAM_HOP,
+) -> FaultInfo:
+    return FaultInfo(fault, status, layer, source, title, hop, meaning, advice)
+
+
+TAXONOMY: dict[Fault, FaultInfo] = {
+    row.fault: row
+    for row in (
+        _row(
+            Fault.DNS_ERROR,
+            502,
+            Layer.TRANSPORT,
+            "Upstream name does not resolve",
+            "The upstream's host name could not be resolved to an address.",
+            "Check the upstream host name in the configuration for typos, and that the "
+            "service or DNS record exists from where Faultline runs.",
+        ),
+        _row(
+            Fault.DNS_TIMEOUT,
+            504,
+            Layer.TRANSPORT,
+            "Upstream name resolution timed out",
+            "The resolver did not answer in time for the upstream's host name.",
+            "Check the DNS resolver's health and reachability (resolv.conf, CoreDNS "
+            "pods), then retry.",
+        ),
+        _row(
+            Fault.CONNECTION_REFUSED,
+            502,
+            Layer.TRANSPORT,
+            "Nothing listens at the upstream",
+            "The upstream address refused the TCP connection: no process is listening "
+            "on that port, or it is restarting.",
+            "Check that the upstream process is running and listening on the configured "
+            "host and port; look at its logs for a crash or a restart.",
+        ),
+        _row(
+            Fault.CONNECTION_TIMEOUT,
+            504,
+            Layer.TRANSPORT,
+            "Upstream connect timed out",
+            "The TCP (or TLS) connection to the upstream did not complete within timeouts.connect.",
+            "Check that the upstream is not overloaded (full accept backlog), and for "
+            "firewalls or network policies dropping packets on the path.",
+        ),
+        _row(
+            Fault.TLS_CERTIFICATE_ERROR,
+            502,
+            Layer.TRANSPORT,
+            "Upstream certificate rejected",
+            "The upstream's TLS certificate failed verification (untrusted issuer, "
+            "expired, or the name does not match).",
+            "Check the upstream's certificate chain and expiry, the CA bundle Faultline "
+            "trusts (tls.ca_file) and the server name it verifies (tls.server_name).",
+        ),
+        _row(
+            Fault.TLS_PROTOCOL_ERROR,
+            502,
+            Layer.TRANSPORT,
+            "TLS handshake with upstream failed",
+            "The TLS handshake with the upstream failed for a reason other than its "
+            "certificate (protocol or cipher mismatch, or the upstream does not speak TLS).",
+            "Check that the upstream really serves TLS on that port (http:// vs https://) "
+            "and that its TLS versions and ciphers overlap with Faultline's.",
+        ),
+        _row(
+            Fault.CONNECTION_TERMINATED,
+            502,
+            Layer.UPSTREAM,
+            "Upstream closed the connection",
+            "The upstream closed or reset the connection before sending any byte of a response.",
+            "Check the upstream's logs for a crash or a killed worker while handling this "
+            "request, and its keep-alive timeout against Faultline's pool.",
+        ),
+        _row(
+            Fault.HTTP_PROTOCOL_ERROR,
+            502,
+            Layer.UPSTREAM,
+            "Upstream sent invalid HTTP",
+            "The upstream's response is not valid HTTP/1.x (bad status line, bad header "
+            "bytes, broken chunked framing).",
+            "Check that the upstream port speaks HTTP/1.1 (not TLS, HTTP/2-only or another "
+            "protocol) and the code that writes raw responses.",
+        ),
+        _row(
+            Fault.HTTP_RESPONSE_HEADER_SECTION_SIZE,
+            502,
+            Layer.UPSTREAM,
+            "Upstream response headers too large",
+            "The upstream's response header section exceeded limits.max_response_header_bytes.",
+            "Check the upstream for runaway headers (huge cookies, repeated headers), or "
+            "raise the limit if they are legitimate.",
+        ),
+        _row(
+            Fault.HTTP_RESPONSE_TIMEOUT,
+            504,
+            Layer.UPSTREAM,
+            "Upstream response timed out",
+            "The upstream accepted the request but sent no complete response headers "
+            "within timeouts.response_headers.",
+            "Check the upstream's response times and slow-query logs for this path, and "
+            "compare timeouts along the path (client, Faultline, upstream).",
+        ),
+        _row(
+            Fault.HTTP_RESPONSE_INCOMPLETE,
+            None,
+            Layer.UPSTREAM,
+            "Upstream response cut short",
+            "The upstream closed the connection in the middle of the response body; the "
+            "client connection was aborted so the client cannot mistake it for complete.",
+            "Check the upstream's logs for a crash, an out-of-memory kill or a write "
+            "timeout while it streamed this response.",
+            source=Source.ORIGIN,
+        ),
+        _row(
+            Fault.CONNECTION_READ_TIMEOUT,
+            None,
+            Layer.UPSTREAM,
+            "Upstream stalled mid-response",
+            "The upstream stopped sending the response body for longer than "
+            "timeouts.upstream_read; the client connection was aborted.",
+            "Check what the upstream waits on while streaming (a slow dependency, a "
+            "blocked worker), or raise timeouts.upstream_read for long polls.",
+            source=Source.ORIGIN,
+        ),
+        _row(
+            Fault.HTTP_UPGRADE_FAILED,
+            502,
+            Layer.UPSTREAM,
+            "Upstream broke the upgrade",
+            "The upstream did not complete the protocol upgrade (WebSocket) handshake.",
+            "Check that the upstream route supports WebSocket upgrades and that nothing "
+            "in front of it strips the Upgrade and Connection headers.",
+        ),
+        _row(
+            Fault.CONNECTION_LIMIT_REACHED,
+            503,
+            Layer.PROXY,
+            "Faultline is at its limit",
+            "Faultline refused the request because its in-flight or upstream connection "
+            "limit was reached.",
+            "Check capacity: the upstream's latency (slow responses pile up), "
+            "limits.max_in_flight and the pool size; the client should retry later.",
+            hop="inside Faultline",
+        ),
+        _row(
+            Fault.PROXY_LOOP_DETECTED,
+            502,
+            Layer.PROXY,
+            "Request loop detected",
+            "The request already passed through this Faultline: the upstream points back "
+            "at the proxy itself.",
+            "Check the upstream setting: it must point at the application, not at "
+            "Faultline's own listen address or a route that leads back to it.",
+            hop="inside Faultline",
+        ),
+        _row(
+            Fault.PROXY_INTERNAL_ERROR,
+            500,
+            Layer.PROXY,
+            "Faultline failed",
+            "Faultline hit an internal defect while handling this request.",
+            "This is a bug in Faultline: the traceback is in its log under this request "
+            "id. Please report it.",
+            hop="inside Faultline",
+        ),
+        _row(
+            Fault.HTTP_REQUEST_ERROR,
+            400,
+            Layer.CLIENT,
+            "Bad request",
+            "The request is not valid HTTP/1.1 or is ambiguous, so it was not forwarded.",
+            "Fix the request: check the client's serialisation, headers and framing.",
+            hop="between the client and Faultline",
+        ),
+        _row(
+            Fault.CLIENT_CLOSED_REQUEST,
+            None,
+            Layer.CLIENT,
+            "Client closed the request",
+            "The client went away before the response was complete.",
+            "Check the client's timeout against the upstream's latency for this path.",
+            source=Source.CLIENT,
+            hop="between the client and Faultline",
+        ),
+    )
+}
+
+# The status logged for an exchange the client abandoned (nginx's convention).
+CLIENT_CLOSED_STATUS = 499
+
+REQUEST_PROBLEMS: dict[RequestProblem, FaultInfo] = {
+    RequestProblem.MALFORMED: TAXONOMY[Fault.HTTP_REQUEST_ERROR],
+    RequestProblem.TIMEOUT: _row(
+        Fault.HTTP_REQUEST_ERROR,
+        408,
+        Layer.CLIENT,
+        "Request timeout",
+        "The client did not send its request headers or body in time.",
+        "Check the client's network and upload speed, and idle timeouts of load "
+        "balancers in front (timeouts.client_headers / client_body).",
+        hop="between the client and Faultline",
+    ),
+    RequestProblem.BODY_TOO_LARGE: _row(
+        Fault.HTTP_REQUEST_ERROR,
+        413,
+        Layer.CLIENT,
+        "Request body too large",
+        "The request body exceeds limits.max_request_body_bytes.",
+        "Send a smaller body, or raise the limit at every layer if the size is legitimate.",
+        hop="between the client and Faultline",
+    ),
+    RequestProblem.HEADERS_TOO_LARGE: _row(
+        Fault.HTTP_REQUEST_ERROR,
+        431,
+        Layer.CLIENT,
+        "Request headers too large",
+        "The request header section exceeds limits.max_request_header_bytes.",
+        "Check the client's cookies and headers for growth (too many or too long "
+        "cookies are the usual cause).",
+        hop="between the client and Faultline",
+    ),
+}
+
+# Faults that end an exchange whose response had already started (no status of our own).
+MID_RESPONSE_FAULTS = frozenset(f for f, row in TAXONOMY.items() if row.status is None)
+
+# Upstream faults before any response byte: a reused connection failing this way may be stale.
+STALE_CONNECTION_FAULTS = frozenset({Fault.CONNECTION_TERMINATED})
+
+
+def info(fault: Fault, problem: RequestProblem | None = None) -> FaultInfo:
+    """The taxonomy row for a fault (and, for http_request_error, its problem kind)."""
+    if problem is not None:
+        return REQUEST_PROBLEMS[problem]
+    return TAXONOMY[fault]

@@ -1,0 +1,611 @@
+"""One exchange end to end: request upstream, response downstream, the record tagged.
+
+Rules:
+1. A `Forwarder` is driven by events from both sides (the client's `DownstreamProtocol`
+   and the origin's `UpstreamConnection`) and advances `ex.phase`; it never blocks and
+   makes no task in the common case (a pooled connection is ready).
+2. Every failure goes through `on_upstream_failed` -> `classify` -> `fail`; `fail` sends a
+   proxy-made reply while nothing has been sent, and aborts the client connection (RST)
+   once the response has started, so a cut body can never look complete.
+3. `finish` runs exactly once per exchange and hands the record to the telemetry.
+4. A request is replayed at most once, only when a reused connection failed before any
+   response byte, the method is idempotent and the whole body is still in hand.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import struct
+from typing import TYPE_CHECKING, Any
+
+from . import replies
+from .classify import DeadlineExpired, UpgradeBroken, classify
+from .exchange import Exchange, Phase, perf_ns
+from .faults import STALE_CONNECTION_FAULTS, Fault, RequestProblem, Source
+from .headers import (
+    CONNECTION_OPTIONS,
+    HOP_BY_HOP,
+    connection_tokens,
+)
+
+if TYPE_CHECKING:
+    from .downstream import DownstreamProtocol, RequestHead
+    from .server import ProxyContext
+    from .upstream import UpstreamConnection
+
+log = logging.getLogger("faultline")
+
+IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+REPLAY_MAX_BYTES = 64 * 1024  # request bodies up to this size are kept for a replay
+PENDING_HIGH_BYTES = 256 * 1024  # request body buffered before the upstream is ready
+COALESCE_MAX_BYTES = 16 * 1024  # join small writes into one buffer (one syscall)
+_LINGER_RST = struct.pack("ii", 1, 0)
+
+# Response header names handled specially (anything else passes through as is).
+_R_DROP, _R_CONNECTION, _R_TE, _R_PROXY_STATUS, _R_REQUEST_ID, _R_VIA, _R_UPGRADE = range(7)
+_RESPONSE_SPECIAL = {name: _R_DROP for name in HOP_BY_HOP}
+_RESPONSE_SPECIAL.update(
+    {
+        b"connection": _R_CONNECTION,
+        b"transfer-encoding": _R_TE,
+        b"proxy-status": _R_PROXY_STATUS,
+        b"x-request-id": _R_REQUEST_ID,
+        b"via": _R_VIA,
+        b"upgrade": _R_UPGRADE,
+    }
+)
+_NO_BODY_STATUSES = frozenset({204, 304})
+
+
+def abort_with_rst(transport: Any) -> None:
+    """Close so the peer sees a reset, never a clean end of a (cut) message."""
+    if transport is None or transport.is_closing():
+        return
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
+    transport.abort()
+
+
+class Forwarder:
+    """Drives one exchange; the DownstreamProtocol owns it, the upstream reports to it."""
+
+    __slots__ = (
+        "chunked_in",
+        "chunked_out",
+        "close_after",
+        "connect_task",
+        "ctx",
+        "done",
+        "down",
+        "ex",
+        "head",
+        "may_wait",
+        "out",
+        "out_bytes",
+        "pending",
+        "pending_bytes",
+        "progress",
+        "progress_ns",
+        "reject",
+        "replay",
+        "replay_bytes",
+        "request_complete",
+        "tunnel",
+        "up",
+        "up_out",
+        "upstream_head",
+    )
+
+    def __init__(
+        self,
+        down: DownstreamProtocol,
+        ex: Exchange,
+        head: RequestHead | None,
+        reject: tuple[RequestProblem, str] | None = None,
+    ) -> None:
+        self.down = down
+        self.ctx: ProxyContext = down.ctx
+        self.ex = ex
+        self.head = head
+        self.reject = reject
+        self.up: UpstreamConnection | None = None
+        self.connect_task: asyncio.Task[None] | None = None
+        self.done = False
+        self.tunnel = False
+        self.request_complete = False
+        self.pending: list[bytes] = []
+        self.pending_bytes = 0
+        self.out: list[bytes] = []
+        self.out_bytes = 0
+        self.up_out: list[bytes] = []
+        self.upstream_head = b""
+        self.chunked_out = False
+        self.chunked_in = head is not None and head.chunked
+        self.close_after = head is None or not head.keep_alive
+        replayable = head is not None and head.method in IDEMPOTENT
+        self.replay: list[bytes] | None = [] if replayable else None
+        self.replay_bytes = 0
+        self.may_wait = replayable and self.ctx.upstream_wait
+        self.progress = 0
+        self.progress_ns = 0
+
+    # -- start -------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """This exchange's turn on its connection: reject it or send it upstream."""
+        ctx = self.ctx
+        if self.reject is not None:
+            problem, detail = self.reject
+            self.fail(Fault.HTTP_REQUEST_ERROR, detail, problem)
+            return
+        head = self.head
+        assert head is not None
+        if head.loop_marker:
+            self.fail(Fault.PROXY_LOOP_DETECTED, "this request already passed through this proxy")
+            return
+        if ctx.stats.in_flight > ctx.max_in_flight:
+            self.fail(Fault.CONNECTION_LIMIT_REACHED, "limits.max_in_flight reached")
+            return
+        down = self.down
+        self.upstream_head = ctx.headers.request_head(
+            head.method, head.target, head.lines, host=head.host, client_ip=down.client_ip_b,
+            trusted=down.trusted, xff=head.xff, xfp=head.xfp, xfh=head.xfh, via=head.via,
+            request_id=head.request_id or b"", content_length=head.content_length,
+            chunked=head.chunked, upgrade=head.upgrade,
+        )
+        conn = ctx.pool.acquire(self)
+        if conn is not None:
+            self.on_upstream_connected(conn, reused=True)
+
+    # -- request side -------------------------------------------------------------------------
+
+    def on_upstream_connected(self, conn: UpstreamConnection, reused: bool) -> None:
+        if self.done:
+            self.ctx.pool.release(conn, reusable=True)
+            return
+        ex = self.ex
+        head = self.head
+        assert head is not None
+        self.up = conn
+        conn.handler = self
+        ex.reused = reused
+        conn.begin(self, head.method == b"HEAD")
+        if self.down.write_paused:
+            conn.transport.pause_reading()
+        ex.phase = Phase.SEND
+        ex.t_sent = perf_ns()
+        self.up_out.append(self.upstream_head)
+        if self.pending:
+            self.up_out.extend(self.pending)
+            self.pending = []
+            self.pending_bytes = 0
+            self.down.resume_reading(self.down.PAUSE_BUFFER)
+        if self.request_complete:
+            self._request_sent()
+        if not self.down.in_feed:
+            self.flush_upstream()
+
+    def on_request_body(self, data: bytes) -> None:
+        """Body bytes from the client (raw tunnel bytes once upgraded)."""
+        ex = self.ex
+        ex.body_bytes_in += len(data)
+        limit = self.ctx.max_request_body_bytes
+        if self.tunnel or not self.chunked_in:
+            self._send([data], len(data))
+            return
+        if limit and ex.body_bytes_in > limit:
+            self.on_request_error(RequestProblem.BODY_TOO_LARGE, f"request body over {limit} bytes")
+            return
+        self._send([b"%x\r\n" % len(data), data, b"\r\n"], len(data))
+
+    def on_request_complete(self) -> None:
+        self.request_complete = True
+        if self.chunked_in:
+            self._send([b"0\r\n\r\n"], 0)
+        if self.up is not None and self.ex.phase is Phase.SEND:
+            self._request_sent()
+
+    def _send(self, frame: list[bytes], size: int) -> None:
+        """Frame(s) for the upstream: written now, or kept until the connection is ready."""
+        replay = self.replay
+        if replay is not None:
+            self.replay_bytes += size
+            if self.replay_bytes > REPLAY_MAX_BYTES:
+                self.replay = None
+            else:
+                replay.extend(frame)
+        if self.done:
+            return
+        if self.up is not None and self.ex.phase >= Phase.SEND:
+            self.up_out.extend(frame)
+            if not self.down.in_feed:
+                self.flush_upstream()
+        else:
+            self.pending.extend(frame)
+            self.pending_bytes += size
+            if self.pending_bytes > PENDING_HIGH_BYTES:
+                self.down.pause_reading(self.down.PAUSE_BUFFER)
+
+    def _request_sent(self) -> None:
+        """The whole request is on its way: the response_headers timeout starts now."""
+        self.ex.phase = Phase.AWAIT_HEAD
+        self.progress_ns = perf_ns()
+
+    def flush_upstream(self) -> None:
+        up_out = self.up_out
+        if up_out and self.up is not None:
+            self.up_out = []
+            transport = self.up.transport
+            if len(up_out) == 1:
+                transport.write(up_out[0])
+            elif sum(map(len, up_out)) <= COALESCE_MAX_BYTES:
+                transport.write(b"".join(up_out))
+            else:
+                transport.writelines(up_out)
+
+    def on_request_error(self, problem: RequestProblem, detail: str) -> None:
+        """The client's request turned out bad after its head (body framing, size)."""
+        if self.done:
+            return
+        self.close_after = True
+        if self.down.current is not self:
+            self.reject = (problem, detail)  # answered in turn
+            return
+        up = self.up
+        if up is not None:
+            self.up = None
+            self.ctx.pool.release(up, reusable=False)
+        self._cancel_connect()
+        self.fail(Fault.HTTP_REQUEST_ERROR, detail, problem)
+
+    # -- response side -------------------------------------------------------------------------
+
+    def on_upstream_interim(self, status: int, reason: bytes, headers: list) -> None:
+        head = self.head
+        if head is None or not head.http11:
+            return  # RFC 9110 §15.2: no 1xx to an HTTP/1.0 client
+        lines = [b"HTTP/1.1 %d %s\r\n" % (status, reason)]
+        if status != 100:
+            lines.extend(
+                name + b": " + value + b"\r\n"
+                for name, value in headers
+                if name.lower() not in HOP_BY_HOP
+            )
+        lines.append(b"\r\n")
+        self._queue_out(b"".join(lines))
+
+    def on_upstream_head(self, status: int, reason: bytes, headers: list) -> None:
+        ex = self.ex
+        head = self.head
+        assert head is not None
+        ctx = self.ctx
+        ex.t_response_head = now = perf_ns()
+        ex.status = ex.upstream_status = status
+        ex.source = Source.ORIGIN
+        ex.phase = Phase.BODY
+        self.progress_ns = now
+        if status == 101:
+            if not head.upgrade:
+                raise UpgradeBroken("upstream answered 101 to a request without Upgrade")
+        elif head.upgrade:
+            self.close_after = True  # the client connection is no longer plain HTTP/1.1
+        lines = [ctx.headers.status_line(status, reason)]
+        nominated: set[bytes] | None = None
+        upstream_status: list[bytes] | None = None
+        upstream_via = b""
+        upgrade_value = b""
+        chunked = False
+        content_length = False
+        special = _RESPONSE_SPECIAL
+        for name, value in headers:
+            lname = name.lower()
+            code = special.get(lname)
+            if code is None:
+                if lname == b"content-length":
+                    content_length = True
+                lines.append(name + b": " + value + b"\r\n")
+            elif code == _R_TE:
+                chunked = True
+            elif code == _R_CONNECTION:
+                tokens = connection_tokens(value) - CONNECTION_OPTIONS
+                if tokens:
+                    nominated = tokens if nominated is None else nominated | tokens
+            elif code == _R_PROXY_STATUS:
+                if upstream_status is None:
+                    upstream_status = []
+                upstream_status.append(value)
+            elif code == _R_VIA:
+                upstream_via = value if not upstream_via else upstream_via + b", " + value
+            elif code == _R_UPGRADE:
+                upgrade_value = value
+        if nominated:
+            lines = [lines[0]] + [
+                line for line in lines[1:] if line.split(b":", 1)[0].lower() not in nominated
+            ]
+        if status == 101:
+            if not upgrade_value:
+                raise UpgradeBroken("upstream answered 101 without an Upgrade header")
+            lines.append(b"Connection: upgrade\r\nUpgrade: " + upgrade_value + b"\r\n")
+            self.tunnel = True
+        elif head.method == b"HEAD" or status in _NO_BODY_STATUSES:
+            pass
+        elif chunked or not content_length:
+            if not chunked:
+                self.up.close_delimited = True  # type: ignore[union-attr]
+            if head.http11:
+                self.chunked_out = True
+                lines.append(b"Transfer-Encoding: chunked\r\n")
+            else:
+                self.close_after = True
+        hp = ctx.headers
+        if hp.proxy_status:
+            lines.append(hp.received_status(status, upstream_status))
+        elif upstream_status:
+            lines.extend(b"Proxy-Status: " + v + b"\r\n" for v in upstream_status)
+        if hp.server_timing:
+            lines.append(hp.timing(ex.connect_ns(), ex.ttfb_ns(), ex.own_ns(now)))
+        lines.append(b"X-Request-Id: " + head.request_id + b"\r\n")  # type: ignore[operator]
+        lines.append(hp.via_response_line(upstream_via))
+        if self.close_after:
+            lines.append(b"Connection: close\r\n\r\n")
+        elif not head.http11:
+            lines.append(b"Connection: keep-alive\r\n\r\n")
+        else:
+            lines.append(b"\r\n")
+        ex.response_started = True
+        self._queue_out(b"".join(lines))
+
+    def on_upstream_body(self, data: bytes) -> None:
+        self.ex.body_bytes_out += len(data)
+        out = self.out
+        if self.chunked_out:
+            out.append(b"%x\r\n" % len(data))
+            out.append(data)
+            out.append(b"\r\n")
+        else:
+            out.append(data)
+        self.out_bytes += len(data)
+
+    def on_upstream_complete(self, reusable: bool) -> None:
+        if self.done:
+            return
+        if self.chunked_out:
+            self.out.append(b"0\r\n\r\n")
+        self.flush()
+        up = self.up
+        self.up = None
+        if up is not None:
+            reusable = reusable and self.request_complete and not up.close_delimited
+            self.ctx.pool.release(up, reusable)
+        if not self.request_complete:
+            self.close_after = True  # the rest of the request body cannot be framed any more
+        self.finish()
+
+    def _queue_out(self, data: bytes) -> None:
+        self.out.append(data)
+        self.out_bytes += len(data)
+
+    def flush(self) -> None:
+        out = self.out
+        if out:
+            self.out = []
+            transport = self.down.transport
+            if len(out) == 1:
+                transport.write(out[0])
+            elif self.out_bytes <= COALESCE_MAX_BYTES:
+                transport.write(b"".join(out))
+            else:
+                transport.writelines(out)
+            self.out_bytes = 0
+
+    # -- tunnel (Upgrade) -----------------------------------------------------------------------
+
+    def on_upstream_tunnel_open(self, rest: bytes) -> None:
+        """The upstream switched protocols: from now on bytes flow both ways untouched."""
+        self.ex.phase = Phase.TUNNEL
+        self.flush()
+        self.down.start_tunnel()
+        if rest:
+            self.on_upstream_tunnel_data(rest)
+
+    def on_upstream_tunnel_data(self, data: bytes) -> None:
+        self.ex.body_bytes_out += len(data)
+        self.down.transport.write(data)
+
+    def on_upstream_tunnel_closed(self, exc: BaseException | None) -> None:
+        self.up = None
+        if not self.done:
+            self.down.close()
+            self.finish()
+
+    # -- back-pressure --------------------------------------------------------------------------
+
+    def upstream_write_paused(self) -> None:
+        self.down.pause_reading(self.down.PAUSE_UPLOAD)
+
+    def upstream_write_resumed(self) -> None:
+        self.down.resume_reading(self.down.PAUSE_UPLOAD)
+
+    # -- failures ---------------------------------------------------------------------------------
+
+    def on_upstream_failed(self, error: BaseException | None) -> None:
+        if self.done:
+            return
+        ex = self.ex
+        up = self.up
+        bytes_seen = up.bytes_seen if up is not None else False
+        if up is not None:
+            self.up = None
+            if not up.closed:
+                self.ctx.pool.release(up, reusable=False)
+        head = self.head
+        fault, detail = classify(
+            ex.phase,
+            error,
+            response_bytes_seen=bytes_seen,
+            upgrade=head is not None and head.upgrade,
+        )
+        if (
+            fault in STALE_CONNECTION_FAULTS
+            and ex.reused
+            and not ex.retried
+            and not ex.response_started
+            and self.replay is not None
+            and self.request_complete
+        ):
+            self._retry()
+            return
+        self.fail(fault, detail)
+
+    def _retry(self) -> None:
+        """Replay once on a fresh connection (the reused one was stale)."""
+        ex = self.ex
+        ex.retried = True
+        ex.t_sent = 0
+        self.pending = list(self.replay or ())
+        self.pending_bytes = 0
+        self.up_out = []
+        conn = self.ctx.pool.acquire(self, fresh=True)
+        if conn is not None:
+            self.on_upstream_connected(conn, reused=False)
+
+    def on_internal_error(self, exc: BaseException) -> None:
+        """A defect in Faultline: traceback to the log, a plain 500 to the client."""
+        log.error(
+            "internal error in exchange %s",
+            self.ex.request_id,
+            exc_info=exc,
+        )
+        up = self.up
+        if up is not None:
+            self.up = None
+            self.ctx.pool.release(up, reusable=False)
+        self.fail(Fault.PROXY_INTERNAL_ERROR, "internal error; see the proxy log")
+
+    def fail(
+        self,
+        fault: Fault,
+        detail: str,
+        problem: RequestProblem | None = None,
+        params: dict[str, str] | None = None,
+    ) -> None:
+        """End the exchange on a fault: a proxy-made reply, or an abort once started."""
+        if self.done:
+            return
+        ex = self.ex
+        ex.fault = fault
+        ex.problem = problem
+        ex.details = detail
+        self._cancel_connect()
+        if ex.response_started:
+            # The status line is already out: the client must see a broken response.
+            self.out = []
+            abort_with_rst(self.down.transport)
+            self.finish()
+            return
+        if fault is Fault.DNS_ERROR and params is None:
+            params = {"rcode": detail}
+        if problem is not None or not self.request_complete or fault is Fault.PROXY_INTERNAL_ERROR:
+            self.close_after = True
+        reply = replies.render(
+            self.ctx, ex, self.head, fault, problem, detail, params, close=self.close_after
+        )
+        ex.source = Source.PROXY
+        ex.response_started = True
+        self.out = []
+        self.down.transport.write(reply)
+        self.finish()
+
+    def client_gone(self) -> None:
+        """The client connection closed: 499 unless the response was already complete."""
+        if self.done:
+            return
+        ex = self.ex
+        self._cancel_connect()
+        up = self.up
+        if up is not None:
+            self.up = None
+            if self.tunnel:
+                up.close()
+            self.ctx.pool.release(up, reusable=False)
+        if not self.tunnel:
+            ex.fault = Fault.CLIENT_CLOSED_REQUEST
+            ex.details = (
+                "client closed the connection before the response was complete"
+                if ex.response_started
+                else "client closed the connection before the response started"
+            )
+            ex.status = replies.CLIENT_CLOSED_STATUS
+            ex.source = Source.CLIENT
+        self.finish()
+
+    def _cancel_connect(self) -> None:
+        task = self.connect_task
+        if task is not None:
+            self.connect_task = None
+            task.cancel()
+        if self.ex.phase is Phase.POOL_WAIT:
+            self.ctx.pool.forget_waiter(self)
+
+    # -- deadlines ------------------------------------------------------------------------------
+
+    def check_deadline(self, now: int) -> None:
+        """Called by the server's sweep; fires the timeout of the current phase if due."""
+        ex = self.ex
+        phase = ex.phase
+        ctx = self.ctx
+        if phase is Phase.AWAIT_HEAD:
+            if now - self.progress_ns > ctx.response_headers_ns:
+                self.on_upstream_failed(DeadlineExpired())
+        elif phase is Phase.BODY:
+            if self.down.write_paused:
+                self.progress_ns = now  # the client is slow, not the upstream
+            elif ex.body_bytes_out != self.progress:
+                self.progress = ex.body_bytes_out
+                self.progress_ns = now
+            elif now - self.progress_ns > ctx.upstream_read_ns:
+                self.on_upstream_failed(DeadlineExpired())
+        elif phase is Phase.SEND:
+            if self.request_complete or self.down.read_pauses:
+                self.progress_ns = now
+            elif ex.body_bytes_in != self.progress:
+                self.progress = ex.body_bytes_in
+                self.progress_ns = now
+            elif self.progress_ns and now - self.progress_ns > ctx.client_body_ns:
+                self.on_request_error(
+                    RequestProblem.TIMEOUT, "client sent no body bytes for timeouts.client_body"
+                )
+            elif not self.progress_ns:
+                self.progress_ns = now
+        elif phase is Phase.DNS:
+            if now - ex.t_dns > ctx.dns_ns:
+                self._cancel_connect()
+                self.on_upstream_failed(DeadlineExpired())
+        elif phase is Phase.CONNECT or phase is Phase.TLS:
+            if ex.waited_s or self.may_wait:
+                limit = ctx.connect_ns + ctx.upstream_wait_ns
+            else:
+                limit = ctx.connect_ns
+            if now - ex.t_connect > limit:
+                self._cancel_connect()
+                self.on_upstream_failed(DeadlineExpired())
+        elif phase is Phase.POOL_WAIT and now - ex.t_pool > ctx.pool_wait_ns:
+            self.ctx.pool.forget_waiter(self)
+            self.on_upstream_failed(DeadlineExpired())
+
+    # -- the end ----------------------------------------------------------------------------------
+
+    def finish(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        ex = self.ex
+        ex.phase = Phase.DONE
+        ex.t_end = perf_ns()
+        self.ctx.telemetry.record(ex)
+        self.down.exchange_finished(self)

@@ -1,0 +1,145 @@
+"""Responses the proxy makes itself: RFC 9457 problem+json, or an HTML page for browsers.
+
+Rule: a proxy-made body says what failed, at which hop, and what to check first (all from
+the taxonomy row), plus the request id and upstream; never a stack trace, a file path or
+a secret. Every value comes from the taxonomy, the exchange's own sanitised facts, or the
+configuration.
+"""
+
+from __future__ import annotations
+
+import html
+from email.utils import formatdate
+from time import time
+from typing import TYPE_CHECKING
+
+import orjson
+
+from .faults import CLIENT_CLOSED_STATUS, Fault, FaultInfo, RequestProblem, info
+from .headers import prefers_html
+
+if TYPE_CHECKING:
+    from .downstream import RequestHead
+    from .exchange import Exchange
+    from .server import ProxyContext
+
+__all__ = ["CLIENT_CLOSED_STATUS", "http_date", "render"]
+
+PROBLEM_TYPE_BASE = "urn:faultline:fault:"
+_REASONS = {
+    400: b"Bad Request",
+    408: b"Request Timeout",
+    413: b"Content Too Large",
+    431: b"Request Header Fields Too Large",
+    500: b"Internal Server Error",
+    502: b"Bad Gateway",
+    503: b"Service Unavailable",
+    504: b"Gateway Timeout",
+}
+RETRY_AFTER_S = 1
+
+_date_cache: tuple[int, bytes] = (0, b"")
+
+
+def http_date() -> bytes:
+    """The IMF-fixdate for now, recomputed at most once a second."""
+    global _date_cache
+    now = int(time())
+    if _date_cache[0] != now:
+        _date_cache = (now, formatdate(now, usegmt=True).encode())
+    return _date_cache[1]
+
+
+def problem_document(row: FaultInfo, ex: Exchange, detail: str | None, upstream: str) -> dict:
+    assert row.status is not None
+    return {
+        "type": PROBLEM_TYPE_BASE + row.token,
+        "title": row.title,
+        "status": row.status,
+        "detail": f"{row.meaning} ({detail})" if detail else row.meaning,
+        "error": row.token,
+        "layer": row.layer.value,
+        "source": "proxy",
+        "hop": row.hop,
+        "check_first": row.advice,
+        "request_id": ex.request_id,
+        "upstream": upstream,
+    }
+
+
+def html_page(doc: dict, proxy_name: str) -> bytes:
+    e = html.escape
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{doc["status"]} {e(doc["title"])} · {e(proxy_name)}</title>
+<style>
+body{{font:16px/1.5 system-ui,sans-serif;margin:0;background:#f6f7f9;color:#1d232b}}
+main{{max-width:44rem;margin:3rem auto;padding:2rem;background:#fff;border-radius:10px;
+box-shadow:0 1px 4px #0002}}
+h1{{font-size:1.5rem;margin:0 0 .25rem}} .who{{color:#b3261e;font-weight:600}}
+dt{{font-weight:600;margin-top:1rem}} dd{{margin:.25rem 0 0}}
+code{{background:#eef0f3;padding:.1rem .3rem;border-radius:4px}}
+.check{{background:#fff8e1;border-left:4px solid #f5a623;padding:.75rem 1rem;margin-top:1rem}}
+footer{{color:#5b6470;font-size:.85rem;margin-top:1.5rem}}
+</style></head><body><main>
+<p class="who">This response was made by the proxy ({e(proxy_name)}), not by the application.</p>
+<h1>{doc["status"]} · {e(doc["title"])}</h1>
+<dl>
+<dt>What happened</dt><dd>{e(doc["detail"])}</dd>
+<dt>Where</dt><dd>{e(doc["hop"])} (layer <code>{e(doc["layer"])}</code>,
+error <code>{e(doc["error"])}</code>)</dd>
+</dl>
+<div class="check"><strong>Check first:</strong> {e(doc["check_first"])}</div>
+<footer>request id <code>{e(doc["request_id"])}</code> · upstream <code>{e(doc["upstream"])}</code>
+</footer></main></body></html>
+""".encode()
+
+
+def render(
+    ctx: ProxyContext,
+    ex: Exchange,
+    head: RequestHead | None,
+    fault: Fault,
+    problem: RequestProblem | None,
+    detail: str | None,
+    params: dict[str, str] | None,
+    *,
+    close: bool,
+) -> bytes:
+    """The whole response (head and body) for a fault; sets the exchange's status."""
+    row = info(fault, problem)
+    assert row.status is not None, f"{fault} has no status of its own"
+    ex.status = row.status
+    upstream = ctx.config.upstream
+    doc = problem_document(row, ex, detail, upstream)
+    if head is not None and prefers_html(head.accept) and head.method != b"HEAD":
+        body, content_type = html_page(doc, ctx.config.proxy_name), b"text/html; charset=utf-8"
+    else:
+        body, content_type = orjson.dumps(doc), b"application/problem+json"
+    hp = ctx.headers
+    lines = [
+        b"HTTP/1.1 %d %s\r\n" % (row.status, _REASONS.get(row.status, b"Error")),
+        b"Date: " + http_date() + b"\r\n",
+        b"Content-Type: " + content_type + b"\r\n",
+        b"Content-Length: %d\r\n" % len(body),
+        b"Cache-Control: no-store\r\n",
+    ]
+    if hp.proxy_status:
+        next_hop = (
+            ctx.config.upstream_authority if row.layer.value in ("transport", "upstream") else None
+        )
+        lines.append(hp.error_status(row.token, detail, next_hop, params))
+    if hp.server_timing:
+        lines.append(hp.timing(ex.connect_ns(), ex.ttfb_ns(), ex.own_ns(0)))
+    lines.append(b"X-Request-Id: " + ex.request_id.encode() + b"\r\n")
+    if fault is Fault.CONNECTION_LIMIT_REACHED:
+        lines.append(b"Retry-After: %d\r\n" % RETRY_AFTER_S)
+    if close:
+        lines.append(b"Connection: close\r\n")
+    elif head is not None and not head.http11:
+        lines.append(b"Connection: keep-alive\r\n")
+    lines.append(b"\r\n")
+    if head is None or head.method != b"HEAD":
+        lines.append(body)
+    return b"".join(lines)

@@ -1,0 +1,303 @@
+"""Start the proxy and admin listeners, run the deadline sweep, and drain on SIGTERM.
+
+Lifecycle (CONTRACT.md): on SIGTERM or SIGINT
+  1. `/readyz` turns 503 at once;
+  2. new connections keep being served for `timeouts.shutdown_delay`;
+  3. the listener closes;
+  4. idle keep-alive connections close, busy ones close after their exchange;
+  5. in-flight exchanges may finish for up to `timeouts.drain`; the rest are cut;
+  6. the access log is flushed and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import ipaddress
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from . import __version__
+from .accesslog import AccessLog, json_line
+from .config import Config, format_address
+from .console import pretty_line
+from .downstream import DownstreamProtocol, client_is_trusted
+from .exchange import Exchange, perf_ns
+from .headers import HeaderPolicy
+from .stats import Stats
+from .upstream import UpstreamPool
+
+log = logging.getLogger("faultline")
+
+
+class StartupError(Exception):
+    """The proxy cannot start (an address is busy or unusable); one line for the user."""
+
+
+class Telemetry:
+    """The sinks every finished exchange goes to: stats and the access log."""
+
+    def __init__(
+        self,
+        stats: Stats,
+        access_log: AccessLog | None,
+        observers: list[Callable[[Exchange], None]] | None = None,
+    ) -> None:
+        self.stats = stats
+        self.access_log = access_log
+        self.observers = observers or []
+
+    def record(self, ex: Exchange) -> None:
+        self.stats.record(ex)
+        if self.access_log is not None:
+            self.access_log.record(ex)
+        for observer in self.observers:
+            observer(ex)
+
+
+def _ns(seconds: float) -> int:
+    return int(seconds * 1e9)
+
+
+class ProxyContext:
+    """What every connection shares: the configuration as ready-to-use values, the pool,
+    the telemetry. Built once at start-up."""
+
+    def __init__(
+        self,
+        config: Config,
+        loop: asyncio.AbstractEventLoop,
+        telemetry: Telemetry,
+        instance_id: str,
+    ) -> None:
+        self.config = config
+        self.telemetry = telemetry
+        self.stats = telemetry.stats
+        self.pool = UpstreamPool(config, loop)
+        self.connections: set[DownstreamProtocol] = set()
+        self.draining = False
+        self.instance_id = instance_id
+        diagnostics = config.diagnostics
+        self.diagnostics = diagnostics
+        self.headers = HeaderPolicy(
+            proxy_name=config.proxy_name,
+            instance_id=instance_id,
+            upstream_authority=config.upstream_authority,
+            proxy_status=config.headers.proxy_status and diagnostics,
+            server_timing=config.headers.server_timing and diagnostics,
+            forwarded=config.headers.forwarded,
+            via=config.headers.via,
+        )
+        self.upstream_authority = config.upstream_authority
+        limits, timeouts = config.limits, config.timeouts
+        self.max_in_flight = limits.max_in_flight
+        self.max_connections = limits.max_connections
+        self.max_request_body_bytes = limits.max_request_body_bytes
+        self.max_request_header_bytes = limits.max_request_header_bytes
+        self.connect_ns = _ns(timeouts.connect)
+        self.dns_ns = _ns(timeouts.dns)
+        self.response_headers_ns = _ns(timeouts.response_headers)
+        self.upstream_read_ns = _ns(timeouts.upstream_read)
+        self.client_headers_ns = _ns(timeouts.client_headers)
+        self.client_body_ns = _ns(timeouts.client_body)
+        self.keepalive_ns = _ns(timeouts.keepalive)
+        self.pool_wait_ns = _ns(timeouts.pool_wait)
+        self.upstream_wait_ns = _ns(config.upstream_wait)
+        self.upstream_wait = config.upstream_wait > 0
+        self._trusted = [ipaddress.ip_network(n, strict=False) for n in config.trusted_proxies]
+        self._id_prefix = instance_id[:8].encode()
+        self._id_counter = 0
+
+    def new_request_id(self) -> bytes:
+        self._id_counter += 1
+        return b"%s-%08x" % (self._id_prefix, self._id_counter)
+
+    def is_trusted(self, address: str) -> bool:
+        return client_is_trusted(address, self._trusted)
+
+    def sweep_interval_s(self) -> float:
+        t = self.config.timeouts
+        shortest = min(
+            t.connect,
+            t.dns,
+            t.response_headers,
+            t.upstream_read,
+            t.client_headers,
+            t.client_body,
+            t.keepalive,
+            t.pool_wait,
+        )
+        return min(max(shortest / 20, 0.01), 0.25)
+
+
+def make_access_log(config: Config, stream: Any = None) -> AccessLog | None:
+    if not config.log.access or config.log.quiet or not config.diagnostics:
+        return None
+    stream = stream or sys.stdout.buffer
+    fmt = config.log.format
+    if fmt == "auto":
+        fmt = "pretty" if os.isatty(stream.fileno()) else "json"
+    formatter = pretty_line if fmt == "pretty" else json_line
+    return AccessLog(stream, formatter, config.log.redact_query)
+
+
+class ProxyServer:
+    """The running proxy: data-plane listener, admin listener, sweep, drain."""
+
+    def __init__(self, config: Config, access_stream: Any = None) -> None:
+        self.config = config
+        self.access_stream = access_stream
+        self.ctx: ProxyContext | None = None
+        self.ready = False
+        self.listen_address: tuple[str, int] | None = None
+        self.admin_address: tuple[str, int] | None = None
+        self._server: asyncio.AbstractServer | None = None
+        self._admin: Any = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping: asyncio.Event | None = None
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        config = self.config
+        stats = Stats(config.stats.recent_errors)
+        telemetry = Telemetry(stats, make_access_log(config, self.access_stream))
+        ctx = self.ctx = ProxyContext(config, loop, telemetry, os.urandom(8).hex())
+        host, port = config.listen
+        try:
+            self._server = await loop.create_server(
+                lambda: DownstreamProtocol(ctx), host, port, backlog=4096, reuse_address=True
+            )
+        except OSError as exc:
+            raise StartupError(_bind_error("listen", config.listen, exc)) from None
+        self.listen_address = self._server.sockets[0].getsockname()[:2]
+        from .admin import start_admin  # aiohttp is imported only when the proxy starts
+
+        try:
+            self._admin, self.admin_address = await start_admin(self, config)
+        except OSError as exc:
+            self._server.close()
+            raise StartupError(_bind_error("admin.listen", config.admin.listen, exc)) from None
+        self._stopping = asyncio.Event()
+        self._tasks.append(loop.create_task(self._sweep()))
+        self.ready = True
+
+    async def _sweep(self) -> None:
+        ctx = self.ctx
+        assert ctx is not None
+        interval = ctx.sweep_interval_s()
+        access_log = ctx.telemetry.access_log
+        while True:
+            await asyncio.sleep(interval)
+            now = perf_ns()
+            for conn in list(ctx.connections):
+                try:
+                    conn.check_deadline(now)
+                except Exception:
+                    log.exception("internal error while checking deadlines")
+            ctx.pool.sweep(now)
+            if access_log is not None:
+                access_log.flush()
+
+    def request_stop(self) -> None:
+        if self._stopping is not None:
+            self._stopping.set()
+
+    async def serve_until_stopped(self) -> None:
+        assert self._stopping is not None
+        await self._stopping.wait()
+        await self.shutdown()
+
+    async def shutdown(self) -> None:
+        """The contract's drain sequence; returns when the process may exit 0."""
+        ctx = self.ctx
+        assert ctx is not None
+        timeouts = self.config.timeouts
+        # 1. Not ready any more: load balancers stop sending new traffic.
+        self.ready = False
+        # 2. Keep serving while endpoints propagate.
+        if timeouts.shutdown_delay > 0:
+            await asyncio.sleep(timeouts.shutdown_delay)
+        # 3. Stop accepting.
+        if self._server is not None:
+            self._server.close()
+        # 4. Idle keep-alive connections close now; busy ones after their exchange.
+        ctx.draining = True
+        for conn in list(ctx.connections):
+            if conn.current is None and conn.ex is None:
+                conn.close()
+        ctx.pool.close_idle()
+        # 5. Let in-flight exchanges finish, up to the drain time.
+        deadline = perf_ns() + _ns(timeouts.drain)
+        while ctx.stats.in_flight > 0 and perf_ns() < deadline:
+            await asyncio.sleep(0.02)
+        for conn in list(ctx.connections):
+            if conn.transport is not None:
+                conn.transport.abort()
+        await asyncio.sleep(0)
+        # 6. Flush what is left and stop the admin server.
+        for task in self._tasks:
+            task.cancel()
+        if ctx.telemetry.access_log is not None:
+            ctx.telemetry.access_log.flush()
+        if self._admin is not None:
+            await self._admin.cleanup()
+        ctx.pool.close_idle()
+
+    async def close(self) -> None:
+        """Stop at once (tests, errors): no drain."""
+        for task in self._tasks:
+            task.cancel()
+        if self._server is not None:
+            self._server.close()
+        if self.ctx is not None:
+            for conn in list(self.ctx.connections):
+                if conn.transport is not None:
+                    conn.transport.abort()
+            self.ctx.pool.close_idle()
+            if self.ctx.telemetry.access_log is not None:
+                self.ctx.telemetry.access_log.flush()
+        if self._admin is not None:
+            await self._admin.cleanup()
+        await asyncio.sleep(0)
+
+    def install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+
+    def _on_signal(self, sig: int) -> None:
+        if self._stopping is not None and self._stopping.is_set():
+            log.warning(
+                "second %s: exiting without waiting for the drain", signal.Signals(sig).name
+            )
+            os._exit(0)
+        log.info("%s: draining (readyz now 503)", signal.Signals(sig).name)
+        self.request_stop()
+
+
+def _bind_error(key: str, address: tuple[str, int], exc: OSError) -> str:
+    shown = format_address(address)
+    reason = {
+        errno.EADDRINUSE: "address already in use",
+        errno.EADDRNOTAVAIL: "address not available on this machine",
+        errno.EACCES: "permission denied (ports below 1024 need privileges)",
+    }.get(exc.errno or 0, exc.strerror or str(exc))
+    return f"cannot listen on {shown} ({key}): {reason}"
+
+
+async def run(config: Config, on_started: Callable[[ProxyServer], None] | None = None) -> None:
+    server = ProxyServer(config)
+    await server.start()
+    server.install_signal_handlers()
+    if on_started is not None:
+        on_started(server)
+    with contextlib.suppress(asyncio.CancelledError):
+        await server.serve_until_stopped()
+
+
+__all__ = ["ProxyServer", "StartupError", "__version__", "run"]

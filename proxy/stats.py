@@ -1,0 +1,260 @@
+"""Aggregation of finished exchanges: counters, fixed-bucket histograms, sliding windows.
+
+Rules:
+1. `record` runs once per finished exchange on the hot path: a dict increment, a few
+   histogram bucket increments, a window slot; nothing is sorted, nothing is allocated for
+   a successful exchange beyond its counter key.
+2. All breakdowns (by source, layer, error, status, class) are derived from one counter
+   keyed by (status, source, error) when read, so they can never disagree.
+3. Percentiles are interpolated from the fixed buckets when `/stats` is read.
+"""
+
+from __future__ import annotations
+
+import time
+from bisect import bisect_left
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+from .faults import TAXONOMY, Fault, Layer, Source
+
+if TYPE_CHECKING:
+    from .exchange import Exchange
+
+# Bucket upper bounds in seconds: 1-1.5-2-3-5-7 per decade, 50 µs .. 300 s.
+BUCKETS_S: tuple[float, ...] = (
+    *(
+        round(m * 10.0**e, 9)
+        for e in range(-5, 3)
+        for m in (1, 1.5, 2, 3, 5, 7)
+        if 5e-5 <= m * 10.0**e < 300
+    ),
+    300.0,
+)
+_BUCKETS_NS = tuple(int(b * 1e9) for b in BUCKETS_S)
+
+PHASES = ("dns", "connect", "tls", "queue", "ttfb", "body")
+WINDOWS_S = (60, 300)
+CounterKey = tuple[int, str, str | None]  # (status, source, error token or None)
+
+
+class Histogram:
+    """Counts per fixed bucket (the last bucket is +Inf), plus sum and max, in seconds."""
+
+    __slots__ = ("count", "counts", "max_ns", "sum_ns")
+
+    bounds_s = BUCKETS_S
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(_BUCKETS_NS) + 1)
+        self.count = 0
+        self.sum_ns = 0
+        self.max_ns = 0
+
+    def observe_ns(self, value_ns: int) -> None:
+        self.counts[bisect_left(_BUCKETS_NS, value_ns)] += 1
+        self.count += 1
+        self.sum_ns += value_ns
+        if value_ns > self.max_ns:
+            self.max_ns = value_ns
+
+    @property
+    def sum_s(self) -> float:
+        return self.sum_ns / 1e9
+
+    def quantile_ms(self, q: float) -> float | None:
+        """Linear interpolation inside the bucket holding the q-th observation."""
+        if not self.count:
+            return None
+        rank = q * self.count
+        seen = 0
+        lower = 0.0
+        for i, n in enumerate(self.counts):
+            upper = BUCKETS_S[i] if i < len(BUCKETS_S) else self.max_ns / 1e9
+            if n and seen + n >= rank:
+                value = lower + (upper - lower) * ((rank - seen) / n)
+                return round(min(value, self.max_ns / 1e9) * 1e3, 3)
+            seen += n
+            lower = upper
+        return round(self.max_ns / 1e6, 3)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "count": self.count,
+            "p50": self.quantile_ms(0.5),
+            "p90": self.quantile_ms(0.9),
+            "p99": self.quantile_ms(0.99),
+            "max": round(self.max_ns / 1e6, 3) if self.count else None,
+        }
+
+
+def layer_of(error: str | None) -> str:
+    if error is None:
+        return Layer.ORIGIN.value
+    return TAXONOMY[Fault(error)].layer.value
+
+
+def status_class(status: int) -> str:
+    return f"{status // 100}xx"
+
+
+class Stats:
+    """Everything `/stats` and `/metrics` report, updated in place."""
+
+    def __init__(self, recent_errors: int = 100) -> None:
+        self.started_at = time.time()
+        self.started_ns = time.perf_counter_ns()
+        self.total = 0
+        self.in_flight = 0
+        self.retries = 0
+        self.counts: dict[CounterKey, int] = {}
+        self.duration_by_source: dict[str, Histogram] = {s.value: Histogram() for s in Source}
+        self.phases: dict[str, Histogram] = {p: Histogram() for p in PHASES}
+        self.total_latency = Histogram()
+        # Per-second slots for the sliding windows: deque of [second, {key: n}].
+        self._slots: deque[list[Any]] = deque()
+        self.recent: deque[dict[str, Any]] = deque(maxlen=recent_errors)
+
+    # -- hot path ------------------------------------------------------------------------------
+
+    def record(self, ex: Exchange) -> None:
+        self.in_flight -= 1
+        self.total += 1
+        fault = ex.fault
+        error = fault.value if fault is not None else None
+        source = ex.source.value
+        key = (ex.status, source, error)
+        counts = self.counts
+        counts[key] = counts.get(key, 0) + 1
+        total_ns = ex.t_end - ex.t_start
+        self.total_latency.observe_ns(total_ns)
+        self.duration_by_source[source].observe_ns(total_ns)
+        phases = self.phases
+        if ex.t_connect and ex.t_connected:
+            phases["connect"].observe_ns(ex.t_connected - ex.t_connect)
+            if ex.t_dns:
+                phases["dns"].observe_ns(ex.t_connect - ex.t_dns)
+            if ex.t_tls_done:
+                phases["tls"].observe_ns(ex.t_tls_done - ex.t_connected)
+        if ex.t_pool:
+            phases["queue"].observe_ns(
+                (ex.t_dns or ex.t_connect or ex.t_sent or ex.t_end) - ex.t_pool
+            )
+        if ex.t_response_head:
+            if ex.t_sent:
+                phases["ttfb"].observe_ns(ex.t_response_head - ex.t_sent)
+            phases["body"].observe_ns(ex.t_end - ex.t_response_head)
+        if ex.retried:
+            self.retries += 1
+        second = ex.t_end // 1_000_000_000
+        slots = self._slots
+        if not slots or slots[-1][0] != second:
+            slots.append([second, {}])
+            horizon = second - WINDOWS_S[-1]
+            while slots[0][0] <= horizon:
+                slots.popleft()
+        window = slots[-1][1]
+        window[key] = window.get(key, 0) + 1
+        if error is not None or ex.status >= 400:
+            self.recent.appendleft(self._error_entry(ex, error))
+
+    @staticmethod
+    def _error_entry(ex: Exchange, error: str | None) -> dict[str, Any]:
+        return {
+            "time": time.time(),
+            "request_id": ex.request_id,
+            "method": ex.method,
+            "path": ex.path,
+            "status": ex.status,
+            "source": ex.source.value,
+            "layer": layer_of(error),
+            "error": error,
+            "details": ex.details,
+            "hop": ex.hop,
+            "hints": list(ex.hints),
+            "phases_ms": ex.phases_ms(),
+        }
+
+    # -- reading -------------------------------------------------------------------------------
+
+    @staticmethod
+    def breakdown(counts: dict[CounterKey, int]) -> dict[str, dict[str, int]]:
+        by_source: dict[str, int] = {}
+        by_layer: dict[str, int] = {}
+        by_error: dict[str, int] = {}
+        by_status: dict[str, int] = {}
+        by_class: dict[str, int] = {}
+        for (status, source, error), n in counts.items():
+            by_source[source] = by_source.get(source, 0) + n
+            layer = layer_of(error)
+            by_layer[layer] = by_layer.get(layer, 0) + n
+            if error is not None:
+                by_error[error] = by_error.get(error, 0) + n
+            code = str(status)
+            by_status[code] = by_status.get(code, 0) + n
+            cls = status_class(status)
+            by_class[cls] = by_class.get(cls, 0) + n
+        return {
+            "by_source": by_source,
+            "by_layer": by_layer,
+            "by_error": by_error,
+            "by_status": dict(sorted(by_status.items())),
+            "by_class": dict(sorted(by_class.items())),
+        }
+
+    def window(self, seconds: int, now_ns: int | None = None) -> dict[str, Any]:
+        now_s = (now_ns or time.perf_counter_ns()) // 1_000_000_000
+        merged: dict[CounterKey, int] = {}
+        for second, counts in self._slots:
+            if second > now_s - seconds:
+                for key, n in counts.items():
+                    merged[key] = merged.get(key, 0) + n
+        uptime_s = max((time.perf_counter_ns() - self.started_ns) / 1e9, 1e-9)
+        span = min(float(seconds), uptime_s)
+        responses = self.breakdown(merged)
+        total = sum(merged.values())
+        return {
+            "responses": {"total": total, **responses},
+            "rps": round(total / span, 3),
+        }
+
+    def recent_errors(
+        self, source: str | None = None, error: str | None = None, limit: int | None = None
+    ) -> list[dict[str, Any]]:
+        out = []
+        for entry in self.recent:
+            if source is not None and entry["source"] != source:
+                continue
+            if error is not None and entry["error"] != error:
+                continue
+            out.append(entry)
+            if limit is not None and len(out) >= limit:
+                break
+        return out
+
+    def snapshot(
+        self,
+        *,
+        proxy: dict[str, Any],
+        source: str | None = None,
+        error: str | None = None,
+        limit: int | None = None,
+    ) -> dict[str, Any]:
+        """The `/stats` document of CONTRACT.md."""
+        now_ns = time.perf_counter_ns()
+        return {
+            "proxy": {
+                **proxy,
+                "started_at": self.started_at,
+                "uptime_s": round((now_ns - self.started_ns) / 1e9, 3),
+            },
+            "requests": {"total": self.total, "in_flight": self.in_flight},
+            "responses": self.breakdown(self.counts),
+            "latency_ms": {
+                "total": self.total_latency.summary(),
+                "ttfb": self.phases["ttfb"].summary(),
+                "connect": self.phases["connect"].summary(),
+            },
+            "windows": {f"{s}s": self.window(s, now_ns) for s in WINDOWS_S},
+            "recent_errors": self.recent_errors(source, error, limit),
+        }

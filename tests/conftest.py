@@ -1,0 +1,45 @@
+"""Shared fixtures: uvloop for every async test (the product's loop), the proxy, origins."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+import uvloop
+
+from support import RunningProxy, Script, ScriptedOrigin, start_proxy
+
+
+def pytest_asyncio_loop_factories(config: Any, item: Any) -> dict[str, Any]:
+    return {"uvloop": uvloop.new_event_loop}
+
+
+@pytest.fixture
+async def proxy_factory() -> AsyncIterator[Callable[..., Awaitable[RunningProxy]]]:
+    """Start proxies in this test's loop; all are closed at the end."""
+    started: list[RunningProxy] = []
+
+    async def factory(upstream: str, **overrides: Any) -> RunningProxy:
+        proxy = await start_proxy(upstream, **overrides)
+        started.append(proxy)
+        return proxy
+
+    yield factory
+    for proxy in started:
+        await proxy.server.close()
+
+
+@pytest.fixture
+async def origin_factory() -> AsyncIterator[Callable[[Script], Awaitable[ScriptedOrigin]]]:
+    """Start byte-level scripted origins; all are closed at the end."""
+    started: list[ScriptedOrigin] = []
+
+    async def factory(script: Script) -> ScriptedOrigin:
+        origin = await ScriptedOrigin(script).start()
+        started.append(origin)
+        return origin
+
+    yield factory
+    for origin in started:
+        await origin.close()

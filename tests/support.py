@@ -1,0 +1,393 @@
+"""Real parts for the tests: a byte-level scripted origin, the proxy in-process or as a
+process, and a raw HTTP client. Everything listens on 127.0.0.1, port 0.
+
+Rules: no mocks of the network; every wait is bounded; processes are stopped by PID.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httptools
+import orjson
+
+from proxy.config import load_config
+from proxy.server import ProxyServer
+
+ROOT = Path(__file__).resolve().parent.parent
+LOOPBACK = "127.0.0.1"
+
+
+# -- the proxy --------------------------------------------------------------------------------
+
+
+class LogCapture(io.RawIOBase):
+    """A binary stream that keeps what the access log writes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.data = bytearray()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: Any) -> int:
+        self.data += bytes(b)
+        return len(b)
+
+    def lines(self) -> list[dict[str, Any]]:
+        return [orjson.loads(line) for line in bytes(self.data).splitlines() if line.strip()]
+
+
+def dotted(overrides: dict[str, Any]) -> dict[tuple[str, ...], Any]:
+    return {tuple(key.split(".")): value for key, value in overrides.items()}
+
+
+@dataclass
+class RunningProxy:
+    server: ProxyServer
+    log: LogCapture
+
+    @property
+    def port(self) -> int:
+        assert self.server.listen_address is not None
+        return self.server.listen_address[1]
+
+    @property
+    def url(self) -> str:
+        return f"http://{LOOPBACK}:{self.port}"
+
+    @property
+    def admin_url(self) -> str:
+        assert self.server.admin_address is not None
+        return f"http://{LOOPBACK}:{self.server.admin_address[1]}"
+
+    @property
+    def stats(self) -> Any:
+        assert self.server.ctx is not None
+        return self.server.ctx.stats
+
+    @property
+    def pool(self) -> Any:
+        assert self.server.ctx is not None
+        return self.server.ctx.pool
+
+    def access_log(self) -> list[dict[str, Any]]:
+        ctx = self.server.ctx
+        assert ctx is not None and ctx.telemetry.access_log is not None
+        ctx.telemetry.access_log.flush()
+        return self.log.lines()
+
+    async def settle(self, timeout: float = 5.0) -> None:
+        """Wait until no exchange is in flight (the proxy has recorded everything)."""
+        deadline = time.monotonic() + timeout
+        while self.stats.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert self.stats.in_flight == 0, f"{self.stats.in_flight} exchanges still in flight"
+
+    async def last_log(self, timeout: float = 5.0) -> dict[str, Any]:
+        await self.settle(timeout)
+        lines = self.access_log()
+        assert lines, "no access-log line"
+        return lines[-1]
+
+
+async def start_proxy(upstream: str, **overrides: Any) -> RunningProxy:
+    """The proxy in this process and loop, on 127.0.0.1 ports chosen by the kernel.
+
+    Overrides use dotted keys: start_proxy(url, **{"timeouts.connect": "1s"}).
+    """
+    flags = {
+        ("listen",): f"{LOOPBACK}:0",
+        ("admin", "listen"): f"{LOOPBACK}:0",
+        ("upstream",): upstream,
+        ("log", "format"): "json",
+    }
+    flags.update(dotted(overrides))
+    config = load_config(env={}, flags=flags)
+    capture = LogCapture()
+    server = ProxyServer(config, access_stream=capture)
+    await server.start()
+    return RunningProxy(server, capture)
+
+
+# -- a byte-level origin ---------------------------------------------------------------------
+
+Script = Callable[["OriginConnection"], Awaitable[None]]
+
+
+@dataclass
+class OriginConnection:
+    """One accepted connection of a scripted origin, with helpers to misbehave on it."""
+
+    index: int
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    origin: ScriptedOrigin
+
+    async def read_request(self, timeout: float = 5.0) -> bytes | None:
+        """One whole request (head and body); None at EOF."""
+        try:
+            head = await asyncio.wait_for(self.reader.readuntil(b"\r\n\r\n"), timeout)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return None
+        body = b""
+        lower = head.lower()
+        if b"transfer-encoding: chunked" in lower:
+            while True:
+                size_line = await self.reader.readuntil(b"\r\n")
+                size = int(size_line.split(b";")[0], 16)
+                chunk = await self.reader.readexactly(size + 2)
+                body += chunk[:-2]
+                if size == 0:
+                    break
+        elif b"content-length:" in lower:
+            length = int(lower.split(b"content-length:")[1].split(b"\r\n")[0])
+            body = await self.reader.readexactly(length)
+        request = head + body
+        self.origin.requests.append(request)
+        return request
+
+    def write(self, data: bytes) -> None:
+        self.writer.write(data)
+
+    async def drain(self) -> None:
+        with contextlib.suppress(ConnectionError):
+            await self.writer.drain()
+
+    async def respond(self, status: int = 200, body: bytes = b"ok", headers: str = "") -> None:
+        self.write(
+            f"HTTP/1.1 {status} X\r\nContent-Length: {len(body)}\r\n{headers}\r\n".encode() + body
+        )
+        await self.drain()
+
+    def close(self) -> None:
+        self.writer.close()
+
+    def reset(self) -> None:
+        """Abort with a TCP RST (SO_LINGER 0)."""
+        sock = self.writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.writer.transport.abort()
+
+    async def hold(self, seconds: float = 30.0) -> None:
+        """Keep the connection open without sending, until the peer leaves or time is up."""
+        with contextlib.suppress(asyncio.TimeoutError, ConnectionError):
+            await asyncio.wait_for(self.reader.read(), seconds)
+
+
+@dataclass
+class ScriptedOrigin:
+    """An origin whose every connection runs `script`; counts connections and requests."""
+
+    script: Script
+    connections: int = 0
+    requests: list[bytes] = field(default_factory=list)
+    server: asyncio.AbstractServer | None = None
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+
+    async def start(self) -> ScriptedOrigin:
+        self.server = await asyncio.start_server(self._accept, LOOPBACK, 0)
+        return self
+
+    @property
+    def port(self) -> int:
+        assert self.server is not None
+        return self.server.sockets[0].getsockname()[1]
+
+    @property
+    def url(self) -> str:
+        return f"http://{LOOPBACK}:{self.port}"
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        index = self.connections
+        self.connections += 1
+        conn = OriginConnection(index, reader, writer, self)
+        task = asyncio.current_task()
+        assert task is not None
+        self.tasks.add(task)  # type: ignore[arg-type]
+        try:
+            await self.script(conn)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            self.tasks.discard(task)  # type: ignore[arg-type]
+            if not writer.transport.is_closing():
+                writer.close()
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        for task in list(self.tasks):
+            task.cancel()
+        await asyncio.sleep(0)
+
+
+# -- a raw client ------------------------------------------------------------------------------
+
+
+@dataclass
+class Response:
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes
+    complete: bool = True
+
+    def header(self, name: str) -> str | None:
+        values = [v for k, v in self.headers if k.lower() == name.lower()]
+        return ", ".join(values) if values else None
+
+    def json(self) -> Any:
+        return orjson.loads(self.body)
+
+
+class _ResponseCollector:
+    def __init__(self, head_request: bool = False) -> None:
+        self.responses: list[Response] = []
+        self.head_request = head_request
+        self._headers: list[tuple[str, str]] = []
+        self._body = bytearray()
+        self.parser = httptools.HttpResponseParser(self)
+        self.in_message = False
+
+    def on_message_begin(self) -> None:
+        self._headers = []
+        self._body = bytearray()
+        self.in_message = True
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name.decode("latin-1"), value.decode("latin-1")))
+
+    def on_body(self, body: bytes) -> None:
+        self._body += body
+
+    def on_message_complete(self) -> None:
+        self.in_message = False
+        status = self.parser.get_status_code()
+        self.responses.append(Response(status, self._headers, bytes(self._body)))
+
+
+def parse_responses(data: bytes) -> tuple[list[Response], bool]:
+    """Every complete response in `data`; and whether bytes of an unfinished one remain."""
+    collector = _ResponseCollector()
+    with contextlib.suppress(httptools.HttpParserError, httptools.HttpParserUpgrade):
+        collector.parser.feed_data(data)
+    return collector.responses, collector.in_message
+
+
+async def raw_request(port: int, data: bytes, *, timeout: float = 10.0,
+                      half_close: bool = False) -> bytes:
+    """Send raw bytes, read until the server closes (or the timeout); return what came."""
+    reader, writer = await asyncio.open_connection(LOOPBACK, port)
+    writer.write(data)
+    if half_close:
+        writer.write_eof()
+    received = bytearray()
+    try:
+        async with asyncio.timeout(timeout):
+            while chunk := await reader.read(65536):
+                received += chunk
+    except (TimeoutError, ConnectionResetError):
+        pass
+    finally:
+        writer.close()
+    return bytes(received)
+
+
+async def read_until_reset(reader: asyncio.StreamReader, timeout: float = 10.0
+                           ) -> tuple[bytes, str]:
+    """Read everything; return (bytes, how it ended: 'eof' | 'reset' | 'timeout')."""
+    received = bytearray()
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                chunk = await reader.read(65536)
+                if not chunk:
+                    return bytes(received), "eof"
+                received += chunk
+    except ConnectionResetError:
+        return bytes(received), "reset"
+    except TimeoutError:
+        return bytes(received), "timeout"
+
+
+# -- the proxy as a process --------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((LOOPBACK, 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class ProxyProcess:
+    proc: subprocess.Popen[bytes]
+    port: int
+    admin_port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://{LOOPBACK}:{self.port}"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://{LOOPBACK}:{self.admin_port}"
+
+    def rss_bytes(self) -> int:
+        with open(f"/proc/{self.proc.pid}/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def peak_rss_bytes(self) -> int:
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+        return 0
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        return self.proc.returncode
+
+
+def spawn_proxy(upstream: str, *args: str, env: dict[str, str] | None = None,
+                stdout: Any = subprocess.DEVNULL, wait: bool = True) -> ProxyProcess:
+    """`python -m proxy serve` as a child process, waiting until its admin port answers."""
+    port, admin_port = free_port(), free_port()
+    cmd = [sys.executable, "-m", "proxy", "serve", "--upstream", upstream,
+           "--listen", f"{LOOPBACK}:{port}", "--admin", f"{LOOPBACK}:{admin_port}", *args]
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, stdout=stdout, stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+    )
+    proxy = ProxyProcess(proc, port, admin_port)
+    if wait:
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"proxy exited: {proc.stderr.read().decode()}")  # type: ignore[union-attr]
+            with contextlib.suppress(OSError), socket.create_connection((LOOPBACK, admin_port), 0.2):
+                return proxy
+            time.sleep(0.05)
+        proxy.stop(signal.SIGKILL)
+        raise RuntimeError("proxy did not start in 15 s")
+    return proxy
