@@ -142,6 +142,15 @@ def _run(config: Config, banner: Any) -> int:
     return 0
 
 
+# The demo's own defaults: short timeouts so slow routes fail within a click.
+DEMO_BASE: dict[tuple[str, ...], Any] = {
+    ("timeouts", "response_headers"): "2s",
+    ("timeouts", "upstream_read"): "2s",
+    ("timeouts", "drain"): "1s",
+    ("proxy_name",): "faultline-demo",
+}
+
+
 def _serve_banner(server: Any) -> None:
     config = server.config
     print(
@@ -154,6 +163,55 @@ def _serve_banner(server: Any) -> None:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from .demo_cli import run_demo
+    """The demo origin on a free port, the proxy in front, until Ctrl-C."""
+    import uvloop
 
-    return run_demo(args, _flags(args))
+    from .config import parse_address
+    from .demo import start_demo_origin
+    from .server import ProxyServer, StartupError
+
+    try:
+        origin_host, origin_port = parse_address(args.origin)
+    except ValueError as exc:
+        return _fail(f"config error: --origin: {exc}")
+
+    async def demo() -> None:
+        try:
+            origin = await start_demo_origin(origin_host, origin_port)
+        except OSError as exc:
+            raise StartupError(
+                f"cannot start the demo origin on {args.origin}: {exc.strerror or exc}"
+            ) from None
+        try:
+            flags = {**_flags(args), ("upstream",): origin.url}
+            config = load_config(args.config, flags=flags, base=DEMO_BASE)
+            server = ProxyServer(config)
+            await server.start()
+            server.install_signal_handlers()
+            _demo_banner(server, origin.url)
+            await server.serve_until_stopped()
+        finally:
+            await origin.close()
+
+    try:
+        uvloop.run(demo())
+    except StartupError as exc:
+        return _fail(str(exc))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def _demo_banner(server: Any, origin_url: str) -> None:
+    proxy_url = f"http://{format_address(server.listen_address)}"
+    admin_url = f"http://{format_address(server.admin_address)}"
+    print(
+        f"\nFaultline {__version__} demo\n"
+        f"  proxy      {proxy_url}/   <- open this: the demo app, through the proxy\n"
+        f"  origin     {origin_url}/   (the demo app itself, no proxy)\n"
+        f"  dashboard  {admin_url}/dashboard\n"
+        f"Try this:  curl -i {proxy_url}/reset   and read Proxy-Status and the log line.\n"
+        f"Ctrl-C stops both.\n",
+        file=sys.stderr,
+        flush=True,
+    )

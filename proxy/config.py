@@ -317,15 +317,22 @@ def load_config(
     file: str | None = None,
     env: Mapping[str, str] | None = None,
     flags: Mapping[tuple[str, ...], Any] | None = None,
+    base: Mapping[tuple[str, ...], Any] | None = None,
 ) -> Config:
-    """Build the one validated configuration tree (flag > env > file > default)."""
+    """Build the one validated configuration tree (flag > env > file > base > default).
+
+    `base` replaces built-in defaults for one use (the demo's short timeouts).
+    """
     env = os.environ if env is None else env
     origin: dict[tuple[str, ...], str] = {}
     raw: dict[str, Any] = {}
+    for path, value in (base or {}).items():
+        _set(raw, path, value)
     file = file or env.get("FAULTLINE_CONFIG") or None
     if file:
-        raw = _read_file(file)
-        _mark_origin(raw, (), f"in {file}", origin)
+        from_file = _read_file(file)
+        _mark_origin(from_file, (), f"in {file}", origin)
+        _merge(raw, from_file)
     for name, path in FLAG_TWINS.items():
         if name in env:
             _set(raw, path, env[name])
@@ -346,6 +353,14 @@ def load_config(
         return Config.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(_first_error(exc, origin)) from None
+
+
+def _merge(into: dict[str, Any], data: dict[str, Any]) -> None:
+    for key, value in data.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = value
 
 
 def _mark_origin(tree: Any, prefix: tuple[str, ...], where: str, out: dict) -> None:

@@ -91,27 +91,40 @@ class DemoRoute:
 
 
 def _origin(
-    path: str, status: int, title: str, *, method: str = "GET", section: str = SECTION_NORMAL,
+    path: str,
+    status: int,
+    title: str,
+    *,
+    method: str = "GET",
+    section: str = SECTION_NORMAL,
     **extra: Any,
 ) -> DemoRoute:
     """A route the origin answers itself: the status passes through, nobody is at fault."""
-    return DemoRoute(path, method, title, status, "origin", None, "origin", section=section,
-                     **extra)
+    return DemoRoute(
+        path, method, title, status, "origin", None, "origin", section=section, **extra
+    )
 
 
 def _proxy_fault(
-    path: str, status: int, error: str, title: str, *, section: str = SECTION_BROKEN,
+    path: str,
+    status: int,
+    error: str,
+    title: str,
+    *,
+    section: str = SECTION_BROKEN,
     **extra: Any,
 ) -> DemoRoute:
     """A route whose upstream fails before any valid response head: the proxy answers."""
-    return DemoRoute(path, "GET", title, status, "proxy", error, "upstream", section=section,
-                     **extra)
+    return DemoRoute(
+        path, "GET", title, status, "proxy", error, "upstream", section=section, **extra
+    )
 
 
 def _mid_body_fault(path: str, error: str, title: str) -> DemoRoute:
     """A route that breaks after the origin's 200 went out: the client's body is aborted."""
-    return DemoRoute(path, "GET", title, None, "origin", error, "upstream",
-                     section=SECTION_MID_BODY)
+    return DemoRoute(
+        path, "GET", title, None, "origin", error, "upstream", section=SECTION_MID_BODY
+    )
 
 
 ROUTES: list[DemoRoute] = [
@@ -119,67 +132,144 @@ ROUTES: list[DemoRoute] = [
     _origin("/", 200, "This landing page"),
     _origin("/hello", 200, "Plain text hello"),
     _origin("/api/items", 200, "A JSON list of items"),
-    _origin("/echo", 200, "Echo method, headers and body as JSON (any method)",
-            method="POST", body=b'{"hello": "faultline"}',
-            request_headers=(("Content-Type", "application/json"),),
-            note="Shows the request exactly as the origin received it: look for the "
-                 "X-Forwarded-*, Via and X-Request-Id headers the proxy added."),
+    _origin(
+        "/echo",
+        200,
+        "Echo method, headers and body as JSON (any method)",
+        method="POST",
+        body=b'{"hello": "faultline"}',
+        request_headers=(("Content-Type", "application/json"),),
+        note="Shows the request exactly as the origin received it: look for the "
+        "X-Forwarded-*, Via and X-Request-Id headers the proxy added.",
+    ),
     _origin("/stream", 200, "A chunked response trickling over about a second"),
     _origin("/sse", 200, "Server-Sent Events: five events 200 ms apart"),
-    _origin("/ws", 101, "WebSocket echo", request_headers=_WEBSOCKET_HANDSHAKE,
-            note="The proxy relays the 101 and then tunnels the frames both ways."),
+    _origin(
+        "/ws",
+        101,
+        "WebSocket echo",
+        request_headers=_WEBSOCKET_HANDSHAKE,
+        note="The proxy relays the 101 and then tunnels the frames both ways.",
+    ),
     _origin("/bytes/1048576", 200, "1 MiB of bytes, streamed (/bytes/N, up to 100 MiB)"),
     # -- the origin's own errors -----------------------------------------------------
-    _origin("/status/404", 404, "The app's own 404", section=SECTION_ORIGIN_ERRORS,
-            note="Any 4xx/5xx works: /status/401, /status/429, ..."),
+    _origin(
+        "/status/404",
+        404,
+        "The app's own 404",
+        section=SECTION_ORIGIN_ERRORS,
+        note="Any 4xx/5xx works: /status/401, /status/429, ...",
+    ),
     _origin("/status/500", 500, "The app's own 500", section=SECTION_ORIGIN_ERRORS),
-    _origin("/status/503", 503, "The app's own 503 with Retry-After",
-            section=SECTION_ORIGIN_ERRORS),
-    _origin("/origin-502", 502, "The app itself answers 502", section=SECTION_ORIGIN_ERRORS,
-            note="A 502 that the proxy did not make: source=origin, never confused with a "
-                 "proxy fault."),
+    _origin(
+        "/status/503", 503, "The app's own 503 with Retry-After", section=SECTION_ORIGIN_ERRORS
+    ),
+    _origin(
+        "/origin-502",
+        502,
+        "The app itself answers 502",
+        section=SECTION_ORIGIN_ERRORS,
+        note="A 502 that the proxy did not make: source=origin, never confused with a proxy fault.",
+    ),
     _origin("/origin-504", 504, "The app itself answers 504", section=SECTION_ORIGIN_ERRORS),
-    _origin("/nginx-502", 502, "An nginx behind the origin failed (nginx's 502 page)",
-            section=SECTION_ORIGIN_ERRORS, hop="nginx",
-            note="The origin's response is nginx's own error page: the fault lies behind "
-                 "the origin, and Faultline names the hop."),
-    _origin("/json", 200, "POST well-formed JSON: 200", method="POST",
-            section=SECTION_ORIGIN_ERRORS, body=b'{"item": "teapot", "quantity": 1}',
-            request_headers=(("Content-Type", "application/json"),)),
-    _origin("/json", 500, "POST malformed JSON: the app answers 500 with a stack trace",
-            method="POST", section=SECTION_ORIGIN_ERRORS, body=b'{"item": "teapot",',
-            request_headers=(("Content-Type", "application/json"),),
-            note="The classic anti-pattern: invalid input reported as a server error (it "
-                 "should be a 400) and a stack trace shown to the client."),
+    _origin(
+        "/nginx-502",
+        502,
+        "An nginx behind the origin failed (nginx's 502 page)",
+        section=SECTION_ORIGIN_ERRORS,
+        hop="nginx",
+        note="The origin's response is nginx's own error page: the fault lies behind "
+        "the origin, and Faultline names the hop.",
+    ),
+    _origin(
+        "/json",
+        200,
+        "POST well-formed JSON: 200",
+        method="POST",
+        section=SECTION_ORIGIN_ERRORS,
+        body=b'{"item": "teapot", "quantity": 1}',
+        request_headers=(("Content-Type", "application/json"),),
+    ),
+    _origin(
+        "/json",
+        500,
+        "POST malformed JSON: the app answers 500 with a stack trace",
+        method="POST",
+        section=SECTION_ORIGIN_ERRORS,
+        body=b'{"item": "teapot",',
+        request_headers=(("Content-Type", "application/json"),),
+        note="The classic anti-pattern: invalid input reported as a server error (it "
+        "should be a 400) and a stack trace shown to the client.",
+    ),
     # -- slow answers ------------------------------------------------------------------
-    _origin("/slow", 200, "Answers after 1.5 s (/slow?ms=N, up to 30 s)", section=SECTION_SLOW,
-            note="Slow but within the proxy's 2 s timeouts.response_headers."),
-    _proxy_fault("/slow?ms=3000", 504, "http_response_timeout",
-                 "Answers after 3 s: longer than the proxy waits", section=SECTION_SLOW),
-    _proxy_fault("/hang", 504, "http_response_timeout",
-                 "Accepts the request and never answers", section=SECTION_SLOW),
+    _origin(
+        "/slow",
+        200,
+        "Answers after 1.5 s (/slow?ms=N, up to 30 s)",
+        section=SECTION_SLOW,
+        note="Slow but within the proxy's 2 s timeouts.response_headers.",
+    ),
+    _proxy_fault(
+        "/slow?ms=3000",
+        504,
+        "http_response_timeout",
+        "Answers after 3 s: longer than the proxy waits",
+        section=SECTION_SLOW,
+    ),
+    _proxy_fault(
+        "/hang",
+        504,
+        "http_response_timeout",
+        "Accepts the request and never answers",
+        section=SECTION_SLOW,
+    ),
     # -- broken before the response starts -----------------------------------------------
-    _proxy_fault("/hangup", 502, "connection_terminated",
-                 "Closes the connection without sending a byte"),
-    _proxy_fault("/reset", 502, "connection_terminated",
-                 "Resets the connection (TCP RST) without sending a byte"),
-    _proxy_fault("/garbage", 502, "http_protocol_error",
-                 "Answers with bytes that are not HTTP (an SSH banner)"),
-    _proxy_fault("/bad-header", 502, "http_protocol_error",
-                 "A response header carrying a NUL byte"),
-    _proxy_fault("/huge-headers", 502, "http_response_header_section_size",
-                 "About 100 KiB of response headers"),
-    _proxy_fault("/bad-upgrade", 502, "http_upgrade_failed",
-                 "Breaks the WebSocket handshake: a 101 without an Upgrade header",
-                 request_headers=_WEBSOCKET_HANDSHAKE,
-                 note="Without a WebSocket handshake the route answers 426 itself."),
+    _proxy_fault(
+        "/hangup", 502, "connection_terminated", "Closes the connection without sending a byte"
+    ),
+    _proxy_fault(
+        "/reset",
+        502,
+        "connection_terminated",
+        "Resets the connection (TCP RST) without sending a byte",
+    ),
+    _proxy_fault(
+        "/garbage",
+        502,
+        "http_protocol_error",
+        "Answers with bytes that are not HTTP (an SSH banner)",
+    ),
+    _proxy_fault(
+        "/bad-header", 502, "http_protocol_error", "A response header carrying a NUL byte"
+    ),
+    _proxy_fault(
+        "/huge-headers",
+        502,
+        "http_response_header_section_size",
+        "About 100 KiB of response headers",
+    ),
+    _proxy_fault(
+        "/bad-upgrade",
+        502,
+        "http_upgrade_failed",
+        "Breaks the WebSocket handshake: a 101 without an Upgrade header",
+        request_headers=_WEBSOCKET_HANDSHAKE,
+        note="Without a WebSocket handshake the route answers 426 itself.",
+    ),
     # -- broken in the middle of the body ------------------------------------------------
-    _mid_body_fault("/truncated", "http_response_incomplete",
-                    "Promises 100000 bytes, sends 1000, closes"),
-    _mid_body_fault("/stall", "connection_read_timeout",
-                    "Sends part of the body, then goes silent without closing"),
-    _mid_body_fault("/bad-chunk", "http_protocol_error",
-                    "A chunked body with an invalid chunk-size line after some data"),
+    _mid_body_fault(
+        "/truncated", "http_response_incomplete", "Promises 100000 bytes, sends 1000, closes"
+    ),
+    _mid_body_fault(
+        "/stall",
+        "connection_read_timeout",
+        "Sends part of the body, then goes silent without closing",
+    ),
+    _mid_body_fault(
+        "/bad-chunk",
+        "http_protocol_error",
+        "A chunked body with an invalid chunk-size line after some data",
+    ),
 ]
 
 
@@ -254,8 +344,12 @@ def _raw_head(status_line: str, headers: list[tuple[str, str]]) -> bytes:
 
 
 async def _landing(request: web.Request) -> web.Response:
-    return web.Response(text=_LANDING_HTML, content_type="text/html", charset="utf-8",
-                        headers={"Cache-Control": "no-store"})
+    return web.Response(
+        text=_LANDING_HTML,
+        content_type="text/html",
+        charset="utf-8",
+        headers={"Cache-Control": "no-store"},
+    )
 
 
 async def _hello(request: web.Request) -> web.Response:
@@ -282,17 +376,19 @@ async def _echo(request: web.Request) -> web.Response:
         size += len(chunk)
         if len(shown) < _ECHO_BODY_SHOWN:
             shown += chunk[: _ECHO_BODY_SHOWN - len(shown)]
-    return web.json_response({
-        "method": request.method,
-        "path": request.path,
-        "query": request.query_string,
-        "http_version": f"{request.version.major}.{request.version.minor}",
-        "headers": [[name, value] for name, value in request.headers.items()],
-        "body": bytes(shown).decode("utf-8", errors="replace"),
-        "body_truncated": size > len(shown),
-        "body_bytes": size,
-        "body_sha256": digest.hexdigest(),
-    })
+    return web.json_response(
+        {
+            "method": request.method,
+            "path": request.path,
+            "query": request.query_string,
+            "http_version": f"{request.version.major}.{request.version.minor}",
+            "headers": [[name, value] for name, value in request.headers.items()],
+            "body": bytes(shown).decode("utf-8", errors="replace"),
+            "body_truncated": size > len(shown),
+            "body_bytes": size,
+            "body_sha256": digest.hexdigest(),
+        }
+    )
 
 
 async def _stream(request: web.Request) -> web.StreamResponse:
@@ -309,10 +405,12 @@ async def _stream(request: web.Request) -> web.StreamResponse:
 
 
 async def _sse(request: web.Request) -> web.StreamResponse:
-    response = web.StreamResponse(headers={
-        "Content-Type": "text/event-stream",
-        "Cache-Control": "no-cache",
-    })
+    response = web.StreamResponse(
+        headers={
+            "Content-Type": "text/event-stream",
+            "Cache-Control": "no-cache",
+        }
+    )
     await response.prepare(request)
     events = 5
     for number in range(1, events + 1):
@@ -329,7 +427,8 @@ async def _websocket_echo(request: web.Request) -> web.StreamResponse:
     if not websocket.can_prepare(request).ok:
         return web.json_response(
             {"error": "this route speaks WebSocket only: send an Upgrade: websocket request"},
-            status=426, headers={"Upgrade": "websocket", "Connection": "Upgrade"},
+            status=426,
+            headers={"Upgrade": "websocket", "Connection": "Upgrade"},
         )
     await websocket.prepare(request)
     request.app[_WEBSOCKETS].add(websocket)
@@ -388,24 +487,31 @@ async def _status(request: web.Request) -> web.Response:
         headers["Allow"] = "GET"
     return web.json_response(
         {"status": code, "reason": reason, "produced_by": "the demo origin's application"},
-        status=code, headers=headers,
+        status=code,
+        headers=headers,
     )
 
 
 async def _origin_502(request: web.Request) -> web.Response:
-    return web.json_response({
-        "error": "bad_gateway",
-        "message": "payment provider returned an invalid answer",
-        "produced_by": "the demo origin's application",
-    }, status=502)
+    return web.json_response(
+        {
+            "error": "bad_gateway",
+            "message": "payment provider returned an invalid answer",
+            "produced_by": "the demo origin's application",
+        },
+        status=502,
+    )
 
 
 async def _origin_504(request: web.Request) -> web.Response:
-    return web.json_response({
-        "error": "gateway_timeout",
-        "message": "inventory service did not answer within 3s",
-        "produced_by": "the demo origin's application",
-    }, status=504)
+    return web.json_response(
+        {
+            "error": "gateway_timeout",
+            "message": "inventory service did not answer within 3s",
+            "produced_by": "the demo origin's application",
+        },
+        status=504,
+    )
 
 
 # nginx's own 502 page, byte for byte as nginx 1.2x with `server_tokens off` sends it,
@@ -417,14 +523,15 @@ _NGINX_502_PAGE = (
     "<center><h1>502 Bad Gateway</h1></center>\r\n"
     "<hr><center>nginx</center>\r\n"
     "</body>\r\n"
-    "</html>\r\n"
-    + "<!-- a padding to disable MSIE and Chrome friendly error page -->\r\n" * 6
+    "</html>\r\n" + "<!-- a padding to disable MSIE and Chrome friendly error page -->\r\n" * 6
 )
 
 
 async def _nginx_502(request: web.Request) -> web.Response:
     return web.Response(
-        status=502, text=_NGINX_502_PAGE, content_type="text/html",
+        status=502,
+        text=_NGINX_502_PAGE,
+        content_type="text/html",
         headers={"Server": "nginx", "Connection": "keep-alive"},
     )
 
@@ -456,7 +563,8 @@ async def _json(request: web.Request) -> web.Response:
         # trace (it should be a 400). The proxy is expected to flag it.
         exception = f"{type(exc).__module__}.{type(exc).__qualname__}: {exc}"
         return web.Response(
-            status=500, text=_FAKE_TRACEBACK.replace("{exception}", exception),
+            status=500,
+            text=_FAKE_TRACEBACK.replace("{exception}", exception),
             content_type="text/plain",
         )
     return web.json_response({"received": document, "type": type(document).__name__})
@@ -511,11 +619,14 @@ async def _garbage(request: web.Request) -> web.StreamResponse:
 
 async def _bad_header(request: web.Request) -> web.StreamResponse:
     if (transport := _live_transport(request)) is not None:
-        head = _raw_head("HTTP/1.1 200 OK", [
-            ("Content-Type", "text/plain"),
-            ("Content-Length", "3"),
-            ("Connection", "close"),
-        ])
+        head = _raw_head(
+            "HTTP/1.1 200 OK",
+            [
+                ("Content-Type", "text/plain"),
+                ("Content-Length", "3"),
+                ("Connection", "close"),
+            ],
+        )
         # A header value with a NUL in it, as when an app copies a C string into a header.
         transport.write(head[:-2] + b"X-Trace-Id: 4bf92f35\x0077a1\r\n\r\nok\n")
         transport.close()
@@ -529,12 +640,18 @@ async def _huge_headers(request: web.Request) -> web.StreamResponse:
             ("Set-Cookie", f"session_part_{number:03d}={'x' * 1000}; Path=/")
             for number in range(100)
         ]
-        transport.write(_raw_head("HTTP/1.1 200 OK", [
-            ("Content-Type", "text/plain"),
-            ("Content-Length", "3"),
-            ("Connection", "close"),
-            *cookies,
-        ]) + b"ok\n")
+        transport.write(
+            _raw_head(
+                "HTTP/1.1 200 OK",
+                [
+                    ("Content-Type", "text/plain"),
+                    ("Content-Length", "3"),
+                    ("Connection", "close"),
+                    *cookies,
+                ],
+            )
+            + b"ok\n"
+        )
         transport.close()
     return _RawBytesSent()
 
@@ -543,24 +660,36 @@ async def _bad_upgrade(request: web.Request) -> web.StreamResponse:
     if request.headers.get("Upgrade", "").lower() != "websocket":
         return web.json_response(
             {"error": "send a WebSocket handshake (Upgrade: websocket) to see it broken"},
-            status=426, headers={"Upgrade": "websocket", "Connection": "Upgrade"},
+            status=426,
+            headers={"Upgrade": "websocket", "Connection": "Upgrade"},
         )
     if (transport := _live_transport(request)) is not None:
         # A 101 MUST name the protocol switched to (RFC 9110 §15.2.2); this one does not,
         # and carries no Sec-WebSocket-Accept either.
-        transport.write(_raw_head("HTTP/1.1 101 Switching Protocols", [
-            ("Connection", "Upgrade"),
-        ]))
+        transport.write(
+            _raw_head(
+                "HTTP/1.1 101 Switching Protocols",
+                [
+                    ("Connection", "Upgrade"),
+                ],
+            )
+        )
         transport.close()
     return _RawBytesSent()
 
 
 async def _truncated(request: web.Request) -> web.StreamResponse:
     if (transport := _live_transport(request)) is not None:
-        transport.write(_raw_head("HTTP/1.1 200 OK", [
-            ("Content-Type", "application/octet-stream"),
-            ("Content-Length", "100000"),
-        ]) + _BYTES_BLOCK[:1000])
+        transport.write(
+            _raw_head(
+                "HTTP/1.1 200 OK",
+                [
+                    ("Content-Type", "application/octet-stream"),
+                    ("Content-Length", "100000"),
+                ],
+            )
+            + _BYTES_BLOCK[:1000]
+        )
         await asyncio.sleep(_MID_BODY_PAUSE_S)
         transport.close()  # clean FIN, 99000 bytes short
     return _RawBytesSent()
@@ -568,10 +697,16 @@ async def _truncated(request: web.Request) -> web.StreamResponse:
 
 async def _stall(request: web.Request) -> web.StreamResponse:
     if (transport := _live_transport(request)) is not None:
-        transport.write(_raw_head("HTTP/1.1 200 OK", [
-            ("Content-Type", "application/octet-stream"),
-            ("Content-Length", "100000"),
-        ]) + _BYTES_BLOCK[:1000])
+        transport.write(
+            _raw_head(
+                "HTTP/1.1 200 OK",
+                [
+                    ("Content-Type", "application/octet-stream"),
+                    ("Content-Length", "100000"),
+                ],
+            )
+            + _BYTES_BLOCK[:1000]
+        )
         await _hold(request, _HOLD_LIMIT_S)
         transport.abort()
     return _RawBytesSent()
@@ -581,10 +716,16 @@ async def _bad_chunk(request: web.Request) -> web.StreamResponse:
     if (transport := _live_transport(request)) is not None:
         line = b"The first chunks of this body are fine.\n"
         chunk = f"{len(line):x}\r\n".encode() + line + b"\r\n"
-        transport.write(_raw_head("HTTP/1.1 200 OK", [
-            ("Content-Type", "text/plain"),
-            ("Transfer-Encoding", "chunked"),
-        ]) + chunk * 3)
+        transport.write(
+            _raw_head(
+                "HTTP/1.1 200 OK",
+                [
+                    ("Content-Type", "text/plain"),
+                    ("Transfer-Encoding", "chunked"),
+                ],
+            )
+            + chunk * 3
+        )
         await asyncio.sleep(_MID_BODY_PAUSE_S)
         # "zz" is not a hexadecimal chunk size.
         transport.write(b"zz\r\nthis is not a chunk\r\n")
@@ -699,8 +840,11 @@ def _expectation_html(route: DemoRoute) -> str:
     else:
         tone = "ok" if route.expect_status < 400 else "bad"
         status = f'<span class="badge {tone}">{route.expect_status}</span>'
-    parts = [status, f'<span class="badge">source={route.expect_source}</span>',
-             f'<span class="badge">layer={route.expect_layer}</span>']
+    parts = [
+        status,
+        f'<span class="badge">source={route.expect_source}</span>',
+        f'<span class="badge">layer={route.expect_layer}</span>',
+    ]
     if route.expect_error:
         parts.append(f'<span class="badge err">error={html.escape(route.expect_error)}</span>')
     if route.hop:

@@ -153,10 +153,20 @@ class Forwarder:
             return
         down = self.down
         self.upstream_head = ctx.headers.request_head(
-            head.method, head.target, head.lines, host=head.host, client_ip=down.client_ip_b,
-            trusted=down.trusted, xff=head.xff, xfp=head.xfp, xfh=head.xfh, via=head.via,
-            request_id=head.request_id or b"", content_length=head.content_length,
-            chunked=head.chunked, upgrade=head.upgrade,
+            head.method,
+            head.target,
+            head.lines,
+            host=head.host,
+            client_ip=down.client_ip_b,
+            trusted=down.trusted,
+            xff=head.xff,
+            xfp=head.xfp,
+            xfh=head.xfh,
+            via=head.via,
+            request_id=head.request_id or b"",
+            content_length=head.content_length,
+            chunked=head.chunked,
+            upgrade=head.upgrade,
         )
         conn = ctx.pool.acquire(self)
         if conn is not None:

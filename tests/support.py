@@ -288,8 +288,9 @@ def parse_responses(data: bytes) -> tuple[list[Response], bool]:
     return collector.responses, collector.in_message
 
 
-async def raw_request(port: int, data: bytes, *, timeout: float = 10.0,
-                      half_close: bool = False) -> bytes:
+async def raw_request(
+    port: int, data: bytes, *, timeout: float = 10.0, half_close: bool = False
+) -> bytes:
     """Send raw bytes, read until the server closes (or the timeout); return what came."""
     reader, writer = await asyncio.open_connection(LOOPBACK, port)
     writer.write(data)
@@ -307,8 +308,9 @@ async def raw_request(port: int, data: bytes, *, timeout: float = 10.0,
     return bytes(received)
 
 
-async def read_until_reset(reader: asyncio.StreamReader, timeout: float = 10.0
-                           ) -> tuple[bytes, str]:
+async def read_until_reset(
+    reader: asyncio.StreamReader, timeout: float = 10.0
+) -> tuple[bytes, str]:
     """Read everything; return (bytes, how it ended: 'eof' | 'reset' | 'timeout')."""
     received = bytearray()
     try:
@@ -369,14 +371,33 @@ class ProxyProcess:
         return self.proc.returncode
 
 
-def spawn_proxy(upstream: str, *args: str, env: dict[str, str] | None = None,
-                stdout: Any = subprocess.DEVNULL, wait: bool = True) -> ProxyProcess:
+def spawn_proxy(
+    upstream: str,
+    *args: str,
+    env: dict[str, str] | None = None,
+    stdout: Any = subprocess.DEVNULL,
+    wait: bool = True,
+) -> ProxyProcess:
     """`python -m proxy serve` as a child process, waiting until its admin port answers."""
     port, admin_port = free_port(), free_port()
-    cmd = [sys.executable, "-m", "proxy", "serve", "--upstream", upstream,
-           "--listen", f"{LOOPBACK}:{port}", "--admin", f"{LOOPBACK}:{admin_port}", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "proxy",
+        "serve",
+        "--upstream",
+        upstream,
+        "--listen",
+        f"{LOOPBACK}:{port}",
+        "--admin",
+        f"{LOOPBACK}:{admin_port}",
+        *args,
+    ]
     proc = subprocess.Popen(
-        cmd, cwd=ROOT, stdout=stdout, stderr=subprocess.PIPE,
+        cmd,
+        cwd=ROOT,
+        stdout=stdout,
+        stderr=subprocess.PIPE,
         env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
     )
     proxy = ProxyProcess(proc, port, admin_port)
@@ -385,7 +406,10 @@ def spawn_proxy(upstream: str, *args: str, env: dict[str, str] | None = None,
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 raise RuntimeError(f"proxy exited: {proc.stderr.read().decode()}")  # type: ignore[union-attr]
-            with contextlib.suppress(OSError), socket.create_connection((LOOPBACK, admin_port), 0.2):
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection((LOOPBACK, admin_port), 0.2),
+            ):
                 return proxy
             time.sleep(0.05)
         proxy.stop(signal.SIGKILL)

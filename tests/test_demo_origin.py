@@ -47,9 +47,28 @@ MID_BODY_FAULTS = {"http_response_incomplete", "connection_read_timeout", "http_
 
 # The routes the demo must offer (path patterns as the brief names them).
 REQUIRED_PATHS = {
-    "/", "/hello", "/api/items", "/echo", "/stream", "/sse", "/ws", "/bytes/{n}",
-    "/status/{code}", "/origin-502", "/origin-504", "/nginx-502", "/json", "/slow", "/hang",
-    "/hangup", "/reset", "/garbage", "/bad-header", "/huge-headers", "/truncated", "/stall",
+    "/",
+    "/hello",
+    "/api/items",
+    "/echo",
+    "/stream",
+    "/sse",
+    "/ws",
+    "/bytes/{n}",
+    "/status/{code}",
+    "/origin-502",
+    "/origin-504",
+    "/nginx-502",
+    "/json",
+    "/slow",
+    "/hang",
+    "/hangup",
+    "/reset",
+    "/garbage",
+    "/bad-header",
+    "/huge-headers",
+    "/truncated",
+    "/stall",
     "/bad-chunk",
 }
 
@@ -65,7 +84,8 @@ async def origin(caplog: pytest.LogCaptureFixture):
     # caplog.records would hold only this teardown's records: look at every phase.
     records = [*caplog.get_records("setup"), *caplog.get_records("call"), *caplog.records]
     noisy = [
-        record for record in records
+        record
+        for record in records
         if record.name.startswith(("aiohttp", "asyncio"))
         and (record.levelno >= logging.WARNING or record.exc_info)
     ]
@@ -78,7 +98,9 @@ async def origin(caplog: pytest.LogCaptureFixture):
 
 
 def raw_request(
-    path: str, method: str = "GET", headers: tuple[tuple[str, str], ...] = (),
+    path: str,
+    method: str = "GET",
+    headers: tuple[tuple[str, str], ...] = (),
     body: bytes = b"",
 ) -> bytes:
     lines = [f"{method} {path} HTTP/1.1", "Host: demo.test"]
@@ -315,12 +337,15 @@ async def what_a_proxy_would_report(
 
 
 async def test_every_route_does_what_its_expectations_say(origin: DemoOrigin):
-    verdicts = await asyncio.gather(
-        *(what_a_proxy_would_report(origin, route) for route in ROUTES)
-    )
+    verdicts = await asyncio.gather(*(what_a_proxy_would_report(origin, route) for route in ROUTES))
     for route, verdict in zip(ROUTES, verdicts, strict=True):
-        expected = (route.expect_status, route.expect_source, route.expect_error,
-                    route.expect_layer, route.hop)
+        expected = (
+            route.expect_status,
+            route.expect_source,
+            route.expect_error,
+            route.expect_layer,
+            route.hop,
+        )
         assert verdict == expected, f"{route.method} {route.path}"
 
 
@@ -385,9 +410,12 @@ async def test_hello_and_items(origin: DemoOrigin):
 @pytest.mark.parametrize("method", ["GET", "POST", "PUT", "DELETE", "PATCH"])
 async def test_echo_returns_method_headers_and_body(origin: DemoOrigin, method: str):
     body = b"" if method in ("GET", "DELETE") else b"payload \xe2\x9c\x93"
-    async with aiohttp.ClientSession(origin.url) as session, session.request(
-        method, "/echo?x=1", data=body, headers={"X-Demo-Probe": "yes"}
-    ) as response:
+    async with (
+        aiohttp.ClientSession(origin.url) as session,
+        session.request(
+            method, "/echo?x=1", data=body, headers={"X-Demo-Probe": "yes"}
+        ) as response,
+    ):
         assert response.status == 200
         echoed = await response.json()
     assert echoed["method"] == method
@@ -401,9 +429,10 @@ async def test_echo_returns_method_headers_and_body(origin: DemoOrigin, method: 
 
 async def test_echo_hashes_large_bodies_without_showing_them_whole(origin: DemoOrigin):
     body = bytes(range(256)) * 4096  # 1 MiB
-    async with aiohttp.ClientSession(origin.url) as session, session.post(
-        "/echo", data=body
-    ) as response:
+    async with (
+        aiohttp.ClientSession(origin.url) as session,
+        session.post("/echo", data=body) as response,
+    ):
         echoed = await response.json()
     assert echoed["body_bytes"] == len(body)
     assert echoed["body_sha256"] == hashlib.sha256(body).hexdigest()
@@ -455,9 +484,10 @@ async def test_websocket_route_refuses_plain_http(origin: DemoOrigin):
 
 async def test_bytes_streams_exactly_n_predictable_bytes(origin: DemoOrigin):
     size = 200_000
-    async with aiohttp.ClientSession(origin.url) as session, session.get(
-        f"/bytes/{size}"
-    ) as response:
+    async with (
+        aiohttp.ClientSession(origin.url) as session,
+        session.get(f"/bytes/{size}") as response,
+    ):
         assert response.status == 200
         assert response.headers["Content-Length"] == str(size)
         data = await response.read()
@@ -466,9 +496,10 @@ async def test_bytes_streams_exactly_n_predictable_bytes(origin: DemoOrigin):
 
 async def test_bytes_is_capped_at_100_mib(origin: DemoOrigin):
     # Read only the head, then leave: the origin must take the early exit quietly.
-    async with aiohttp.ClientSession(origin.url) as session, session.get(
-        "/bytes/999999999999"
-    ) as response:
+    async with (
+        aiohttp.ClientSession(origin.url) as session,
+        session.get("/bytes/999999999999") as response,
+    ):
         assert response.headers["Content-Length"] == str(100 * 1024 * 1024)
         assert response.headers["X-Demo-Capped-To"] == str(100 * 1024 * 1024)
         await response.content.read(1000)
@@ -483,9 +514,10 @@ async def test_bytes_is_capped_at_100_mib(origin: DemoOrigin):
 
 @pytest.mark.parametrize("code", [400, 401, 404, 418, 429, 500, 502, 503, 504, 599])
 async def test_status_answers_any_error_code_with_json(origin: DemoOrigin, code: int):
-    async with aiohttp.ClientSession(origin.url) as session, session.get(
-        f"/status/{code}"
-    ) as response:
+    async with (
+        aiohttp.ClientSession(origin.url) as session,
+        session.get(f"/status/{code}") as response,
+    ):
         assert response.status == code
         assert (await response.json())["status"] == code
         if code in (429, 503):
@@ -493,9 +525,7 @@ async def test_status_answers_any_error_code_with_json(origin: DemoOrigin, code:
 
 
 async def test_status_refuses_non_error_codes(origin: DemoOrigin):
-    async with aiohttp.ClientSession(origin.url) as session, session.get(
-        "/status/200"
-    ) as response:
+    async with aiohttp.ClientSession(origin.url) as session, session.get("/status/200") as response:
         assert response.status == 400
 
 
@@ -508,9 +538,7 @@ async def test_the_apps_own_gateway_errors(origin: DemoOrigin, path: str, status
 
 
 async def test_nginx_502_looks_like_nginx(origin: DemoOrigin):
-    async with aiohttp.ClientSession(origin.url) as session, session.get(
-        "/nginx-502"
-    ) as response:
+    async with aiohttp.ClientSession(origin.url) as session, session.get("/nginx-502") as response:
         assert response.status == 502
         assert response.headers["Server"] == "nginx"
         assert response.content_type == "text/html"
@@ -520,18 +548,20 @@ async def test_nginx_502_looks_like_nginx(origin: DemoOrigin):
 
 
 async def test_json_accepts_good_json(origin: DemoOrigin):
-    async with aiohttp.ClientSession(origin.url) as session, session.post(
-        "/json", json={"a": [1, 2]}
-    ) as response:
+    async with (
+        aiohttp.ClientSession(origin.url) as session,
+        session.post("/json", json={"a": [1, 2]}) as response,
+    ):
         assert response.status == 200
         assert (await response.json())["received"] == {"a": [1, 2]}
 
 
 @pytest.mark.parametrize("body", [b'{"item": "teapot",', b"", b"\xff\xfe not utf-8"])
 async def test_json_answers_malformed_json_with_a_500_stack_trace(origin: DemoOrigin, body):
-    async with aiohttp.ClientSession(origin.url) as session, session.post(
-        "/json", data=body, headers={"Content-Type": "application/json"}
-    ) as response:
+    async with (
+        aiohttp.ClientSession(origin.url) as session,
+        session.post("/json", data=body, headers={"Content-Type": "application/json"}) as response,
+    ):
         assert response.status == 500
         text = await response.text()
     assert text.startswith("Traceback (most recent call last):")
@@ -592,6 +622,7 @@ async def test_reset_is_a_real_rst():
     # Blocking socket in a thread: recv() on a reset connection raises ECONNRESET.
     demo = await start_demo_origin()
     try:
+
         def exchange() -> BaseException | bytes:
             with socket.create_connection((demo.host, demo.port), timeout=3) as sock:
                 sock.sendall(raw_request("/reset"))
@@ -635,17 +666,20 @@ async def test_huge_headers_exceed_the_proxys_limit(origin: DemoOrigin):
 
 async def test_bad_upgrade_answers_a_101_without_upgrade(origin: DemoOrigin):
     handshake = (
-        ("Upgrade", "websocket"), ("Connection", "Upgrade"),
-        ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="), ("Sec-WebSocket-Version", "13"),
+        ("Upgrade", "websocket"),
+        ("Connection", "Upgrade"),
+        ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
+        ("Sec-WebSocket-Version", "13"),
     )
     answer = await raw_exchange(origin, raw_request("/bad-upgrade", headers=handshake))
     head, _ = split_head(answer.data)
     assert head.startswith(b"HTTP/1.1 101 ")
     assert "upgrade" not in head_fields(head)
     assert answer.ending == "eof"
-    async with aiohttp.ClientSession(origin.url) as session, session.get(
-        "/bad-upgrade"
-    ) as response:
+    async with (
+        aiohttp.ClientSession(origin.url) as session,
+        session.get("/bad-upgrade") as response,
+    ):
         assert response.status == 426
 
 

@@ -1,4 +1,5 @@
 import aiohttp
+
 from support import OriginConnection
 
 

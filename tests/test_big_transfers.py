@@ -1,0 +1,76 @@
+"""1 GiB each way through the proxy process with its RSS under 80 MB: bodies stream with
+back-pressure (the proxy pauses the sending side while the receiving side is full)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from support import LOOPBACK, OriginConnection, ScriptedOrigin, spawn_proxy
+
+GIB = 1 << 30
+BLOCK = bytes(range(256)) * 4096  # 1 MiB
+RSS_LIMIT = 80 * 1024 * 1024
+
+
+async def big_origin(conn: OriginConnection) -> None:
+    while True:
+        try:
+            head = await conn.reader.readuntil(b"\r\n\r\n")
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return
+        if head.startswith(b"GET /download"):
+            conn.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % GIB)
+            for _ in range(GIB // len(BLOCK)):
+                conn.write(BLOCK)
+                await conn.writer.drain()
+        else:
+            length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+            received = 0
+            while received < length:
+                chunk = await conn.reader.read(min(1 << 20, length - received))
+                if not chunk:
+                    return
+                received += len(chunk)
+            await conn.respond(200, str(received).encode())
+
+
+@pytest.fixture
+async def big_proxy():
+    origin = await ScriptedOrigin(big_origin).start()
+    proxy = spawn_proxy(origin.url, env={"FAULTLINE_LOG_ACCESS": "false"})
+    yield proxy
+    proxy.stop()
+    await origin.close()
+
+
+async def test_one_gib_download_streams_in_bounded_memory(big_proxy):
+    reader, writer = await asyncio.open_connection(LOOPBACK, big_proxy.port)
+    writer.write(b"GET /download HTTP/1.1\r\nHost: a\r\n\r\n")
+    head = await reader.readuntil(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    received = 0
+    async with asyncio.timeout(120):
+        while received < GIB:
+            chunk = await reader.read(1 << 20)
+            assert chunk, "connection closed early"
+            received += len(chunk)
+    writer.close()
+    assert received == GIB
+    assert big_proxy.peak_rss_bytes() < RSS_LIMIT, big_proxy.peak_rss_bytes()
+
+
+async def test_one_gib_upload_streams_in_bounded_memory(big_proxy):
+    reader, writer = await asyncio.open_connection(LOOPBACK, big_proxy.port)
+    writer.write(b"POST /upload HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n" % GIB)
+    async with asyncio.timeout(120):
+        for _ in range(GIB // len(BLOCK)):
+            writer.write(BLOCK)
+            await writer.drain()
+        head = await reader.readuntil(b"\r\n\r\n")
+        body = await reader.read(64)
+    writer.close()
+    assert head.startswith(b"HTTP/1.1 200")
+    assert body == str(GIB).encode()
+    assert big_proxy.peak_rss_bytes() < RSS_LIMIT, big_proxy.peak_rss_bytes()
