@@ -119,10 +119,15 @@ def _classify_tls(error: BaseException | None) -> tuple[Fault, str]:
     if isinstance(error, TimeoutError):
         return Fault.CONNECTION_TIMEOUT, "TLS handshake did not finish within timeouts.connect"
     if isinstance(error, ssl.SSLCertVerificationError):
-        reason = error.verify_message or error.reason or "verification failed"
+        reason = (
+            getattr(error, "verify_message", None)
+            or getattr(error, "reason", None)
+            or "verification failed"
+        )
         return Fault.TLS_CERTIFICATE_ERROR, f"certificate rejected: {reason}"
     if isinstance(error, ssl.SSLError):
-        return Fault.TLS_PROTOCOL_ERROR, f"TLS handshake failed: {error.reason or error}"
+        reason = getattr(error, "reason", None) or error
+        return Fault.TLS_PROTOCOL_ERROR, f"TLS handshake failed: {reason}"
     return Fault.TLS_PROTOCOL_ERROR, _describe(error, "connection closed during the TLS handshake")
 
 

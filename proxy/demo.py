@@ -39,6 +39,8 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
+from .faults import Fault
+
 __all__ = ["ROUTES", "DemoOrigin", "DemoRoute", "make_demo_app", "start_demo_origin"]
 
 
@@ -212,62 +214,62 @@ ROUTES: list[DemoRoute] = [
     _proxy_fault(
         "/slow?ms=3000",
         504,
-        "http_response_timeout",
+        Fault.HTTP_RESPONSE_TIMEOUT,
         "Answers after 3 s: longer than the proxy waits",
         section=SECTION_SLOW,
     ),
     _proxy_fault(
         "/hang",
         504,
-        "http_response_timeout",
+        Fault.HTTP_RESPONSE_TIMEOUT,
         "Accepts the request and never answers",
         section=SECTION_SLOW,
     ),
     # -- broken before the response starts -----------------------------------------------
     _proxy_fault(
-        "/hangup", 502, "connection_terminated", "Closes the connection without sending a byte"
+        "/hangup", 502, Fault.CONNECTION_TERMINATED, "Closes the connection without sending a byte"
     ),
     _proxy_fault(
         "/reset",
         502,
-        "connection_terminated",
+        Fault.CONNECTION_TERMINATED,
         "Resets the connection (TCP RST) without sending a byte",
     ),
     _proxy_fault(
         "/garbage",
         502,
-        "http_protocol_error",
+        Fault.HTTP_PROTOCOL_ERROR,
         "Answers with bytes that are not HTTP (an SSH banner)",
     ),
     _proxy_fault(
-        "/bad-header", 502, "http_protocol_error", "A response header carrying a NUL byte"
+        "/bad-header", 502, Fault.HTTP_PROTOCOL_ERROR, "A response header carrying a NUL byte"
     ),
     _proxy_fault(
         "/huge-headers",
         502,
-        "http_response_header_section_size",
+        Fault.HTTP_RESPONSE_HEADER_SECTION_SIZE,
         "About 100 KiB of response headers",
     ),
     _proxy_fault(
         "/bad-upgrade",
         502,
-        "http_upgrade_failed",
+        Fault.HTTP_UPGRADE_FAILED,
         "Breaks the WebSocket handshake: a 101 without an Upgrade header",
         request_headers=_WEBSOCKET_HANDSHAKE,
         note="Without a WebSocket handshake the route answers 426 itself.",
     ),
     # -- broken in the middle of the body ------------------------------------------------
     _mid_body_fault(
-        "/truncated", "http_response_incomplete", "Promises 100000 bytes, sends 1000, closes"
+        "/truncated", Fault.HTTP_RESPONSE_INCOMPLETE, "Promises 100000 bytes, sends 1000, closes"
     ),
     _mid_body_fault(
         "/stall",
-        "connection_read_timeout",
+        Fault.CONNECTION_READ_TIMEOUT,
         "Sends part of the body, then goes silent without closing",
     ),
     _mid_body_fault(
         "/bad-chunk",
-        "http_protocol_error",
+        Fault.HTTP_PROTOCOL_ERROR,
         "A chunked body with an invalid chunk-size line after some data",
     ),
 ]

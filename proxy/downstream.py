@@ -315,7 +315,10 @@ class DownstreamProtocol(asyncio.Protocol):
         if self.raw:
             fw = self.current
             if fw is not None:
-                fw.on_request_body(data)
+                try:
+                    fw.on_request_body(data)
+                except Exception as exc:
+                    fw.on_internal_error(exc)
             return
         self.in_feed = True
         try:
@@ -351,13 +354,17 @@ class DownstreamProtocol(asyncio.Protocol):
                         RequestProblem.HEADERS_TOO_LARGE,
                         f"request head over {self.ctx.max_request_header_bytes} bytes",
                     )
-        for fw in (self.current, self.receiving):
-            if fw is not None and fw.up_out:
-                fw.flush_upstream()
+        try:
+            for fw in (self.current, self.receiving):
+                if fw is not None and fw.up_out:
+                    fw.flush_upstream()
+        except Exception as exc:
+            self._defect(exc)
 
     def eof_received(self) -> bool:
-        # A half-closed client may still read its response (RFC 9112 §9.6).
-        return bool(self.current is not None or self.queue)
+        # Like nginx, a client that closes its side has given up on the answer: the
+        # exchange ends as 499 (connection_lost reports it).
+        return False
 
     # -- httptools callbacks ----------------------------------------------------------------
 
@@ -507,7 +514,13 @@ class DownstreamProtocol(asyncio.Protocol):
         self._enqueue(Forwarder(self, ex, None, (problem, detail)))
 
     def _defect(self, exc: BaseException) -> None:
+        """A defect in our own code while handling this connection's bytes."""
+        self.pause_reading(self.PAUSE_BROKEN)
+        self.parser = HttpRequestParser(_Discard())
         fw = self.current or self.receiving
+        if fw is None and self.ex is not None:
+            ex, self.ex = self.ex, None
+            fw = self.current = Forwarder(self, ex, None)
         if fw is None:
             log.error("internal error on a client connection", exc_info=exc)
             self.transport.abort()

@@ -294,16 +294,11 @@ class Forwarder:
         head = self.head
         assert head is not None
         ctx = self.ctx
-        ex.t_response_head = now = perf_ns()
-        ex.status = ex.upstream_status = status
-        ex.source = Source.ORIGIN
-        ex.phase = Phase.BODY
-        self.progress_ns = now
-        if status == 101:
-            if not head.upgrade:
-                raise UpgradeBroken("upstream answered 101 to a request without Upgrade")
-        elif head.upgrade:
-            self.close_after = True  # the client connection is no longer plain HTTP/1.1
+        now = perf_ns()
+        if status == 101 and not head.upgrade:
+            raise UpgradeBroken("upstream answered 101 to a request without Upgrade")
+        if (head.upgrade and status != 101) or ctx.draining:
+            self.close_after = True  # an upgrade refused leaves the client connection unusable
         lines = [ctx.headers.status_line(status, reason)]
         nominated: set[bytes] | None = None
         upstream_status: list[bytes] | None = None
@@ -337,9 +332,15 @@ class Forwarder:
             lines = [lines[0]] + [
                 line for line in lines[1:] if line.split(b":", 1)[0].lower() not in nominated
             ]
+        if status == 101 and not upgrade_value:
+            raise UpgradeBroken("upstream answered 101 without an Upgrade header")
+        # From here on the head is accepted: the response has started.
+        ex.t_response_head = now
+        ex.status = ex.upstream_status = status
+        ex.source = Source.ORIGIN
+        ex.phase = Phase.BODY
+        self.progress_ns = now
         if status == 101:
-            if not upgrade_value:
-                raise UpgradeBroken("upstream answered 101 without an Upgrade header")
             lines.append(b"Connection: upgrade\r\nUpgrade: " + upgrade_value + b"\r\n")
             self.tunnel = True
         elif head.method == b"HEAD" or status in _NO_BODY_STATUSES:

@@ -128,6 +128,12 @@ class UpstreamConnection(asyncio.Protocol):
             # An idle connection must be silent; anything else makes it unusable.
             self.close()
             return
+        try:
+            self._received(handler, data)
+        except Exception as exc:  # a defect: never let it kill the transport silently
+            handler.on_internal_error(exc)
+
+    def _received(self, handler: Forwarder, data: bytes) -> None:
         self.bytes_seen = True
         if self.tunnel:
             handler.on_upstream_tunnel_data(data)

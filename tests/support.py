@@ -194,13 +194,14 @@ class ScriptedOrigin:
     """An origin whose every connection runs `script`; counts connections and requests."""
 
     script: Script
+    ssl: Any = None
     connections: int = 0
     requests: list[bytes] = field(default_factory=list)
     server: asyncio.AbstractServer | None = None
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
     async def start(self) -> ScriptedOrigin:
-        self.server = await asyncio.start_server(self._accept, LOOPBACK, 0)
+        self.server = await asyncio.start_server(self._accept, LOOPBACK, 0, ssl=self.ssl)
         return self
 
     @property
@@ -210,7 +211,7 @@ class ScriptedOrigin:
 
     @property
     def url(self) -> str:
-        return f"http://{LOOPBACK}:{self.port}"
+        return f"{'https' if self.ssl else 'http'}://{LOOPBACK}:{self.port}"
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         index = self.connections
@@ -280,12 +281,39 @@ class _ResponseCollector:
         self.responses.append(Response(status, self._headers, bytes(self._body)))
 
 
-def parse_responses(data: bytes) -> tuple[list[Response], bool]:
-    """Every complete response in `data`; and whether bytes of an unfinished one remain."""
+def parse_responses(data: bytes, *, eof: bool = True) -> tuple[list[Response], bool]:
+    """Every complete response in `data`; and whether bytes of an unfinished one remain.
+
+    With `eof`, a last response framed by the end of the connection (no Content-Length,
+    not chunked) is complete, as RFC 9112 §6.3 says.
+    """
     collector = _ResponseCollector()
     with contextlib.suppress(httptools.HttpParserError, httptools.HttpParserUpgrade):
         collector.parser.feed_data(data)
+    if eof and collector.in_message:
+        framing = {name.lower() for name, _ in collector._headers}
+        if framing.isdisjoint({"content-length", "transfer-encoding"}):
+            collector.on_message_complete()
     return collector.responses, collector.in_message
+
+
+def proxy_status_members(value: str) -> list[str]:
+    """Split a Proxy-Status list into members (commas inside quoted strings stay)."""
+    members, current, quoted, escaped = [], [], False, False
+    for ch in value:
+        if escaped:
+            escaped = False
+        elif ch == "\\" and quoted:
+            escaped = True
+        elif ch == '"':
+            quoted = not quoted
+        elif ch == "," and not quoted:
+            members.append("".join(current).strip())
+            current = []
+            continue
+        current.append(ch)
+    members.append("".join(current).strip())
+    return members
 
 
 async def raw_request(
