@@ -1,0 +1,1294 @@
+#!/usr/bin/env python3
+"""Faultline's benchmark: Faultline next to nginx, HAProxy and direct-to-origin, on one box.
+
+Layout: the proxy under test runs alone on PROXY_CPU; the origin (nginx, 1 worker) and the
+load (wrk, 1 thread) share LOAD_CPU. Every variant is measured in the same run, interleaved
+(A B C A B C ...), and the table shows medians of the repetitions with ratios to nginx and
+to direct-to-origin, the CPU time per request of each proxy's process tree (utime + stime /
+requests, the steadier figure on a noisy machine) and its RSS. Then the issue-6 targets are
+checked and printed as PASS/FAIL lines.
+
+Only 127.0.0.1 is ever contacted. Every server is started here, tracked by PID, and stopped
+by PID (with its own descendants) at exit, on Ctrl-C and on errors; the servers also get
+SIGTERM if this process dies (PR_SET_PDEATHSIG). Every load run is bounded in time.
+
+Stdlib only; needs nginx (Debian nginx-light), haproxy, wrk, taskset and prlimit (util-linux).
+See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import hashlib
+import http.client
+import json
+import os
+import platform
+import re
+import resource
+import shlex
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+MIB = 1 << 20
+HELLO = b"hello world\n"
+BODY_16K = hashlib.sha256(b"faultline-bench-16k").digest() * 512  # 16 KiB, deterministic
+BODY_1M = bytes(range(256)) * 4096  # 1 MiB
+UPLOAD_BYTES = MIB
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    kind: str  # "wrk" or "idle"
+    path: str
+    conns: int
+    payload: int  # body bytes moved per request (response, or request body for uploads)
+    needs: str  # the validation a variant must pass to run it
+    desc: str
+    lua: str | None = None
+    throughput: bool = False  # print MiB/s
+
+
+SCENARIOS = {
+    s.name: s
+    for s in (
+        Scenario(name="small-c50", kind="wrk", path="/", conns=50, payload=len(HELLO),
+                 needs="small", desc="GET / (12-byte body), 50 connections, saturating"),
+        Scenario(name="small-c1", kind="wrk", path="/", conns=1, payload=len(HELLO),
+                 needs="small", desc="GET / (12-byte body), 1 connection: latency"),
+        Scenario(name="16k-c50", kind="wrk", path="/16k.bin", conns=50, payload=len(BODY_16K),
+                 needs="16k", desc="GET /16k.bin (16 KiB), 50 connections"),
+        Scenario(name="1m-c8", kind="wrk", path="/1m.bin", conns=8, payload=len(BODY_1M),
+                 needs="1m", desc="GET /1m.bin (1 MiB), 8 connections: throughput",
+                 throughput=True),
+        Scenario(name="upload-c8", kind="wrk", path="/upload", conns=8, payload=UPLOAD_BYTES,
+                 needs="upload", lua="upload", throughput=True,
+                 desc="POST /upload with a 1 MiB body, 8 connections: upload throughput"),
+        Scenario(name="idle10k", kind="idle", path="/", conns=0, payload=len(HELLO),
+                 needs="small",
+                 desc="idle keep-alive connections (one GET each, then held): memory"),
+    )
+}  # fmt: skip
+LUA = {
+    "upload": (
+        "-- bench.py: POST a 1 MiB body on every request (wrk adds Content-Length).\n"
+        'wrk.method = "POST"\n'
+        f'wrk.body = string.rep("x", {UPLOAD_BYTES})\n'
+        'wrk.headers["Content-Type"] = "application/octet-stream"\n'
+    ),
+}
+PEERS = ("direct", "nginx", "haproxy")
+FAULTLINE = "faultline"  # diagnostics and access log on (the defaults)
+FAULTLINE_OFF = "faultline-nodiag"
+DEFAULT_NODIAG_ENV = ("FAULTLINE_DIAGNOSTICS=false", "FAULTLINE_LOG_ACCESS=false")
+FAULTLINE_ARGS = (
+    "serve --listen 127.0.0.1:{PORT} --upstream http://{UPSTREAM} --admin 127.0.0.1:{ADMIN_PORT}"
+)
+
+# Issue 6's targets; checked at the end of a run, never in unit tests.
+TARGET_RPS_X_NGINX = 0.6  # small-c50, diagnostics + access log on
+TARGET_CPU_X_NGINX = 1.6  # small-c50, CPU time per request
+TARGET_P50_X_NGINX = 1.3  # small-c1, median latency
+TARGET_1M_X_NGINX = 0.8  # 1m-c8, throughput
+TARGET_DIAG_COST = 0.10  # small-c50 req/s, on vs off
+TARGET_RSS_AFTER_MB = 40.0
+TARGET_RSS_IDLE_MB = 100.0
+
+
+def log(*parts: object) -> None:
+    print(*parts, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- processes
+def descendants(pid: int) -> list[int]:
+    out: list[int] = []
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            for tid in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{tid}/children") as f:
+                    for c in map(int, f.read().split()):
+                        if c not in out:
+                            out.append(c)
+                            todo.append(c)
+        except OSError:
+            pass
+    return out
+
+
+def proc_name(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()[:200]
+    except OSError:
+        return "?"
+
+
+def cpu_ticks(pids: list[int]) -> int:
+    """utime + stime (clock ticks) summed over `pids`."""
+    total = 0
+    for p in pids:
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                s = f.read()
+            fields = s[s.rfind(")") + 2 :].split()
+            total += int(fields[11]) + int(fields[12])
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
+
+
+def rss_bytes(pids: list[int]) -> int:
+    total = 0
+    for p in pids:
+        try:
+            with open(f"/proc/{p}/statm") as f:
+                total += int(f.read().split()[1]) * PAGE
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
+
+
+def hwm_bytes(pids: list[int]) -> int:
+    """Peak RSS (VmHWM) summed over `pids`."""
+    total = 0
+    for p in pids:
+        try:
+            with open(f"/proc/{p}/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        total += int(line.split()[1]) * 1024
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
+
+
+def cpu_jiffies() -> dict[int, tuple[int, int]]:
+    """Per CPU: (busy incl. irq/softirq, total) jiffies from /proc/stat."""
+    res = {}
+    with open("/proc/stat") as f:
+        for line in f:
+            if line.startswith("cpu") and line[3].isdigit():
+                parts = line.split()
+                vals = list(map(int, parts[1:9]))
+                res[int(parts[0][3:])] = (sum(vals) - vals[3] - vals[4], sum(vals))
+    return res
+
+
+def _die_with_parent() -> None:
+    """preexec_fn: SIGTERM the child if the harness dies (Linux PR_SET_PDEATHSIG)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))
+
+
+SERVERS: list[Server] = []
+
+
+class Server:
+    """A server process started under taskset + prlimit, stopped by PID with its descendants."""
+
+    def __init__(
+        self,
+        name: str,
+        argv: list[str],
+        port: int,
+        cpu: str,
+        rundir: str,
+        nofile: int,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        stdout_path: str | None = None,
+    ) -> None:
+        self.name, self.port = name, port
+        self.log_path = os.path.join(rundir, f"{name}.log")
+        self.stdout_path = stdout_path
+        full = ["taskset", "-c", cpu, "prlimit", f"--nofile={nofile}:{nofile}", *argv]
+        with open(self.log_path, "ab") as err:
+            # O_APPEND, so the harness may truncate the file between runs
+            out = open(stdout_path, "ab") if stdout_path else err  # noqa: SIM115
+            try:
+                self.proc = subprocess.Popen(
+                    full,
+                    stdout=out,
+                    stderr=err,
+                    stdin=subprocess.DEVNULL,
+                    cwd=cwd,
+                    start_new_session=True,
+                    preexec_fn=_die_with_parent,
+                    env={**os.environ, **(env or {})},
+                )
+            finally:
+                if out is not err:
+                    out.close()
+        self.pid = self.proc.pid
+        SERVERS.append(self)
+
+    def pids(self) -> list[int]:
+        return [self.pid, *descendants(self.pid)] if self.alive() else []
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self) -> None:
+        if self.proc.poll() is not None:
+            return
+        victims = self.pids()
+        for p in victims:  # the one we started first: nginx and HAProxy stop their own workers
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=10)
+        for p in victims:  # whatever is left, by PID
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p, signal.SIGKILL)
+        # and any orphan still in the process group we created (its id is our child's PID)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, signal.SIGKILL)
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            log(f"warning: {self.name} (pid {self.pid}) did not exit")
+
+
+def stop_all() -> None:
+    while SERVERS:
+        SERVERS.pop().stop()
+
+
+def port_free(port: int) -> bool:
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT leftovers are fine
+    try:
+        s.bind(("127.0.0.1", port))
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+def wait_ports_free(ports: list[int], patience_s: float = 65.0) -> list[int]:
+    """Wait out TIME_WAIT leftovers (60 s on Linux) of client sockets that happened to get one
+    of our ports from the ephemeral range; return the ports still busy."""
+    end = time.monotonic() + patience_s
+    busy = [p for p in ports if not port_free(p)]
+    if busy:
+        log(f"waiting up to {patience_s:.0f} s for ports {busy} (in use, or TIME_WAIT)")
+    while busy and time.monotonic() < end:
+        time.sleep(1.0)
+        busy = [p for p in busy if not port_free(p)]
+    return busy
+
+
+def http_request(
+    port: int, method: str, path: str, body: bytes | None = None, timeout: float = 5.0
+) -> tuple[int, bytes]:
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        c.request(method, path, body=body)
+        r = c.getresponse()
+        return r.status, r.read()
+    finally:
+        c.close()
+
+
+def wait_ready(srv: Server, timeout: float) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if not srv.alive():
+            return False
+        try:
+            if http_request(srv.port, "GET", "/", timeout=1.0)[0] == 200:
+                return True
+        except OSError:
+            pass
+        time.sleep(0.2)
+    return False
+
+
+def validate(port: int) -> tuple[dict[str, str], str | None]:
+    """Check each response kind once. Returns ({needs: reason} of what fails, fatal reason)."""
+    bad: dict[str, str] = {}
+
+    def check(
+        needs: str,
+        method: str,
+        path: str,
+        want: bytes | None,
+        body: bytes | None = None,
+        want_status: int = 200,
+    ) -> None:
+        try:
+            st, got = http_request(port, method, path, body, timeout=10)
+        except OSError as exc:
+            bad[needs] = f"{method} {path}: {exc!r}"
+            return
+        if st != want_status or (want is not None and got != want):
+            bad[needs] = f"{method} {path}: status {st}, {len(got)} bytes"
+
+    check("small", "GET", "/", HELLO)
+    check("16k", "GET", "/16k.bin", BODY_16K)
+    check("1m", "GET", "/1m.bin", BODY_1M)
+    check("upload", "POST", "/upload", b"uploaded\n", b"x" * UPLOAD_BYTES)
+    return bad, bad.get("small")
+
+
+# ---------------------------------------------------------------- wrk
+UNIT_MS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3}
+
+
+def to_ms(s: str) -> float | None:
+    m = re.match(r"([\d.]+)(us|ms|s|m)$", s)
+    return float(m.group(1)) * UNIT_MS[m.group(2)] if m else None
+
+
+def parse_wrk(out: str) -> dict:
+    r: dict = {}
+    m = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    r["rps"] = float(m.group(1)) if m else 0.0
+    m = re.search(r"(\d+) requests in ([\d.]+)(\w+)", out)
+    r["requests"] = int(m.group(1)) if m else 0
+    for pct in ("50", "75", "90", "99"):
+        m = re.search(rf"^\s+{pct}%\s+(\S+)", out, re.M)
+        r[f"p{pct}"] = to_ms(m.group(1)) if m else None
+    errors = 0
+    m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    if m:
+        errors += sum(map(int, m.groups()))
+    m = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if m:
+        errors += int(m.group(1))
+    r["errors"] = errors
+    return r
+
+
+@dataclass
+class Variant:
+    name: str
+    port: int
+    server: Server | None  # None: direct to the origin
+    access_log: str | None = None  # the server's stdout file, emptied after each run
+    unsupported: dict[str, str] = field(default_factory=dict)  # scenario needs -> reason
+
+    def pids(self) -> list[int]:
+        return self.server.pids() if self.server else []
+
+
+def run_wrk(v: Variant, scen: Scenario, duration: int, a: argparse.Namespace, rundir: str) -> dict:
+    argv = [
+        "taskset",
+        "-c",
+        a.load_cpu,
+        "wrk",
+        "-t1",
+        f"-c{scen.conns}",
+        f"-d{duration}s",
+        "--latency",
+        "--timeout",
+        "5s",
+    ]
+    if scen.lua:
+        path = os.path.join(rundir, f"{scen.lua}.lua")
+        if not os.path.exists(path):
+            with open(path, "w") as f:
+                f.write(LUA[scen.lua])
+        argv += ["-s", path]
+    argv.append(f"http://127.0.0.1:{v.port}{scen.path}")
+    pids = v.pids()
+    peak = [rss_bytes(pids)]
+    stop = threading.Event()
+
+    def sample_rss() -> None:
+        while not stop.wait(0.25):
+            peak[0] = max(peak[0], rss_bytes(pids))
+
+    sampler = threading.Thread(target=sample_rss, daemon=True)
+    sampler.start()
+    ticks0, jiffies0, t0 = cpu_ticks(pids), cpu_jiffies(), time.monotonic()
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 30).stdout
+    except subprocess.TimeoutExpired:
+        out = ""
+    elapsed = time.monotonic() - t0
+    ticks1, jiffies1 = cpu_ticks(pids), cpu_jiffies()
+    stop.set()
+    sampler.join()
+    r = parse_wrk(out)
+    r["raw"] = out
+    cpu_s = (ticks1 - ticks0) / CLK_TCK
+    r["mib_s"] = r["rps"] * scen.payload / MIB
+    r["rss_mb"] = peak[0] / MIB if pids else None
+    r["cpu_pct"] = 100.0 * cpu_s / elapsed if pids else None
+    r["us_per_req"] = 1e6 * cpu_s / r["requests"] if pids and r["requests"] else None
+    busy = {
+        c: 100.0 * (jiffies1[c][0] - jiffies0[c][0]) / max(1, jiffies1[c][1] - jiffies0[c][1])
+        for c in jiffies1
+    }
+    r["cpu_busy"] = {c: round(b, 1) for c, b in busy.items()}
+    r["core_pct"] = busy.get(int(a.proxy_cpu)) if a.proxy_cpu.isdigit() else None
+    r["load_pct"] = busy.get(int(a.load_cpu)) if a.load_cpu.isdigit() else None
+    if v.access_log:
+        try:
+            r["access_log_bytes"] = os.path.getsize(v.access_log)
+            os.truncate(v.access_log, 0)
+        except OSError:
+            pass
+    return r
+
+
+def run_idle(v: Variant, a: argparse.Namespace) -> dict:
+    """Hold `a.idle_conns` keep-alive connections to the variant and measure its RSS."""
+    res: dict = {"conns": a.idle_conns}
+    res["rss_before_mb"] = rss_bytes(v.pids()) / MIB
+    argv = [
+        "taskset",
+        "-c",
+        a.load_cpu,
+        sys.executable,
+        os.path.join(HERE, "idleconns.py"),
+        "--port",
+        str(v.port),
+        "--conns",
+        str(a.idle_conns),
+        "--concurrency",
+        str(a.idle_concurrency),
+        "--timeout",
+        "170",
+    ]
+    proc = subprocess.Popen(
+        argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, preexec_fn=_die_with_parent
+    )
+    try:
+        ready = proc.stdout.readline().strip()  # the client exits by itself within --timeout
+        m = re.match(r"READY ok=(\d+) failed=(\d+) elapsed_s=([\d.]+) limit=(\d+)", ready)
+        if not m:
+            res["error"] = f"idle client said {ready!r}"
+            return res
+        res["held"], res["failed"] = int(m.group(1)), int(m.group(2))
+        res["setup_s"], res["client_nofile"] = float(m.group(3)), int(m.group(4))
+        time.sleep(1.0)  # let the proxy settle (buffers released, pool idle)
+        samples = []
+        for _ in range(5):
+            samples.append(rss_bytes(v.pids()))
+            time.sleep(0.2)
+        res["rss_hold_mb"] = max(samples) / MIB
+        proc.stdin.write("check\n")
+        proc.stdin.flush()
+        m = re.match(r"OPEN (\d+)", proc.stdout.readline().strip())
+        res["open_at_check"] = int(m.group(1)) if m else None
+        proc.stdin.close()
+        with contextlib.suppress(subprocess.TimeoutExpired):  # killed below if still there
+            proc.wait(timeout=30)
+        time.sleep(1.0)
+        res["rss_after_mb"] = rss_bytes(v.pids()) / MIB
+        delta = res["rss_hold_mb"] - res["rss_before_mb"]
+        res["kb_per_conn"] = delta * 1024 / res["held"] if res["held"] else None
+        return res
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+# ---------------------------------------------------------------- environment
+def render(src: str, dst: str, subs: dict[str, object]) -> None:
+    with open(src) as f:
+        s = f.read()
+    for k, val in subs.items():
+        s = s.replace(f"@{k}@", str(val))
+    with open(dst, "w") as f:
+        f.write(s)
+
+
+def substitute(template: str, port: int, admin_port: int, origin_port: int) -> str:
+    return (
+        template.replace("{PORT}", str(port))
+        .replace("{ADMIN_PORT}", str(admin_port))
+        .replace("{UPSTREAM}", f"127.0.0.1:{origin_port}")
+        .replace("{ORIGIN_PORT}", str(origin_port))
+    )
+
+
+def default_faultline_cmd() -> str:
+    exe = shutil.which("faultline")
+    prog = shlex.quote(exe) if exe else f"{shlex.quote(sys.executable)} -m proxy"
+    return f"{prog} {FAULTLINE_ARGS}"
+
+
+def command_python(template: str) -> str:
+    """The interpreter a candidate command runs under (for its versions), else ours."""
+    try:
+        words = shlex.split(template)
+    except ValueError:
+        return sys.executable
+    while words and (words[0] == "env" or "=" in words[0]):
+        words.pop(0)
+    if not words:
+        return sys.executable
+    path = shutil.which(words[0]) or words[0]
+    if os.path.basename(path).startswith("python"):
+        return path
+    try:
+        with open(path, "rb") as f:
+            first = f.readline().decode(errors="replace").strip()
+    except OSError:
+        return sys.executable
+    if first.startswith("#!") and "python" in first:
+        shebang = first[2:].split()
+        return shebang[-1] if os.path.basename(shebang[0]) == "env" else shebang[0]
+    return sys.executable
+
+
+PROBE = """import json, platform
+r = {"python": platform.python_version()}
+for m in ("uvloop", "httptools"):
+    try:
+        r[m] = __import__(m).__version__
+    except Exception:
+        r[m] = None
+try:
+    from importlib.metadata import version
+    r["faultline"] = version("faultline")
+except Exception:
+    r["faultline"] = None
+print(json.dumps(r))
+"""
+
+
+def first_line(argv: list[str]) -> str | None:
+    try:
+        p = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    text = (p.stdout + p.stderr).strip()
+    return text.splitlines()[0] if text else None
+
+
+def machine_and_versions(fl_template: str) -> dict:
+    info: dict = {"kernel": platform.release(), "cores": os.cpu_count(), "cpu": None}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    info["cpu"] = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    ngx = first_line(["nginx", "-v"]) or ""
+    info["nginx"] = ngx.rsplit("/", 1)[-1] if "/" in ngx else ngx
+    ha = first_line(["haproxy", "-v"]) or ""
+    m = re.search(r"version (\S+)", ha)
+    info["haproxy"] = m.group(1) if m else ha
+    wrk = first_line(["wrk", "-v"]) or ""
+    m = re.match(r"wrk (\S+)", wrk)
+    info["wrk"] = m.group(1) if m else wrk
+    info["harness_python"] = platform.python_version()
+    py = command_python(fl_template)
+    info["faultline_python_path"] = py
+    try:
+        p = subprocess.run([py, "-c", PROBE], capture_output=True, text=True, timeout=20, cwd=REPO)
+        info.update(json.loads(p.stdout))
+    except (OSError, ValueError, subprocess.TimeoutExpired):
+        info.update(python=None, uvloop=None, httptools=None, faultline=None)
+    rev = first_line(["git", "-C", REPO, "rev-parse", "--short", "HEAD"])
+    if rev and re.fullmatch(r"[0-9a-f]+", rev):
+        dirty = subprocess.run(
+            ["git", "-C", REPO, "status", "--porcelain"], capture_output=True, text=True
+        ).stdout.strip()
+        info["git"] = rev + ("+dirty" if dirty else "")
+    else:
+        info["git"] = None
+    return info
+
+
+def nofile_limit() -> int:
+    """The RLIMIT_NOFILE every server gets: our hard limit, capped at 65536."""
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        return 65536
+    return min(hard, 65536)
+
+
+# ---------------------------------------------------------------- report
+def med(vals: list) -> float | None:
+    vals = [x for x in vals if x is not None]
+    return statistics.median(vals) if vals else None
+
+
+def ratio(x: float | None, base: float | None) -> float | None:
+    return x / base if x is not None and base else None
+
+
+def num(x: float | None, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def table(headers: list[str], rows: list[list[str]], markdown: bool, left: int = 1) -> list[str]:
+    """Fixed-width text (first `left` columns left-aligned) or a Markdown table."""
+    if markdown:
+        out = [
+            "| " + " | ".join(headers) + " |",
+            "|" + "|".join("---" if i < left else "---:" for i in range(len(headers))) + "|",
+        ]
+        out += ["| " + " | ".join(r) + " |" for r in rows]
+        return out
+    widths = [
+        max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)
+    ]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(
+            c.ljust(w) if i < left else c.rjust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        ).rstrip()
+
+    return [line(headers)] + [line(r) for r in rows]
+
+
+def summarize(results: dict, names: list[str]) -> dict:
+    summary: dict = {}
+    keys = ("rps", "mib_s", "p50", "p99", "us_per_req", "cpu_pct", "rss_mb", "core_pct", "load_pct")
+    for s, per in results.items():
+        summary[s] = {}
+        for n in names:
+            runs = per.get(n, [])
+            if not runs:
+                continue
+            m = {k: med([r.get(k) for r in runs]) for k in keys}
+            m["errors"] = sum(r["errors"] for r in runs)
+            logged = [r["access_log_bytes"] for r in runs if "access_log_bytes" in r]
+            requests = sum(r["requests"] for r in runs if "access_log_bytes" in r)
+            m["log_bytes_per_req"] = sum(logged) / requests if logged and requests else None
+            m["rps_runs"] = [round(r["rps"]) for r in runs]
+            summary[s][n] = m
+    return summary
+
+
+def scenario_lines(
+    s: str, summ: dict, names: list[str], a: argparse.Namespace, md: bool
+) -> list[str]:
+    scen = SCENARIOS[s]
+    ngx, direct = summ.get("nginx", {}), summ.get("direct", {})
+    headers = ["variant", "req/s", *(["MiB/s"] if scen.throughput else [])]
+    headers += [
+        "p50 ms",
+        "p99 ms",
+        "CPU us/req",
+        "cpu%",
+        "RSS MB",
+        "x nginx",
+        "x direct",
+        "p50 x nginx",
+        "CPU x nginx",
+        "core%",
+        "load%",
+        "errors",
+        "req/s per rep",
+    ]
+    rows = []
+    for n in names:
+        m = summ.get(n)
+        if not m:
+            continue
+        rows.append(
+            [n, num(m["rps"], ".0f")]
+            + ([num(m["mib_s"], ".0f")] if scen.throughput else [])
+            + [
+                num(m["p50"], ".3f"),
+                num(m["p99"], ".3f"),
+                num(m["us_per_req"], ".1f"),
+                num(m["cpu_pct"], ".0f"),
+                num(m["rss_mb"], ".1f"),
+                num(ratio(m["rps"], ngx.get("rps")), ".2f"),
+                num(ratio(m["rps"], direct.get("rps")), ".2f"),
+                num(ratio(m["p50"], ngx.get("p50")), ".2f"),
+                num(ratio(m["us_per_req"], ngx.get("us_per_req")), ".2f"),
+                num(m["core_pct"], ".0f"),
+                num(m["load_pct"], ".0f"),
+                str(m["errors"]),
+                " ".join(map(str, m["rps_runs"])),
+            ]
+        )
+    title = f"{s}: {scen.desc}; median of {a.reps} x {a.duration} s"
+    head = [f"### {title}", ""] if md else [f"[{title}]"]
+    return head + table(headers, rows, md) + [""]
+
+
+def idle_lines(idle: dict, a: argparse.Namespace, md: bool) -> list[str]:
+    ngx = idle.get("nginx", {}).get("rss_hold_mb")
+    headers = [
+        "variant",
+        "held",
+        "open at check",
+        "RSS before MB",
+        "RSS holding MB",
+        "RSS after close MB",
+        "KB/conn",
+        "x nginx",
+        "setup s",
+    ]
+    rows = []
+    for n, r in idle.items():
+        if "error" in r:
+            before = num(r.get("rss_before_mb"), ".1f")
+            rows.append([n, "-", "-", before, "-", "-", "-", "-", r["error"][:40]])
+            continue
+        rows.append(
+            [
+                n,
+                f"{r['held']}/{r['conns']}",
+                num(r.get("open_at_check"), "d"),
+                num(r["rss_before_mb"], ".1f"),
+                num(r["rss_hold_mb"], ".1f"),
+                num(r.get("rss_after_mb"), ".1f"),
+                num(r.get("kb_per_conn"), ".1f"),
+                num(ratio(r["rss_hold_mb"], ngx), ".2f"),
+                num(r["setup_s"], ".1f"),
+            ]
+        )
+    title = (
+        f"idle10k: {a.idle_conns} idle keep-alive connections, one GET each, then held; "
+        "RSS of the proxy's process tree"
+    )
+    head = [f"### {title}", ""] if md else [f"[{title}]"]
+    return head + table(headers, rows, md) + [""]
+
+
+def memory_lines(rss_after: dict, hwm: dict, md: bool) -> list[str]:
+    headers = ["variant", "RSS after load MB", "peak RSS (VmHWM) MB"]
+    rows = [[n, num(rss_after.get(n), ".1f"), num(hwm.get(n), ".1f")] for n in rss_after]
+    title = "memory: RSS of each proxy's process tree after the load scenarios; peak over the run"
+    head = [f"### {title}", ""] if md else [f"[{title}]"]
+    return head + table(headers, rows, md) + [""]
+
+
+def check_targets(summary: dict, idle: dict, rss_after: dict, fl: str, off: str) -> list[str]:
+    """Issue 6's targets as PASS/FAIL/SKIP lines."""
+    out = []
+
+    def get(s: str, n: str, k: str) -> float | None:
+        return summary.get(s, {}).get(n, {}).get(k)
+
+    def verdict(ok: bool | None, text: str) -> None:
+        out.append(f"{'SKIP' if ok is None else 'PASS' if ok else 'FAIL'}  {text}")
+
+    def vs_nginx(s: str, k: str, label: str, limit: float, higher_better: bool, spec: str) -> None:
+        x, base = get(s, fl, k), get(s, "nginx", k)
+        r = ratio(x, base)
+        sign = ">=" if higher_better else "<="
+        text = f"{s}: {fl} {label} {sign} {limit}x nginx's"
+        if r is None:
+            verdict(None, text + " (no data)")
+            return
+        verdict(
+            r >= limit if higher_better else r <= limit,
+            f"{text}: {r:.2f}x ({format(x, spec)} vs {format(base, spec)})",
+        )
+
+    vs_nginx("small-c50", "rps", "req/s", TARGET_RPS_X_NGINX, True, ".0f")
+    vs_nginx("small-c50", "us_per_req", "CPU us/req", TARGET_CPU_X_NGINX, False, ".1f")
+    vs_nginx("small-c1", "p50", "median latency (ms)", TARGET_P50_X_NGINX, False, ".3f")
+    vs_nginx("1m-c8", "mib_s", "throughput (MiB/s)", TARGET_1M_X_NGINX, True, ".0f")
+
+    on, offv = get("small-c50", fl, "rps"), get("small-c50", off, "rps")
+    text = f"small-c50: diagnostics cost <= {TARGET_DIAG_COST:.0%} of req/s ({fl} vs {off})"
+    if on is None or not offv:
+        verdict(None, text + " (no data)")
+    else:
+        cost = 1 - on / offv
+        extra = ""
+        cpu_on, cpu_off = get("small-c50", fl, "us_per_req"), get("small-c50", off, "us_per_req")
+        if cpu_on and cpu_off:
+            extra = f"; CPU/req {cpu_on / cpu_off - 1:+.0%}"
+        verdict(cost <= TARGET_DIAG_COST, f"{text}: {cost:+.1%} ({on:.0f} vs {offv:.0f}{extra})")
+
+    rss = rss_after.get(fl)
+    text = f"{fl} RSS after the load scenarios <= {TARGET_RSS_AFTER_MB:.0f} MB"
+    verdict(
+        None if rss is None else rss <= TARGET_RSS_AFTER_MB,
+        text + (" (no data)" if rss is None else f": {rss:.1f} MB"),
+    )
+
+    r = idle.get(fl)
+    text = f"{fl} RSS holding idle keep-alive connections <= {TARGET_RSS_IDLE_MB:.0f} MB"
+    if not r or "rss_hold_mb" not in r:
+        verdict(None, text + " (no data)")
+    else:
+        complete = r["held"] == r["conns"] and r.get("open_at_check") == r["conns"]
+        note = (
+            ""
+            if complete
+            else (
+                f" -- {r['held']} of {r['conns']} established, "
+                f"{r.get('open_at_check')} still open at the check"
+            )
+        )
+        verdict(
+            r["rss_hold_mb"] <= TARGET_RSS_IDLE_MB and complete,
+            f"{text}: {r['rss_hold_mb']:.1f} MB with {r['conns']} connections{note}",
+        )
+    return out
+
+
+def report(
+    meta: dict,
+    summary: dict,
+    idle: dict,
+    rss_after: dict,
+    hwm: dict,
+    checks: list[str],
+    names: list[str],
+    a: argparse.Namespace,
+    md: bool,
+) -> str:
+    v = meta["versions"]
+    lines = []
+    if md:
+        lines += ["## Faultline benchmark", ""]
+    machine = (
+        f"machine: {v['cpu']}, {v['cores']} cores; kernel {v['kernel']}; proxy on CPU "
+        f"{a.proxy_cpu}, origin + wrk on CPU {a.load_cpu}"
+    )
+    vers = (
+        f"versions: faultline {v['faultline'] or '(not installed)'} (git {v['git']}), "
+        f"python {v['python']}, "
+        f"uvloop {v['uvloop']}, httptools {v['httptools']}; nginx {v['nginx']}, "
+        f"haproxy {v['haproxy']}, wrk {v['wrk']}"
+    )
+    cmd = f"command: {meta['command']}"
+    when = (
+        f"date: {meta['date']}; {a.reps} rep(s) x {a.duration} s per variant and scenario, "
+        "interleaved"
+    )
+    if md:
+        lines += [f"- {machine}", f"- {vers}", f"- command: `{meta['command']}`", f"- {when}", ""]
+    else:
+        lines += [machine, vers, cmd, when, ""]
+    for s in summary:
+        lines += scenario_lines(s, summary[s], names, a, md)
+    if idle:
+        lines += idle_lines(idle, a, md)
+    if rss_after:
+        lines += memory_lines(rss_after, hwm, md)
+    if md:
+        lines += ["### Targets (issue 6)", "", "```", *checks, "```", ""]
+    else:
+        lines += ["[targets (issue 6)]", *checks, ""]
+    notes = [
+        "CPU us/req and cpu% = utime+stime of the proxy's process tree during the run / requests;",
+        "softirq work for loopback TCP is not charged to it. core% / load% = whole-CPU busy",
+        "(incl. softirq and anything else running) of the proxy CPU / the load CPU (origin+wrk):",
+        "load% near 100 means the load side, not the proxy, limits req/s. RSS MB = peak during",
+        "the run. Figures are noisy on a shared 2-core box: compare ratios within one run.",
+    ]
+    for n in names:  # show that the access log was really written (or not)
+        per_req = [summary[s][n].get("log_bytes_per_req") for s in summary if n in summary[s]]
+        per_req = [x for x in per_req if x is not None]
+        if per_req:
+            warn = ""
+            if n == FAULTLINE and not any(per_req):
+                warn = " WARNING: nothing logged -- is the access log on?"
+            elif n == FAULTLINE_OFF and any(per_req):
+                warn = " WARNING: it logs although its access log should be off."
+            notes.append(
+                f"{n} wrote {statistics.median(per_req):.0f} bytes of access log per request "
+                f"to stdout (median over scenarios).{warn}"
+            )
+    if md:
+        lines += ["> " + " ".join(notes[:5]), "", *(f"- {n}" for n in notes[5:])]
+    else:
+        lines += notes
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- main
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Command templates (--faultline-cmd, --candidate) are run as "
+        "`taskset -c PROXY_CPU prlimit --nofile=N:N bash -c COMMAND` from the repository "
+        "root, with {PORT} (listen port on 127.0.0.1), {ADMIN_PORT}, {UPSTREAM} (origin "
+        "host:port) and {ORIGIN_PORT} substituted.",
+    )
+    ap.add_argument("--duration", type=int, help="seconds per measured run (default 8; quick 2)")
+    ap.add_argument("--reps", type=int, help="repetitions per variant (default 3; quick 1)")
+    ap.add_argument(
+        "--warmup",
+        type=int,
+        help="seconds of load per variant before each scenario's reps (default 1)",
+    )
+    ap.add_argument(
+        "--quick", action="store_true", help="smoke run: --duration 2 --reps 1 unless given"
+    )
+    ap.add_argument(
+        "--scenarios", default=",".join(SCENARIOS), help="comma list from: " + ", ".join(SCENARIOS)
+    )
+    ap.add_argument(
+        "--variants",
+        help="comma list to run (default: direct,nginx,haproxy,faultline,"
+        "faultline-nodiag and every --candidate)",
+    )
+    ap.add_argument(
+        "--faultline-cmd",
+        default=None,
+        help=f"command template for Faultline (default: `faultline {FAULTLINE_ARGS}` "
+        "if on PATH, else `PYTHON -m proxy ...` from the repository root)",
+    )
+    ap.add_argument(
+        "--nodiag-env",
+        action="append",
+        metavar="KEY=VALUE",
+        help="environment of the faultline-nodiag variant (repeatable; default "
+        + " ".join(DEFAULT_NODIAG_ENV)
+        + ")",
+    )
+    ap.add_argument(
+        "--access-log",
+        choices=("file", "devnull"),
+        default="file",
+        help="where faultline's stdout (the access log) goes: a file in the run dir, "
+        "emptied after each run (default), or /dev/null",
+    )
+    ap.add_argument(
+        "--candidate",
+        action="append",
+        default=[],
+        metavar="NAME=COMMAND",
+        help="an extra proxy to measure (repeatable), a command template as above",
+    )
+    ap.add_argument(
+        "--base-port",
+        type=int,
+        default=39500,
+        help="first of the ports used on 127.0.0.1 (default 39500; uses up to +29)",
+    )
+    ap.add_argument("--proxy-cpu", default="1")
+    ap.add_argument("--load-cpu", default="0")
+    ap.add_argument("--idle-conns", type=int, default=10000)
+    ap.add_argument(
+        "--idle-concurrency",
+        type=int,
+        default=50,
+        help="requests in flight while the idle connections are set up",
+    )
+    ap.add_argument("--ready-timeout", type=float, default=30)
+    ap.add_argument("--out", help="run directory (default: a new /tmp/faultline-bench.XXXX)")
+    ap.add_argument(
+        "--markdown",
+        action="store_true",
+        help="print the report as Markdown (for bench/RESULTS.md)",
+    )
+    ap.add_argument("--strict", action="store_true", help="exit 1 if a target FAILs")
+    a = ap.parse_args(argv)
+    a.duration = a.duration or (2 if a.quick else 8)
+    a.reps = a.reps or (1 if a.quick else 3)
+    a.warmup = 1 if a.warmup is None else a.warmup
+    return a
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    for tool in ("nginx", "haproxy", "wrk", "taskset", "prlimit", "bash"):
+        if not shutil.which(tool):
+            log(f"missing tool: {tool} (apt-get install -y nginx-light haproxy wrk util-linux)")
+            return 2
+    scens = [s for s in a.scenarios.split(",") if s]
+    unknown = [s for s in scens if s not in SCENARIOS]
+    if unknown:
+        log(f"unknown scenario(s) {unknown}; choose from {list(SCENARIOS)}")
+        return 2
+    fl_cmd = a.faultline_cmd or default_faultline_cmd()
+    nodiag_env = dict(kv.split("=", 1) for kv in (a.nodiag_env or DEFAULT_NODIAG_ENV))
+    candidates = []
+    for c in a.candidate:
+        name, sep, cmd = c.partition("=")
+        if not sep or not name.strip():
+            log(f"--candidate must be NAME=COMMAND: {c!r}")
+            return 2
+        candidates.append((name.strip(), cmd))
+    wanted = (
+        a.variants.split(",")
+        if a.variants
+        else [*PEERS, FAULTLINE, FAULTLINE_OFF, *(n for n, _ in candidates)]
+    )
+
+    rundir = (
+        os.path.abspath(a.out) if a.out else tempfile.mkdtemp(prefix="faultline-bench.", dir="/tmp")
+    )
+    for d in ("docroot", "tmp-origin", "tmp-proxy", "tmp-proxy-body"):
+        os.makedirs(os.path.join(rundir, d), exist_ok=True)
+    for fname, data in (("16k.bin", BODY_16K), ("1m.bin", BODY_1M)):
+        with open(os.path.join(rundir, "docroot", fname), "wb") as f:
+            f.write(data)
+
+    bp = a.base_port
+    ports = {"origin": bp, "nginx": bp + 1, "haproxy": bp + 2}
+    fl_specs = []  # (name, command, port, admin port, env, access log path)
+    access_log = (
+        (lambda n: os.path.join(rundir, f"{n}.access.log"))
+        if a.access_log == "file"
+        else (lambda n: "/dev/null")
+    )
+    if FAULTLINE in wanted:
+        fl_specs.append((FAULTLINE, fl_cmd, bp + 3, bp + 4, {}, access_log(FAULTLINE)))
+    if FAULTLINE_OFF in wanted:
+        fl_specs.append(
+            (FAULTLINE_OFF, fl_cmd, bp + 5, bp + 6, nodiag_env, access_log(FAULTLINE_OFF))
+        )
+    for i, (name, cmd) in enumerate(candidates):
+        if name in wanted:
+            fl_specs.append((name, cmd, bp + 10 + 2 * i, bp + 11 + 2 * i, {}, None))
+    used = [ports["origin"]] + [ports[n] for n in ("nginx", "haproxy") if n in wanted]
+    used += [p for spec in fl_specs for p in spec[2:4]]
+    busy = wait_ports_free(used)
+    if busy:
+        log(f"ports busy on 127.0.0.1: {busy}; pick another --base-port")
+        return 2
+
+    nofile = nofile_limit()
+    worker_conns = max(1024, nofile - 200)
+    subs = {
+        "RUN": rundir,
+        "ORIGIN_PORT": ports["origin"],
+        "NOFILE": nofile,
+        "WORKER_CONNECTIONS": worker_conns,
+        "MAXCONN": a.idle_conns + 1000,
+    }
+    render(os.path.join(HERE, "nginx-origin.conf"), os.path.join(rundir, "nginx-origin.conf"), subs)
+    render(
+        os.path.join(HERE, "nginx-proxy.conf"),
+        os.path.join(rundir, "nginx-proxy.conf"),
+        {**subs, "PORT": ports["nginx"]},
+    )
+    render(
+        os.path.join(HERE, "haproxy.cfg"),
+        os.path.join(rundir, "haproxy.cfg"),
+        {**subs, "PORT": ports["haproxy"]},
+    )
+
+    meta = {
+        "command": shlex.join([os.path.basename(sys.executable), *sys.argv]),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+        "rundir": rundir,
+        "faultline_cmd": fl_cmd,
+        "nodiag_env": nodiag_env,
+        "nofile": nofile,
+        "versions": machine_and_versions(fl_cmd),
+        "faultline_env": {k: v for k, v in os.environ.items() if k.startswith("FAULTLINE_")},
+    }
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log(f"signal {signum}: stopping servers")
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGHUP, on_signal)
+    # Ctrl-C stops the run even when started from a shell that ignores SIGINT in the background
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    results: dict = {s: {} for s in scens if SCENARIOS[s].kind == "wrk"}
+    idle: dict = {}
+    rss_after: dict = {}
+    hwm: dict = {}
+    names: list[str] = []
+    try:
+
+        def ngx(conf: str, name: str) -> list[str]:
+            return [
+                "nginx",
+                "-p",
+                rundir,
+                "-e",
+                os.path.join(rundir, f"{name}-error.log"),
+                "-c",
+                os.path.join(rundir, conf),
+                "-g",
+                "daemon off;",
+            ]
+
+        origin = Server(
+            "origin",
+            ngx("nginx-origin.conf", "origin"),
+            ports["origin"],
+            a.load_cpu,
+            rundir,
+            nofile,
+        )
+        if not wait_ready(origin, a.ready_timeout):
+            log(f"origin did not start; see {rundir}/origin.log and origin-error.log")
+            return 1
+        variants: list[Variant] = []
+        if "direct" in wanted:
+            variants.append(Variant("direct", ports["origin"], None))
+        if "nginx" in wanted:
+            variants.append(
+                Variant(
+                    "nginx",
+                    ports["nginx"],
+                    Server(
+                        "nginx",
+                        ngx("nginx-proxy.conf", "nginx-proxy"),
+                        ports["nginx"],
+                        a.proxy_cpu,
+                        rundir,
+                        nofile,
+                    ),
+                )
+            )
+        if "haproxy" in wanted:
+            variants.append(
+                Variant(
+                    "haproxy",
+                    ports["haproxy"],
+                    Server(
+                        "haproxy",
+                        ["haproxy", "-db", "-f", os.path.join(rundir, "haproxy.cfg")],
+                        ports["haproxy"],
+                        a.proxy_cpu,
+                        rundir,
+                        nofile,
+                    ),
+                )
+            )
+        for name, cmd, port, admin, env, alog in fl_specs:
+            cmd = substitute(cmd, port, admin, ports["origin"])
+            meta.setdefault("commands", {})[name] = {"cmd": cmd, "env": env}
+            srv = Server(
+                name,
+                ["bash", "-c", cmd],
+                port,
+                a.proxy_cpu,
+                rundir,
+                nofile,
+                env=env,
+                cwd=REPO,
+                stdout_path=alog,
+            )
+            variants.append(
+                Variant(name, port, srv, access_log=alog if alog and alog != "/dev/null" else None)
+            )
+
+        ready = []
+        for v in variants:
+            if v.server and not wait_ready(v.server, a.ready_timeout):
+                log(
+                    f"SKIP {v.name}: not ready on 127.0.0.1:{v.port} "
+                    f"(exit {v.server.proc.poll()}; log: {v.server.log_path})"
+                )
+                v.server.stop()
+                continue
+            v.unsupported, fatal = validate(v.port)
+            if fatal:
+                log(f"SKIP {v.name}: {fatal}")
+                continue
+            for needs, why in v.unsupported.items():
+                log(f"note: {v.name} skips scenarios needing {needs!r}: {why}")
+            if v.access_log:
+                os.truncate(v.access_log, 0)
+            meta.setdefault("process_trees", {})[v.name] = [f"{p} {proc_name(p)}" for p in v.pids()]
+            ready.append(v)
+        variants = ready
+        names = [v.name for v in variants]
+        wrk_scens = [s for s in scens if SCENARIOS[s].kind == "wrk"]
+        est = len(wrk_scens) * len(variants) * (a.reps * a.duration + a.warmup)
+        log(
+            f"run dir: {rundir}\nvariants: {names}\nscenarios: {scens}; {a.reps} rep(s) x "
+            f"{a.duration} s, interleaved; load runs take about {est // 60} min {est % 60} s"
+        )
+
+        for s in wrk_scens:
+            scen = SCENARIOS[s]
+            runnable = [v for v in variants if scen.needs not in v.unsupported]
+            if a.warmup:
+                for v in runnable:
+                    run_wrk(v, scen, a.warmup, a, rundir)
+            for rep in range(a.reps):
+                for v in runnable:
+                    if v.server and not v.server.alive():
+                        log(f"  {v.name} died (log: {v.server.log_path}); skipping")
+                        continue
+                    r = run_wrk(v, scen, a.duration, a, rundir)
+                    results[s].setdefault(v.name, []).append(r)
+                    log(
+                        f"  {s} rep{rep + 1} {v.name:>16}: {r['rps']:9.0f} req/s "
+                        f"{r['mib_s']:7.0f} MiB/s p50 {num(r['p50'], '.3f')} ms "
+                        f"p99 {num(r['p99'], '.3f')} ms cpu {num(r['cpu_pct'], '.0f')}% "
+                        f"{num(r['us_per_req'], '.1f')} us/req core {num(r['core_pct'], '.0f')}% "
+                        f"load {num(r['load_pct'], '.0f')}% err {r['errors']}"
+                        + (
+                            f" log {r['access_log_bytes'] / r['requests']:.0f} B/req"
+                            if r.get("access_log_bytes") is not None and r["requests"]
+                            else ""
+                        )
+                    )
+
+        time.sleep(1.0)
+        for v in variants:
+            if v.server and v.server.alive():
+                rss_after[v.name] = rss_bytes(v.pids()) / MIB
+                hwm[v.name] = hwm_bytes(v.pids()) / MIB
+
+        if "idle10k" in scens:
+            for v in variants:
+                if not v.server or "small" in v.unsupported:
+                    continue  # direct: no proxy to measure
+                if not v.server.alive():
+                    log(f"  {v.name} died (log: {v.server.log_path}); skipping idle")
+                    continue
+                idle[v.name] = r = run_idle(v, a)
+                log(f"  idle10k {v.name:>16}: {r}")
+            for v in variants:
+                if v.server and v.server.alive():
+                    hwm[v.name] = hwm_bytes(v.pids()) / MIB
+    except KeyboardInterrupt:
+        log("interrupted; stopping servers")
+        return 130
+    finally:
+        stop_all()
+
+    summary = summarize(results, names)
+    checks = check_targets(summary, idle, rss_after, FAULTLINE, FAULTLINE_OFF)
+    text = report(meta, summary, idle, rss_after, hwm, checks, names, a, md=False)
+    markdown = report(meta, summary, idle, rss_after, hwm, checks, names, a, md=True)
+    text += f"\nrun dir (logs, configs, results.json): {rundir}"
+    print(markdown if a.markdown else text)
+    with open(os.path.join(rundir, "table.txt"), "w") as f:
+        f.write(text + "\n")
+    with open(os.path.join(rundir, "table.md"), "w") as f:
+        f.write(markdown + "\n")
+    with open(os.path.join(rundir, "results.json"), "w") as f:
+        json.dump(
+            {
+                "meta": meta,
+                "args": vars(a),
+                "summary": summary,
+                "idle": idle,
+                "rss_after_load_mb": rss_after,
+                "peak_rss_mb": hwm,
+                "checks": checks,
+                "runs": results,
+            },
+            f,
+            indent=1,
+        )
+    return 1 if a.strict and any(c.startswith("FAIL") for c in checks) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
