@@ -1,24 +1,275 @@
-"""The admin server (aiohttp, its own port): health, readiness, stats.
+"""The admin server (aiohttp, its own port, 127.0.0.1 by default): health, stats, metrics,
+the fault taxonomy and the live dashboard.
 
-Minimal first version; metrics, the dashboard, filters and the token come next.
+Endpoints (CONTRACT.md, "Admin server"):
+  GET /healthz    200 while the process serves                       (never needs the token)
+  GET /readyz     200 when ready, 503 while draining                 (never needs the token)
+  GET /stats      the contract's JSON; `?source=&error=&limit=` filter `recent_errors` only
+  GET /metrics    Prometheus text format (OpenMetrics when the scraper asks for it)
+  GET /faults     the fault taxonomy as JSON: what the dashboard explains each fault with
+  GET /series     responses per second by source over `?seconds=` (<= 300): the chart
+  GET /latency    every latency histogram summarised (total, each phase, each source)
+  GET /dashboard  the live page over the endpoints above
+
+The token (`admin.token`): when set, every endpoint but /healthz and /readyz wants
+`Authorization: Bearer <token>`, compared in constant time. A browser cannot send a header
+when it navigates, so /dashboard (only it) also takes the token as `?token=`: open
+`http://127.0.0.1:9901/dashboard?token=<token>`; the page reads it from its address once
+and sends it as a bearer header on every fetch it makes. The page is served with
+`Referrer-Policy: no-referrer` and `Cache-Control: no-store` so the token does not travel on.
+
+Rules: a handler reads the in-memory aggregates and renders them; nothing here sorts raw
+samples or blocks, so the admin port never stalls the data plane sharing its loop. Errors
+(bad query parameters, a missing token, an unknown path) are `application/problem+json`.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
+import html
+import re
+from collections.abc import Awaitable, Callable
+from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 import orjson
 from aiohttp import web
 
 from . import __version__
+from .faults import REQUEST_PROBLEMS, TAXONOMY, Fault, FaultInfo, Source
+from .metrics import make_registry, render
+from .stats import WINDOWS_S
 
 if TYPE_CHECKING:
     from .config import Config
     from .server import ProxyServer
 
+PROBLEM_JSON = "application/problem+json"
+PROBLEM_TYPE_BASE = "urn:faultline:admin:"
+OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+DASHBOARD_PATH = "/dashboard"
+MAX_LIMIT = 1_000_000
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+# -- problems ---------------------------------------------------------------------------------
+
+
+def problem(
+    status: int,
+    kind: str,
+    title: str,
+    detail: str,
+    headers: dict[str, str] | None = None,
+    **extensions: Any,
+) -> web.Response:
+    """An RFC 9457 problem document."""
+    doc = {
+        "type": PROBLEM_TYPE_BASE + kind,
+        "title": title,
+        "status": status,
+        "detail": detail,
+        **extensions,
+    }
+    return web.Response(
+        status=status,
+        body=orjson.dumps(doc),
+        headers={"Content-Type": PROBLEM_JSON, "Cache-Control": "no-store", **(headers or {})},
+    )
+
+
+class BadQuery(Exception):
+    def __init__(self, parameter: str, detail: str, allowed: list[str] | None = None) -> None:
+        super().__init__(detail)
+        self.parameter = parameter
+        self.detail = detail
+        self.allowed = allowed
+
+
+def _one(request: web.Request, name: str) -> str | None:
+    values = request.query.getall(name, [])
+    if len(values) > 1:
+        raise BadQuery(name, f"{name} is given {len(values)} times; give it once")
+    return values[0] if values else None
+
+
+def _check_names(request: web.Request, known: tuple[str, ...]) -> None:
+    for name in request.query:
+        if name not in known:
+            shown = ", ".join(known) if known else "none"
+            raise BadQuery(name, f"unknown query parameter {name!r} (this endpoint takes: {shown})")
+
+
+def _choice(request: web.Request, name: str, allowed: list[str]) -> str | None:
+    value = _one(request, name)
+    if value is not None and value not in allowed:
+        raise BadQuery(name, f"{name}={value!r} is not one of: {', '.join(allowed)}", allowed)
+    return value
+
+
+def _integer(request: web.Request, name: str, low: int, high: int) -> int | None:
+    value = _one(request, name)
+    if value is None:
+        return None
+    if not value.isascii() or not value.isdigit() or not low <= int(value) <= high:
+        raise BadQuery(name, f"{name}={value!r} must be an integer from {low} to {high}")
+    return int(value)
+
+
+# -- the taxonomy as data ------------------------------------------------------------------------
+
+
+def _fault_doc(row: FaultInfo) -> dict[str, Any]:
+    return {
+        "status": row.status,
+        "layer": row.layer.value,
+        "source": row.source.value,
+        "title": row.title,
+        "hop": row.hop,
+        "meaning": row.meaning,
+        "advice": row.advice,
+    }
+
+
+def faults_document() -> dict[str, Any]:
+    """Every fault with its words, from `faults.TAXONOMY` (the page never spells them).
+
+    `http_request_error` lists its kinds under `variants`, one per status it is sent with.
+    """
+    faults = []
+    for fault, row in TAXONOMY.items():
+        doc = {"error": fault.value, **_fault_doc(row)}
+        variants = [_fault_doc(v) for v in REQUEST_PROBLEMS.values() if v.fault is fault]
+        if variants:
+            doc["variants"] = variants
+        faults.append(doc)
+    return {"faults": faults}
+
+
+# -- the dashboard page --------------------------------------------------------------------------
+
+
+def _csp_hash(pattern: str, page: str) -> str:
+    match = re.search(pattern, page, re.DOTALL)
+    if match is None:
+        return "'none'"
+    digest = hashlib.sha256(match.group(1).encode()).digest()
+    return f"'sha256-{base64.b64encode(digest).decode()}'"
+
+
+def load_dashboard() -> tuple[bytes, str]:
+    """The page and a Content-Security-Policy allowing exactly its inline script and style."""
+    page = (resources.files("proxy") / "dashboard" / "index.html").read_text("utf-8")
+    script = _csp_hash(r"<script>(.*?)</script>", page)
+    style = _csp_hash(r"<style>(.*?)</style>", page)
+    csp = (
+        f"default-src 'none'; script-src {script}; style-src {style}; connect-src 'self'; "
+        "img-src 'self' data:; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+    )
+    return page.encode(), csp
+
+
+_DASHBOARD_LOGIN = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>Faultline admin: token required</title>
+<meta name="viewport" content="width=device-width,initial-scale=1"></head>
+<body style="font:16px system-ui,sans-serif;max-width:36rem;margin:4rem auto;padding:0 1rem">
+<h1 style="font-size:1.4rem">This admin server wants a token</h1>
+<p>{detail}. The dashboard takes the admin token (<code>admin.token</code> in the
+configuration) once in its address and then sends it as a bearer header on every request.</p>
+<form method="get" action="/dashboard">
+<label>Admin token <input type="password" name="token" autofocus required></label>
+<button type="submit">Open the dashboard</button></form>
+</body></html>
+"""
+
+
+# -- the application ----------------------------------------------------------------------------
+
 
 def build_app(server: ProxyServer, config: Config) -> web.Application:
-    app = web.Application()
+    ctx = server.ctx
+    assert ctx is not None
+    stats = ctx.stats
+    token = config.admin.token.encode() if config.admin.token else None
+    registry = make_registry(ctx)
+    dashboard_page, dashboard_csp = load_dashboard()
+    faults_body = orjson.dumps(faults_document())
+    sources = [s.value for s in Source]
+    tokens = [f.value for f in Fault]
+    proxy_info = {"name": config.proxy_name, "version": __version__, "upstream": config.upstream}
+
+    def refusal(request: web.Request) -> tuple[str, bool] | None:
+        """None when the request may pass; else why not, and whether a token was given."""
+        assert token is not None
+        header = request.headers.get("Authorization")
+        given: str | None = None
+        if header is not None:
+            scheme, _, credentials = header.partition(" ")
+            if scheme.lower() != "bearer" or not credentials.strip():
+                return "the Authorization header does not carry a bearer token", True
+            given = credentials.strip()
+        elif request.path == DASHBOARD_PATH:
+            given = request.query.get("token")
+        if given is None:
+            return "no admin token was given", False
+        if not hmac.compare_digest(given.encode("utf-8", "surrogateescape"), token):
+            return "the admin token is wrong", True
+        return None
+
+    @web.middleware
+    async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if token is not None and request.path not in OPEN_PATHS:
+            refused = refusal(request)
+            if refused is not None:
+                return _unauthorised(request, *refused)
+        try:
+            return await handler(request)
+        except BadQuery as exc:
+            extra = {"allowed": exc.allowed} if exc.allowed else {}
+            return problem(
+                400,
+                "bad-query",
+                "Bad query parameter",
+                exc.detail,
+                parameter=exc.parameter,
+                **extra,
+            )
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            routes = sorted(r.resource.canonical for r in request.app.router.routes() if r.resource)
+            return problem(
+                exc.status,
+                f"http-{exc.status}",
+                exc.reason,
+                f"{request.method} {request.path}: {exc.reason.lower()}",
+                headers={k: v for k, v in exc.headers.items() if k == "Allow"},
+                endpoints=sorted(set(routes)),
+            )
+
+    def _unauthorised(request: web.Request, why: str, invalid: bool) -> web.Response:
+        challenge = 'Bearer realm="faultline admin"'
+        if invalid:
+            challenge += ', error="invalid_token"'
+        headers = {"WWW-Authenticate": challenge}
+        if request.path == DASHBOARD_PATH and "text/html" in request.headers.get("Accept", ""):
+            body = _DASHBOARD_LOGIN.format(detail=html.escape(why[0].upper() + why[1:]))
+            return web.Response(
+                status=401,
+                text=body,
+                content_type="text/html",
+                headers={**headers, "Cache-Control": "no-store", "Referrer-Policy": "no-referrer"},
+            )
+        return problem(
+            401,
+            "unauthorised",
+            "Admin token required",
+            f"{why}: send Authorization: Bearer <admin.token>",
+            headers=headers,
+        )
 
     async def healthz(request: web.Request) -> web.Response:
         return web.Response(text="ok\n")
@@ -28,25 +279,71 @@ def build_app(server: ProxyServer, config: Config) -> web.Application:
             return web.Response(text="ready\n")
         return web.Response(status=503, text="draining\n")
 
-    async def stats(request: web.Request) -> web.Response:
-        assert server.ctx is not None
-        doc = server.ctx.stats.snapshot(
-            proxy={
-                "name": config.proxy_name,
-                "version": __version__,
-                "upstream": config.upstream,
-            }
+    def json(doc: Any) -> web.Response:
+        return web.Response(
+            body=orjson.dumps(doc),
+            content_type="application/json",
+            headers={"Cache-Control": "no-store"},
         )
-        return web.Response(body=orjson.dumps(doc), content_type="application/json")
 
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/stats", stats)
+    async def stats_handler(request: web.Request) -> web.Response:
+        _check_names(request, ("source", "error", "limit"))
+        source = _choice(request, "source", sources)
+        error = _choice(request, "error", tokens)
+        limit = _integer(request, "limit", 0, MAX_LIMIT)
+        return json(stats.snapshot(proxy=proxy_info, source=source, error=error, limit=limit))
+
+    async def metrics_handler(request: web.Request) -> web.Response:
+        body, content_type = render(registry, request.headers.get("Accept"))
+        return web.Response(body=body, headers={"Content-Type": content_type})
+
+    async def faults_handler(request: web.Request) -> web.Response:
+        _check_names(request, ())
+        return web.Response(body=faults_body, content_type="application/json")
+
+    async def series_handler(request: web.Request) -> web.Response:
+        _check_names(request, ("seconds",))
+        seconds = _integer(request, "seconds", 1, WINDOWS_S[-1])
+        return json(stats.series(seconds or WINDOWS_S[-1]))
+
+    async def latency_handler(request: web.Request) -> web.Response:
+        _check_names(request, ())
+        return json(stats.latency())
+
+    async def dashboard(request: web.Request) -> web.Response:
+        _check_names(request, ("token",))
+        return web.Response(
+            body=dashboard_page,
+            content_type="text/html",
+            charset="utf-8",
+            headers={
+                "Content-Security-Policy": dashboard_csp,
+                "Referrer-Policy": "no-referrer",
+                "Cache-Control": "no-store",
+                "X-Content-Type-Options": "nosniff",
+                "X-Frame-Options": "DENY",
+            },
+        )
+
+    async def index(request: web.Request) -> web.Response:
+        raise web.HTTPFound(DASHBOARD_PATH)
+
+    app = web.Application(middlewares=[guard])
+    add = app.router.add_get
+    add("/", index)
+    add("/healthz", healthz)
+    add("/readyz", readyz)
+    add("/stats", stats_handler)
+    add("/metrics", metrics_handler)
+    add("/faults", faults_handler)
+    add("/series", series_handler)
+    add("/latency", latency_handler)
+    add(DASHBOARD_PATH, dashboard)
     return app
 
 
 async def start_admin(server: ProxyServer, config: Config) -> tuple[Any, tuple[str, int]]:
-    runner = web.AppRunner(build_app(server, config), access_log=None)
+    runner = web.AppRunner(build_app(server, config), access_log=None, shutdown_timeout=2.0)
     await runner.setup()
     host, port = config.admin.listen
     site = web.TCPSite(runner, host, port, reuse_address=True)

@@ -218,10 +218,51 @@ class Stats:
             "rps": round(total / span, 3),
         }
 
+    def series(self, seconds: int = WINDOWS_S[-1], now_ns: int | None = None) -> dict[str, Any]:
+        """Responses per second by source over the last `seconds` (at most the longest
+        window), oldest first, seconds without traffic as zeros: the dashboard's chart.
+
+        Columns, not rows: `responses[source][i]` and `errors[source][i]` belong to the
+        second starting at `start + i` (wall clock); an error is a status >= 400 or an
+        exchange that carries an error token (a body cut mid-way).
+        """
+        seconds = max(1, min(seconds, WINDOWS_S[-1]))
+        now_ns = now_ns or time.perf_counter_ns()
+        now_s = now_ns // 1_000_000_000
+        first = now_s - seconds + 1
+        sources = [s.value for s in Source]
+        responses = {s: [0] * seconds for s in sources}
+        errors = {s: [0] * seconds for s in sources}
+        for second, counts in self._slots:
+            i = second - first
+            if 0 <= i < seconds:
+                for (status, source, error), n in counts.items():
+                    responses[source][i] += n
+                    if error is not None or status >= 400:
+                        errors[source][i] += n
+        wall_offset_s = time.time() - now_ns / 1e9
+        return {
+            "start": first + wall_offset_s,
+            "step_s": 1,
+            "sources": sources,
+            "responses": responses,
+            "errors": errors,
+        }
+
+    def latency(self) -> dict[str, Any]:
+        """Summaries of every histogram: total, each upstream phase, each source (ms)."""
+        return {
+            "total": self.total_latency.summary(),
+            "phases": {name: h.summary() for name, h in self.phases.items()},
+            "by_source": {name: h.summary() for name, h in self.duration_by_source.items()},
+        }
+
     def recent_errors(
         self, source: str | None = None, error: str | None = None, limit: int | None = None
     ) -> list[dict[str, Any]]:
-        out = []
+        out: list[dict[str, Any]] = []
+        if limit is not None and limit <= 0:
+            return out
         for entry in self.recent:
             if source is not None and entry["source"] != source:
                 continue

@@ -1,0 +1,131 @@
+"""`/metrics`: the proxy's own counters in Prometheus form, rendered at scrape time.
+
+Rules:
+1. Nothing here runs on the hot path. `Stats` keeps plain counters and fixed-bucket
+   histograms; this collector reads them when Prometheus scrapes and builds the families
+   then (prometheus-client custom collector), so a scrape costs a few hundred lines of text
+   and the data plane pays nothing for it.
+2. Label values are bounded: a status code, a source, a layer, a fault token, a phase name.
+   Never a path, a request id or a client address. `error` is "" when there is none.
+3. One private `CollectorRegistry` per server: two proxies in one process (tests) never see
+   each other's numbers, and the process-wide default registry stays untouched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
+from prometheus_client.utils import floatToGoString
+
+from . import __version__
+from .stats import BUCKETS_S, Histogram, layer_of
+
+if TYPE_CHECKING:
+    from .server import ProxyContext
+
+# The `le` label of every finite bucket, formatted once.
+_LE = tuple(floatToGoString(bound) for bound in BUCKETS_S)
+
+
+def _buckets(h: Histogram) -> list[tuple[str, float]]:
+    """Prometheus buckets are cumulative; ours count per bucket (the last one is +Inf)."""
+    out: list[tuple[str, float]] = []
+    running = 0
+    for le, n in zip(_LE, h.counts, strict=False):
+        running += n
+        out.append((le, running))
+    out.append(("+Inf", h.count))
+    return out
+
+
+class FaultlineCollector:
+    """Builds every `faultline_*` family from the live `Stats` and the upstream pool."""
+
+    def __init__(self, ctx: ProxyContext) -> None:
+        self.ctx = ctx
+
+    def collect(self) -> Iterator[Metric]:
+        ctx = self.ctx
+        stats = ctx.stats
+
+        build = InfoMetricFamily("faultline_build", "Faultline build information.")
+        build.add_metric([], {"version": __version__})
+        yield build
+
+        responses = CounterMetricFamily(
+            "faultline_responses_total",
+            "Finished exchanges by status sent (499: the client left), who produced it "
+            "(origin, proxy, client), the layer at fault and the RFC 9209 error token "
+            '("" when none).',
+            labels=("code", "source", "layer", "error"),
+        )
+        for (status, source, error), n in list(stats.counts.items()):
+            responses.add_metric([str(status), source, layer_of(error), error or ""], n)
+        yield responses
+
+        duration = HistogramMetricFamily(
+            "faultline_request_duration_seconds",
+            "Time from the first request byte to the last response byte, by source.",
+            labels=("source",),
+        )
+        for source, h in stats.duration_by_source.items():
+            duration.add_metric([source], _buckets(h), sum_value=h.sum_s)
+        yield duration
+
+        phases = HistogramMetricFamily(
+            "faultline_upstream_phase_seconds",
+            "Duration of each upstream phase: dns, connect (TCP), tls, queue (waiting for a "
+            "pool slot), ttfb (request sent to response head), body (response head to end).",
+            labels=("phase",),
+        )
+        for phase, h in stats.phases.items():
+            phases.add_metric([phase], _buckets(h), sum_value=h.sum_s)
+        yield phases
+
+        yield GaugeMetricFamily(
+            "faultline_in_flight_requests",
+            "Exchanges started and not finished yet.",
+            value=stats.in_flight,
+        )
+
+        retries = CounterMetricFamily(
+            "faultline_retries_total",
+            "Requests replayed once on a fresh upstream connection after a reused one "
+            "failed before any response byte.",
+            value=stats.retries,
+        )
+        yield retries
+
+        pool = ctx.pool
+        connections = GaugeMetricFamily(
+            "faultline_upstream_pool_connections",
+            "Upstream connections: idle (kept for reuse) and busy (serving an exchange).",
+            labels=("state",),
+        )
+        connections.add_metric(["idle"], sum(1 for conn in pool.idle if not conn.closed))
+        connections.add_metric(["busy"], pool.busy)
+        yield connections
+
+
+def make_registry(ctx: ProxyContext) -> CollectorRegistry:
+    """A registry of this server's own (not the process-wide default one)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(FaultlineCollector(ctx))
+    return registry
+
+
+def render(registry: CollectorRegistry, accept: str | None) -> tuple[bytes, str]:
+    """The exposition body and its Content-Type, negotiated from the scraper's Accept
+    (Prometheus text format 0.0.4 by default, OpenMetrics when asked for)."""
+    encoder, content_type = choose_encoder(accept or "")
+    return encoder(registry), content_type
