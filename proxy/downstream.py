@@ -3,7 +3,7 @@
 Rules:
 1. One exchange is answered at a time (`current`); pipelined requests wait in `queue`
    with reading paused, so a client cannot make the proxy buffer more than one read.
-2. A request is judged when its head is complete (`RequestHead.parse`): ambiguous or
+2. A request is judged when its head is complete (`RequestHead.complete`): ambiguous or
    malformed heads are never forwarded; they become a proxy-made 4xx in turn.
 3. Reading is paused for several independent reasons (a bit each) and resumes only when
    none is left.
@@ -84,125 +84,110 @@ class RequestRejected(Exception):
 
 
 class RequestHead:
-    """What the proxy needs of a client's request head, headers already filtered."""
+    """What the proxy needs of a client's request head, built header by header as the
+    parser reports them; the forwarded header lines are already filtered."""
 
-    __slots__ = (
-        "accept",
-        "chunked",
-        "content_length",
-        "host",
-        "http11",
-        "keep_alive",
-        "lines",
-        "loop_marker",
-        "method",
-        "request_id",
-        "target",
-        "upgrade",
-        "via",
-        "xff",
-        "xfh",
-        "xfp",
-    )
+    # Defaults (class attributes): a head stores only the fields its request has.
+    method = b""
+    target = b""
+    http11 = True
+    keep_alive = True
+    host: bytes | None = None
+    hosts = 0
+    content_length: int | None = None
+    chunked = False
+    te_values: list[bytes] | None = None
+    nominated: set[bytes] | None = None
+    upgrade: bytes | None = None
+    xff: bytes | None = None
+    xfp: bytes | None = None
+    xfh: bytes | None = None
+    via: bytes | None = None
+    request_id: bytes | None = None
+    request_id_line = b""
+    accept: bytes | None = None
+    loop_marker = False
+    problem: str | None = None
 
-    def __init__(self, method: bytes, target: bytes, http11: bool, keep_alive: bool) -> None:
+    def __init__(self) -> None:
+        self.lines: list[bytes] = []
+
+    def add(self, name: bytes, value: bytes) -> None:
+        """One header field from the parser (RFC 9112 §3, §6.3 checks as they come)."""
+        code = _REQUEST_SPECIAL.get(name.lower())
+        if code is None:
+            self.lines.append(name + b": " + value + b"\r\n")
+        elif code == _Q_HOST:
+            self.hosts += 1
+            self.host = value
+        elif code == _Q_CL:
+            if self.content_length is not None:
+                self.problem = self.problem or "more than one Content-Length"
+            elif not value.isdigit() or len(value) > 18:
+                self.problem = self.problem or "invalid Content-Length"
+            else:
+                self.content_length = int(value)
+        elif code == _Q_CONNECTION:
+            tokens = connection_tokens(value)
+            self.nominated = tokens if self.nominated is None else self.nominated | tokens
+        elif code == _Q_TE:
+            self.te_values = [value] if self.te_values is None else [*self.te_values, value]
+        elif code == _Q_UPGRADE:
+            self.upgrade = value
+        elif code == _Q_XFF:
+            self.xff = value if self.xff is None else self.xff + b", " + value
+        elif code == _Q_XFP:
+            self.xfp = value
+        elif code == _Q_XFH:
+            self.xfh = value
+        elif code == _Q_VIA:
+            self.via = value if self.via is None else self.via + b", " + value
+        elif code == _Q_RID:
+            self.request_id = value if valid_request_id(value) else None
+        elif code == _Q_ACCEPT:
+            self.accept = value
+            self.lines.append(name + b": " + value + b"\r\n")
+
+    def complete(
+        self, method: bytes, target: bytes, version: str, keep_alive: bool, upgrade: bool
+    ) -> str | None:
+        """The head is whole: None when it may be forwarded, else why it must be refused."""
         self.method = method
         self.target = target
-        self.http11 = http11
+        self.http11 = version == "1.1"
         self.keep_alive = keep_alive
-        self.lines: list[bytes] = []
-        self.host: bytes | None = None
-        self.content_length: int | None = None
-        self.chunked = False
-        self.upgrade: bytes | None = None
-        self.xff: bytes | None = None
-        self.xfp: bytes | None = None
-        self.xfh: bytes | None = None
-        self.via: bytes | None = None
-        self.request_id: bytes | None = None
-        self.accept: bytes | None = None
-        self.loop_marker = False
-
-    @classmethod
-    def parse(
-        cls,
-        method: bytes,
-        target: bytes,
-        version: str,
-        keep_alive: bool,
-        upgrade: bool,
-        headers: list[tuple[bytes, bytes]],
-    ) -> tuple[RequestHead, str | None]:
-        """The head and, if the request must be refused, why (RFC 9112 §3, §6.3)."""
-        head = cls(method, target, version == "1.1", keep_alive)
-        lines = head.lines
-        special = _REQUEST_SPECIAL
-        hosts = 0
-        te_values: list[bytes] = []
-        nominated: set[bytes] = set()
-        for name, value in headers:
-            lname = name.lower()
-            code = special.get(lname)
-            if code is None:
-                lines.append(name + b": " + value + b"\r\n")
-            elif code == _Q_HOST:
-                hosts += 1
-                head.host = value
-            elif code == _Q_CONNECTION:
-                nominated |= connection_tokens(value)
-            elif code == _Q_CL:
-                if head.content_length is not None:
-                    return head, "more than one Content-Length"
-                if not value.isdigit() or len(value) > 18:
-                    return head, "invalid Content-Length"
-                head.content_length = int(value)
-            elif code == _Q_TE:
-                te_values.append(value)
-            elif code == _Q_UPGRADE:
-                head.upgrade = value
-            elif code == _Q_XFF:
-                head.xff = value if head.xff is None else head.xff + b", " + value
-            elif code == _Q_XFP:
-                head.xfp = value
-            elif code == _Q_XFH:
-                head.xfh = value
-            elif code == _Q_VIA:
-                head.via = value if head.via is None else head.via + b", " + value
-            elif code == _Q_RID:
-                head.request_id = value if valid_request_id(value) else None
-            elif code == _Q_ACCEPT:
-                head.accept = value
-                lines.append(name + b": " + value + b"\r\n")
+        if self.problem:
+            return self.problem
         if version not in ("1.1", "1.0"):
-            return head, f"unsupported HTTP version {version}"
-        if hosts > 1:
-            return head, "more than one Host header"
-        if hosts == 0 and head.http11:
-            return head, "HTTP/1.1 request without a Host header"
-        if te_values:
-            codings = [c.strip().lower() for v in te_values for c in v.split(b",")]
+            return f"unsupported HTTP version {version}"
+        if self.hosts > 1:
+            return "more than one Host header"
+        if self.hosts == 0 and self.http11:
+            return "HTTP/1.1 request without a Host header"
+        if self.te_values is not None:
+            codings = [c.strip().lower() for v in self.te_values for c in v.split(b",")]
             if codings[-1] != b"chunked" or codings.count(b"chunked") != 1:
-                return head, "Transfer-Encoding must end with a single chunked"
-            if not head.http11:
-                return head, "Transfer-Encoding in an HTTP/1.0 request"
-            if head.content_length is not None:
-                return head, "both Content-Length and Transfer-Encoding"
-            head.chunked = True
+                return "Transfer-Encoding must end with a single chunked"
+            if not self.http11:
+                return "Transfer-Encoding in an HTTP/1.0 request"
+            if self.content_length is not None:
+                return "both Content-Length and Transfer-Encoding"
+            self.chunked = True
         if method == b"CONNECT":
-            return head, "CONNECT is not supported: this is a reverse proxy"
-        if upgrade:
-            if head.upgrade is None or b"upgrade" not in nominated:
-                head.upgrade = None
-        else:
-            head.upgrade = None
-        nominated -= CONNECTION_OPTIONS
+            return "CONNECT is not supported: this is a reverse proxy"
+        nominated = self.nominated
+        if not upgrade or self.upgrade is None or not nominated or b"upgrade" not in nominated:
+            self.upgrade = None
         if nominated:
-            head.lines = [line for line in lines if line.split(b":", 1)[0].lower() not in nominated]
+            nominated = nominated - CONNECTION_OPTIONS
+            if nominated:
+                self.lines = [
+                    line for line in self.lines
+                    if line.split(b":", 1)[0].lower() not in nominated
+                ]
         if target[:1] != b"/":
-            problem = head._absolute_form()
-            if problem:
-                return head, problem
-        return head, None
+            return self._absolute_form()
+        return None
 
     def _absolute_form(self) -> str | None:
         """RFC 9112 §3.2.2: accept absolute-form, forward it in origin-form."""
@@ -250,7 +235,7 @@ class DownstreamProtocol(asyncio.Protocol):
         # Per-request (parsing) state
         self.ex: Exchange | None = None
         self.url = b""
-        self.headers: list[tuple[bytes, bytes]] = []
+        self.head = RequestHead()
         self.head_bytes = 0
         self.head_fed = -1
 
@@ -373,7 +358,7 @@ class DownstreamProtocol(asyncio.Protocol):
         self.ex = Exchange(perf_ns(), self.client_ip, ctx.upstream_authority)
         ctx.stats.in_flight += 1
         self.url = b""
-        self.headers = []
+        self.head = RequestHead()
         self.head_bytes = 0
         self.head_fed = -1
 
@@ -392,7 +377,7 @@ class DownstreamProtocol(asyncio.Protocol):
                 RequestProblem.HEADERS_TOO_LARGE,
                 f"request head over {self.ctx.max_request_header_bytes} bytes",
             )
-        self.headers.append((name, value))
+        self.head.add(name, value)
 
     def on_headers_complete(self) -> None:
         ex = self.ex
@@ -403,19 +388,17 @@ class DownstreamProtocol(asyncio.Protocol):
         parser = self.parser
         method = parser.get_method()
         version = parser.get_http_version()
-        head, problem = RequestHead.parse(
-            method,
-            self.url,
-            version,
-            parser.should_keep_alive(),
-            parser.should_upgrade(),
-            self.headers,
+        head = self.head
+        problem = head.complete(
+            method, self.url, version, parser.should_keep_alive(), parser.should_upgrade()
         )
         ex.method = method.decode("latin-1")
         ex.target = head.target.decode("latin-1")
         ex.http_version = version
-        ex.request_id = (head.request_id or ctx.new_request_id()).decode("latin-1")
-        head.request_id = ex.request_id.encode("latin-1")
+        request_id = head.request_id or ctx.new_request_id()
+        head.request_id = request_id
+        head.request_id_line = b"X-Request-Id: " + request_id + b"\r\n"
+        ex.request_id = request_id.decode("latin-1")
         reject = None
         if problem is not None:
             reject = (RequestProblem.MALFORMED, problem)

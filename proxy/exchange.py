@@ -2,7 +2,7 @@
 
 Rules: timing marks are `perf_counter_ns()` readings set once each (0 = never reached);
 durations are derived from them, never stored twice. The protocol code writes the record
-while the exchange runs; once `Exchange.finished` is set it is handed to the sinks (stats,
+while the exchange runs; once its phase is DONE it is handed to the sinks (stats,
 metrics, access log) and never written again.
 """
 
@@ -45,77 +45,46 @@ def _ms(start: int, end: int) -> float | None:
 
 
 class Exchange:
-    """One request and its response, from the first request byte to the last response byte."""
+    """One request and its response, from the first request byte to the last response byte.
 
-    __slots__ = (
-        "body_bytes_in",
-        "body_bytes_out",
-        "client",
-        "details",
-        "fault",
-        "finished",
-        "hints",
-        "hop",
-        "http_version",
-        "method",
-        "phase",
-        "problem",
-        "request_id",
-        "response_started",
-        "retried",
-        "reused",
-        "source",
-        "status",
-        "t_connect",
-        "t_connected",
-        "t_dns",
-        "t_end",
-        "t_pool",
-        "t_request_head",
-        "t_response_head",
-        "t_sent",
-        "t_start",
-        "t_tls_done",
-        "target",
-        "upstream",
-        "upstream_status",
-        "waited_s",
-    )
+    Fields not set in `__init__` start at the class-level defaults below: an exchange
+    writes only what happens to it (fewer stores on the hot path than a full init).
+    """
+
+    request_id = ""
+    method = ""
+    target = ""
+    http_version = "1.1"
+    phase = Phase.REQUEST_HEAD
+    status = 0
+    upstream_status = 0
+    source = Source.ORIGIN
+    fault: Fault | None = None
+    problem: RequestProblem | None = None
+    details: str | None = None
+    body_bytes_in = 0
+    body_bytes_out = 0
+    reused = False
+    retried = False
+    response_started = False
+    hop: str | None = None
+    hints: tuple[str, ...] = ()
+    waited_s = 0.0
+    # Timing marks (perf_counter_ns, 0 = not reached)
+    t_request_head = 0
+    t_pool = 0
+    t_dns = 0
+    t_connect = 0
+    t_connected = 0
+    t_tls_done = 0
+    t_sent = 0
+    t_response_head = 0
+    t_end = 0
 
     def __init__(self, t_start: int, client: str, upstream: str) -> None:
         self.t_start = t_start
         self.client = client
         self.upstream = upstream
-        self.request_id = ""
-        self.method = ""
-        self.target = ""
-        self.http_version = "1.1"
-        self.phase = Phase.REQUEST_HEAD
-        self.status = 0
-        self.upstream_status = 0
-        self.source = Source.ORIGIN
-        self.fault: Fault | None = None
-        self.problem: RequestProblem | None = None
-        self.details: str | None = None
-        self.body_bytes_in = 0
-        self.body_bytes_out = 0
-        self.reused = False
-        self.retried = False
-        self.response_started = False
-        self.finished = False
-        self.hop: str | None = None
-        self.hints: tuple[str, ...] = ()
-        self.waited_s = 0.0
-        # Timing marks (perf_counter_ns, 0 = not reached)
-        self.t_request_head = 0
-        self.t_pool = 0
-        self.t_dns = 0
-        self.t_connect = 0
-        self.t_connected = 0
-        self.t_tls_done = 0
-        self.t_sent = 0
-        self.t_response_head = 0
-        self.t_end = 0
 
     # -- derived facts ---------------------------------------------------------------------
 

@@ -25,11 +25,7 @@ from . import replies
 from .classify import DeadlineExpired, UpgradeBroken, classify
 from .exchange import Exchange, Phase, perf_ns
 from .faults import STALE_CONNECTION_FAULTS, Fault, RequestProblem, Source
-from .headers import (
-    CONNECTION_OPTIONS,
-    HOP_BY_HOP,
-    connection_tokens,
-)
+from .headers import filter_response_block
 
 if TYPE_CHECKING:
     from .downstream import DownstreamProtocol, RequestHead
@@ -44,19 +40,6 @@ PENDING_HIGH_BYTES = 256 * 1024  # request body buffered before the upstream is 
 COALESCE_MAX_BYTES = 16 * 1024  # join small writes into one buffer (one syscall)
 _LINGER_RST = struct.pack("ii", 1, 0)
 
-# Response header names handled specially (anything else passes through as is).
-_R_DROP, _R_CONNECTION, _R_TE, _R_PROXY_STATUS, _R_REQUEST_ID, _R_VIA, _R_UPGRADE = range(7)
-_RESPONSE_SPECIAL = {name: _R_DROP for name in HOP_BY_HOP}
-_RESPONSE_SPECIAL.update(
-    {
-        b"connection": _R_CONNECTION,
-        b"transfer-encoding": _R_TE,
-        b"proxy-status": _R_PROXY_STATUS,
-        b"x-request-id": _R_REQUEST_ID,
-        b"via": _R_VIA,
-        b"upgrade": _R_UPGRADE,
-    }
-)
 _NO_BODY_STATUSES = frozenset({204, 304})
 
 
@@ -74,32 +57,20 @@ def abort_with_rst(transport: Any) -> None:
 class Forwarder:
     """Drives one exchange; the DownstreamProtocol owns it, the upstream reports to it."""
 
-    __slots__ = (
-        "chunked_in",
-        "chunked_out",
-        "close_after",
-        "connect_task",
-        "ctx",
-        "done",
-        "down",
-        "ex",
-        "head",
-        "may_wait",
-        "out",
-        "out_bytes",
-        "pending",
-        "pending_bytes",
-        "progress",
-        "progress_ns",
-        "reject",
-        "replay",
-        "replay_bytes",
-        "request_complete",
-        "tunnel",
-        "up",
-        "up_out",
-        "upstream_head",
-    )
+    # Defaults (class attributes): an exchange stores only the state it reaches.
+    up: UpstreamConnection | None = None
+    connect_task: asyncio.Task[None] | None = None
+    done = False
+    tunnel = False
+    request_complete = False
+    pending: list[bytes] | None = None  # request body held until the upstream is ready
+    pending_bytes = 0
+    out_bytes = 0
+    upstream_head = b""
+    chunked_out = False
+    replay_bytes = 0
+    progress = 0
+    progress_ns = 0
 
     def __init__(
         self,
@@ -113,26 +84,19 @@ class Forwarder:
         self.ex = ex
         self.head = head
         self.reject = reject
-        self.up: UpstreamConnection | None = None
-        self.connect_task: asyncio.Task[None] | None = None
-        self.done = False
-        self.tunnel = False
-        self.request_complete = False
-        self.pending: list[bytes] = []
-        self.pending_bytes = 0
-        self.out: list[bytes] = []
-        self.out_bytes = 0
-        self.up_out: list[bytes] = []
-        self.upstream_head = b""
-        self.chunked_out = False
-        self.chunked_in = head is not None and head.chunked
-        self.close_after = head is None or not head.keep_alive
-        replayable = head is not None and head.method in IDEMPOTENT
-        self.replay: list[bytes] | None = [] if replayable else None
-        self.replay_bytes = 0
-        self.may_wait = replayable and self.ctx.upstream_wait
-        self.progress = 0
-        self.progress_ns = 0
+        self.out: list[bytes] = []  # response bytes, written once per upstream read
+        self.up_out: list[bytes] = []  # request bytes, written once per client read
+        if head is None:
+            self.chunked_in = False
+            self.close_after = True
+            self.replay: list[bytes] | None = None
+            self.may_wait = False
+        else:
+            self.chunked_in = head.chunked
+            self.close_after = not head.keep_alive
+            replayable = head.method in IDEMPOTENT
+            self.replay = [] if replayable else None
+            self.may_wait = replayable and self.ctx.upstream_wait
 
     # -- start -------------------------------------------------------------------------------
 
@@ -151,22 +115,8 @@ class Forwarder:
         if ctx.stats.in_flight > ctx.max_in_flight:
             self.fail(Fault.CONNECTION_LIMIT_REACHED, "limits.max_in_flight reached")
             return
-        down = self.down
         self.upstream_head = ctx.headers.request_head(
-            head.method,
-            head.target,
-            head.lines,
-            host=head.host,
-            client_ip=down.client_ip_b,
-            trusted=down.trusted,
-            xff=head.xff,
-            xfp=head.xfp,
-            xfh=head.xfh,
-            via=head.via,
-            request_id=head.request_id or b"",
-            content_length=head.content_length,
-            chunked=head.chunked,
-            upgrade=head.upgrade,
+            head, self.down.client_ip_b, self.down.trusted
         )
         conn = ctx.pool.acquire(self)
         if conn is not None:
@@ -192,7 +142,7 @@ class Forwarder:
         self.up_out.append(self.upstream_head)
         if self.pending:
             self.up_out.extend(self.pending)
-            self.pending = []
+            self.pending = None
             self.pending_bytes = 0
             self.down.resume_reading(self.down.PAUSE_BUFFER)
         if self.request_complete:
@@ -236,6 +186,8 @@ class Forwarder:
             if not self.down.in_feed:
                 self.flush_upstream()
         else:
+            if self.pending is None:
+                self.pending = []
             self.pending.extend(frame)
             self.pending_bytes += size
             if self.pending_bytes > PENDING_HIGH_BYTES:
@@ -275,96 +227,61 @@ class Forwarder:
 
     # -- response side -------------------------------------------------------------------------
 
-    def on_upstream_interim(self, status: int, reason: bytes, headers: list) -> None:
-        head = self.head
-        if head is None or not head.http11:
+    def on_upstream_interim(self, status: int, head: bytes) -> None:
+        """A 1xx (not 101) response: relayed to HTTP/1.1 clients, then the real one follows."""
+        request = self.head
+        if request is None or not request.http11:
             return  # RFC 9110 §15.2: no 1xx to an HTTP/1.0 client
-        lines = [b"HTTP/1.1 %d %s\r\n" % (status, reason)]
-        if status != 100:
-            lines.extend(
-                name + b": " + value + b"\r\n"
-                for name, value in headers
-                if name.lower() not in HOP_BY_HOP
-            )
-        lines.append(b"\r\n")
-        self._queue_out(b"".join(lines))
+        line_end = head.find(b"\r\n") + 2
+        block = filter_response_block(head, line_end)[0] if status != 100 else b""
+        self._queue_out(b"HTTP/1.1 " + head[9:line_end] + block + b"\r\n")
 
-    def on_upstream_head(self, status: int, reason: bytes, headers: list) -> None:
+    def on_upstream_head(self, status: int, head: bytes) -> None:
+        """The origin's response head (status line and header lines, raw)."""
         ex = self.ex
-        head = self.head
-        assert head is not None
+        request = self.head
+        assert request is not None
         ctx = self.ctx
         now = perf_ns()
-        if status == 101 and not head.upgrade:
+        if status == 101 and not request.upgrade:
             raise UpgradeBroken("upstream answered 101 to a request without Upgrade")
-        if (head.upgrade and status != 101) or ctx.draining:
-            self.close_after = True  # an upgrade refused leaves the client connection unusable
-        lines = [ctx.headers.status_line(status, reason)]
-        nominated: set[bytes] | None = None
-        upstream_status: list[bytes] | None = None
-        upstream_via = b""
-        upgrade_value = b""
-        chunked = False
-        content_length = False
-        special = _RESPONSE_SPECIAL
-        for name, value in headers:
-            lname = name.lower()
-            code = special.get(lname)
-            if code is None:
-                if lname == b"content-length":
-                    content_length = True
-                lines.append(name + b": " + value + b"\r\n")
-            elif code == _R_TE:
-                chunked = True
-            elif code == _R_CONNECTION:
-                tokens = connection_tokens(value) - CONNECTION_OPTIONS
-                if tokens:
-                    nominated = tokens if nominated is None else nominated | tokens
-            elif code == _R_PROXY_STATUS:
-                if upstream_status is None:
-                    upstream_status = []
-                upstream_status.append(value)
-            elif code == _R_VIA:
-                upstream_via = value if not upstream_via else upstream_via + b", " + value
-            elif code == _R_UPGRADE:
-                upgrade_value = value
-        if nominated:
-            lines = [lines[0]] + [
-                line for line in lines[1:] if line.split(b":", 1)[0].lower() not in nominated
-            ]
-        if status == 101 and not upgrade_value:
+        line_end = head.find(b"\r\n") + 2
+        block, fields = filter_response_block(head, line_end)
+        if status == 101 and not fields.upgrade:
             raise UpgradeBroken("upstream answered 101 without an Upgrade header")
         # From here on the head is accepted: the response has started.
         ex.t_response_head = now
         ex.status = ex.upstream_status = status
-        ex.source = Source.ORIGIN
         ex.phase = Phase.BODY
         self.progress_ns = now
+        if (request.upgrade and status != 101) or ctx.draining:
+            self.close_after = True  # an upgrade refused leaves the client connection unusable
+        lines = [b"HTTP/1.1 ", head[9:line_end], block]
         if status == 101:
-            lines.append(b"Connection: upgrade\r\nUpgrade: " + upgrade_value + b"\r\n")
+            lines.append(b"Connection: upgrade\r\nUpgrade: " + fields.upgrade + b"\r\n")
             self.tunnel = True
-        elif head.method == b"HEAD" or status in _NO_BODY_STATUSES:
+        elif request.method == b"HEAD" or status in _NO_BODY_STATUSES:
             pass
-        elif chunked or not content_length:
-            if not chunked:
+        elif fields.chunked or not fields.content_length:
+            if not fields.chunked:
                 self.up.close_delimited = True  # type: ignore[union-attr]
-            if head.http11:
+            if request.http11:
                 self.chunked_out = True
                 lines.append(b"Transfer-Encoding: chunked\r\n")
             else:
                 self.close_after = True
         hp = ctx.headers
         if hp.proxy_status:
-            lines.append(hp.received_status(status, upstream_status))
-        elif upstream_status:
-            lines.extend(b"Proxy-Status: " + v + b"\r\n" for v in upstream_status)
+            lines.append(hp.received_status(status, fields.proxy_status))
+        elif fields.proxy_status:
+            lines.extend(b"Proxy-Status: " + v + b"\r\n" for v in fields.proxy_status)
         if hp.server_timing:
             lines.append(hp.timing(ex.connect_ns(), ex.ttfb_ns(), ex.own_ns(now)))
-        lines.append(b"X-Request-Id: " + head.request_id + b"\r\n")  # type: ignore[operator]
-        lines.append(hp.via_response_line(upstream_via))
+        lines.append(request.request_id_line)
+        lines.append(hp.via_response_line(fields.via))
         if self.close_after:
             lines.append(b"Connection: close\r\n\r\n")
-        elif not head.http11:
+        elif not request.http11:
             lines.append(b"Connection: keep-alive\r\n\r\n")
         else:
             lines.append(b"\r\n")

@@ -9,6 +9,10 @@ the wire: header injection is impossible by construction).
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .downstream import RequestHead
 
 # RFC 9110 §7.6.1: connection-specific fields never forwarded; plus the fields that only
 # make sense for one hop (Proxy-Authorization is addressed to a proxy, Trailer/TE describe
@@ -104,6 +108,76 @@ def prefers_html(accept: bytes | None) -> bool:
     return json < 0 or html < json
 
 
+# Response header lines Faultline must see or drop; everything else passes through as the
+# origin wrote it. The scan runs on a lower-cased copy of the head (same offsets), and each
+# match starts at the CRLF that ends the previous line, a literal the regex engine finds fast.
+_RESPONSE_SPECIAL = re.compile(
+    rb"\r\n(connection|keep-alive|proxy-connection|te|trailer|transfer-encoding|upgrade"
+    rb"|proxy-authenticate|proxy-authorization|proxy-status|via|x-request-id|content-length)"
+    rb"[ \t]*:[ \t]*([^\r\n]*?)[ \t]*(?=\r\n)"
+)
+_PLAIN_CONNECTION = frozenset({b"keep-alive", b"close"})
+
+
+class ResponseFields:
+    """What the proxy needs to know of an origin's response header block."""
+
+    __slots__ = ("chunked", "content_length", "proxy_status", "upgrade", "via")
+
+    def __init__(self) -> None:
+        self.content_length = False
+        self.chunked = False
+        self.upgrade = b""
+        self.via = b""
+        self.proxy_status: list[bytes] | None = None
+
+
+def filter_response_block(head: bytes, line_end: int) -> tuple[bytes, ResponseFields]:
+    """The header lines of `head` (after the status line ending at `line_end`, each line
+    ending in CRLF), without hop-by-hop and proxy-owned fields; and what they said."""
+    fields = ResponseFields()
+    kept: list[bytes] = []
+    position = line_end
+    nominated: set[bytes] | None = None
+    for match in _RESPONSE_SPECIAL.finditer(head.lower(), line_end - 2):
+        name = match.group(1)
+        if name == b"content-length":
+            fields.content_length = True
+            continue
+        start, end = match.span()
+        kept.append(head[position : start + 2])
+        position = end + 2
+        value = head[match.start(2) : match.end(2)]
+        if name == b"transfer-encoding":
+            fields.chunked = True
+        elif name == b"connection":
+            lowered = match.group(2)
+            if lowered not in _PLAIN_CONNECTION:
+                tokens = connection_tokens(lowered) - CONNECTION_OPTIONS
+                if tokens:
+                    nominated = tokens if nominated is None else nominated | tokens
+        elif name == b"proxy-status":
+            if fields.proxy_status is None:
+                fields.proxy_status = []
+            fields.proxy_status.append(value)
+        elif name == b"via":
+            fields.via = value if not fields.via else fields.via + b", " + value
+        elif name == b"upgrade":
+            fields.upgrade = value
+    if kept:
+        kept.append(head[position:])
+        block = b"".join(kept)
+    else:
+        block = head[line_end:]
+    if nominated:
+        block = b"".join(
+            line + b"\r\n"
+            for line in block.split(b"\r\n")[:-1]
+            if line.split(b":", 1)[0].strip().lower() not in nominated
+        )
+    return block, fields
+
+
 def _line(name: bytes, value: bytes) -> bytes:
     return name + b": " + value + b"\r\n"
 
@@ -140,49 +214,30 @@ class HeaderPolicy:
 
     # -- request to the upstream ----------------------------------------------------------
 
-    def request_head(
-        self,
-        method: bytes,
-        target: bytes,
-        lines: list[bytes],
-        *,
-        host: bytes | None,
-        client_ip: bytes,
-        trusted: bool,
-        xff: bytes | None,
-        xfp: bytes | None,
-        xfh: bytes | None,
-        via: bytes | None,
-        request_id: bytes,
-        content_length: int | None,
-        chunked: bool,
-        upgrade: bytes | None,
-    ) -> bytes:
+    def request_head(self, head: RequestHead, client_ip: bytes, trusted: bool) -> bytes:
         """The request head sent upstream (always HTTP/1.1, keep-alive)."""
-        host = host or self.upstream_authority
-        parts = [method, b" ", target, b" HTTP/1.1\r\nHost: ", host, b"\r\n"]
-        parts.extend(lines)
+        host = head.host or self.upstream_authority
+        parts = [head.method, b" ", head.target, b" HTTP/1.1\r\nHost: ", host, b"\r\n"]
+        parts += head.lines
         if self.forwarded:
+            xff = head.xff
             if trusted and xff:
                 parts += [b"X-Forwarded-For: ", xff, b", ", client_ip, b"\r\n"]
             else:
                 parts += [b"X-Forwarded-For: ", client_ip, b"\r\n"]
-            parts += [
-                b"X-Forwarded-Proto: ",
-                (xfp if trusted and xfp else b"http"),
-                b"\r\nX-Forwarded-Host: ",
-                (xfh if trusted and xfh else host),
-                b"\r\n",
-            ]
+            xfp = head.xfp if trusted and head.xfp else b"http"
+            xfh = head.xfh if trusted and head.xfh else host
+            parts += [b"X-Forwarded-Proto: ", xfp, b"\r\nX-Forwarded-Host: ", xfh, b"\r\n"]
         if self.via:
+            via = head.via
             parts += [b"Via: ", via + b", " if via else b"", self.via_request, b"\r\n"]
-        parts += [b"X-Request-Id: ", request_id, b"\r\n"]
-        if chunked:
+        parts.append(head.request_id_line)
+        if head.chunked:
             parts.append(b"Transfer-Encoding: chunked\r\n")
-        elif content_length is not None:
-            parts.append(b"Content-Length: %d\r\n" % content_length)
-        if upgrade is not None:
-            parts += [b"Connection: upgrade\r\nUpgrade: ", upgrade, b"\r\n"]
+        elif head.content_length is not None:
+            parts.append(b"Content-Length: %d\r\n" % head.content_length)
+        if head.upgrade is not None:
+            parts += [b"Connection: upgrade\r\nUpgrade: ", head.upgrade, b"\r\n"]
         parts.append(b"\r\n")
         return b"".join(parts)
 

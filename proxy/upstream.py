@@ -60,9 +60,9 @@ class UpstreamConnection(asyncio.Protocol):
         self.tunnel = False
         # Per-response state
         self.bytes_seen = False
-        self.head_bytes = 0
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.reason = b""
+        self.head_buf = b""  # the bytes read while the response head is incomplete
+        self.head_start = 0  # where the current head starts in head_buf
+        self.in_head = True
         self.interim = False
         self.head_only = False
         self.message_done = False
@@ -79,8 +79,9 @@ class UpstreamConnection(asyncio.Protocol):
         self.exchanges += 1
         self.head_only = head_only
         self.bytes_seen = False
-        self.head_bytes = 0
-        self.headers = []
+        self.head_buf = b""
+        self.head_start = 0
+        self.in_head = True
         self.message_done = False
         self.close_delimited = False
 
@@ -138,6 +139,17 @@ class UpstreamConnection(asyncio.Protocol):
         if self.tunnel:
             handler.on_upstream_tunnel_data(data)
             return
+        if self.in_head:
+            # Keep the raw head: headers are passed on as the origin wrote them, filtered
+            # in one regex pass, instead of one Python callback per header.
+            self.head_buf = self.head_buf + data if self.head_buf else data
+            if len(self.head_buf) - self.head_start > self.pool.max_response_header_bytes:
+                limit = self.pool.max_response_header_bytes
+                if self.head_buf.find(b"\r\n\r\n", self.head_start, self.head_start + limit) < 0:
+                    handler.on_upstream_failed(
+                        ResponseHeadersTooLarge(f"response header section over {limit} bytes")
+                    )
+                    return
         try:
             self.parser.feed_data(data)
         except HttpParserUpgrade as exc:
@@ -170,33 +182,32 @@ class UpstreamConnection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         if self.message_done:
             self.stray_bytes = True  # a second response we never asked for
-        self.headers = []
-        self.head_bytes = 0
         self.interim = False
-
-    def on_status(self, reason: bytes) -> None:
-        self.reason = reason
-        self.head_bytes += len(reason) + 16
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.head_bytes += len(name) + len(value) + 4
-        if self.head_bytes > self.pool.max_response_header_bytes:
-            raise ResponseHeadersTooLarge(
-                f"response header section over {self.pool.max_response_header_bytes} bytes"
-            )
-        self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         handler = self.handler
         if handler is None or self.message_done:
             self.stray_bytes = True
             return
+        buf = self.head_buf
+        start = self.head_start
+        end = buf.find(b"\r\n\r\n", start)
+        if end < 0:  # llhttp accepted a head that does not end in CRLF CRLF
+            raise UpstreamProtocolError("response head not terminated by CRLF CRLF")
+        if end + 4 - start > self.pool.max_response_header_bytes:
+            raise ResponseHeadersTooLarge(
+                f"response header section over {self.pool.max_response_header_bytes} bytes"
+            )
+        head = buf[start : end + 2]
         status = self.parser.get_status_code()
         if 100 <= status < 200 and status != 101:
             self.interim = True
-            handler.on_upstream_interim(status, self.reason, self.headers)
+            self.head_start = end + 4
+            handler.on_upstream_interim(status, head)
             return
-        handler.on_upstream_head(status, self.reason, self.headers)
+        self.in_head = False
+        self.head_buf = b""
+        handler.on_upstream_head(status, head)
         if self.head_only and status != 101:
             self.keep_alive = self.parser.should_keep_alive()
             self.message_done = True
