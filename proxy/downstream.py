@@ -52,7 +52,8 @@ log = logging.getLogger("faultline")
     _Q_VIA,
     _Q_RID,
     _Q_ACCEPT,
-) = range(12)
+    _Q_CONTENT_TYPE,
+) = range(13)
 _REQUEST_SPECIAL = {
     b"keep-alive": _Q_DROP,
     b"proxy-connection": _Q_DROP,
@@ -71,6 +72,7 @@ _REQUEST_SPECIAL = {
     b"via": _Q_VIA,
     b"x-request-id": _Q_RID,
     b"accept": _Q_ACCEPT,
+    b"content-type": _Q_CONTENT_TYPE,
 }
 
 
@@ -106,6 +108,7 @@ class RequestHead:
     request_id: bytes | None = None
     request_id_line = b""
     accept: bytes | None = None
+    content_type: bytes | None = None
     loop_marker = False
     problem: str | None = None
 
@@ -146,6 +149,9 @@ class RequestHead:
             self.request_id = value if valid_request_id(value) else None
         elif code == _Q_ACCEPT:
             self.accept = value
+            self.lines.append(name + b": " + value + b"\r\n")
+        elif code == _Q_CONTENT_TYPE:
+            self.content_type = value
             self.lines.append(name + b": " + value + b"\r\n")
 
     def complete(
@@ -243,6 +249,13 @@ class DownstreamProtocol(asyncio.Protocol):
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
+        ctx = self.ctx
+        if len(ctx.connections) >= ctx.max_connections:
+            # Over limits.max_connections: refuse before reading a byte (no exchange).
+            ctx.stats.refused_connections += 1
+            self.closed = True
+            transport.abort()
+            return
         peer = transport.get_extra_info("peername")
         self.client_ip = peer[0] if peer else ""
         self.client_ip_b = self.client_ip.encode()
@@ -251,6 +264,8 @@ class DownstreamProtocol(asyncio.Protocol):
         self.ctx.connections.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.closed and self not in self.ctx.connections:
+            return  # refused in connection_made
         self.closed = True
         self.ctx.connections.discard(self)
         if self.ex is not None:

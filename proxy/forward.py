@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import replies
 from .classify import DeadlineExpired, UpgradeBroken, classify
+from .diagnosis import BODY_SAMPLE_BYTES, REQUEST_SAMPLE_BYTES, Evidence, diagnose
 from .exchange import Exchange, Phase, perf_ns
 from .faults import STALE_CONNECTION_FAULTS, Fault, RequestProblem, Source
 from .headers import filter_response_block
@@ -71,6 +72,8 @@ class Forwarder:
     replay_bytes = 0
     progress = 0
     progress_ns = 0
+    evidence: Evidence | None = None  # kept for origin error responses only
+    request_sample: bytearray | None = None  # a JSON request body, to judge a 5xx
 
     def __init__(
         self,
@@ -97,6 +100,9 @@ class Forwarder:
             replayable = head.method in IDEMPOTENT
             self.replay = [] if replayable else None
             self.may_wait = replayable and self.ctx.upstream_wait
+            content_type = head.content_type
+            if content_type is not None and b"json" in content_type and self.ctx.diagnostics:
+                self.request_sample = bytearray()
 
     # -- start -------------------------------------------------------------------------------
 
@@ -154,6 +160,9 @@ class Forwarder:
         """Body bytes from the client (raw tunnel bytes once upgraded)."""
         ex = self.ex
         ex.body_bytes_in += len(data)
+        sample = self.request_sample
+        if sample is not None and len(sample) < REQUEST_SAMPLE_BYTES:
+            sample += data[: REQUEST_SAMPLE_BYTES - len(sample)]
         limit = self.ctx.max_request_body_bytes
         if self.tunnel or not self.chunked_in:
             self._send([data], len(data))
@@ -287,9 +296,14 @@ class Forwarder:
             lines.append(b"\r\n")
         ex.response_started = True
         self._queue_out(b"".join(lines))
+        if status >= 400 and ctx.diagnostics:
+            self.evidence = Evidence(status, head)
 
     def on_upstream_body(self, data: bytes) -> None:
         self.ex.body_bytes_out += len(data)
+        evidence = self.evidence
+        if evidence is not None and len(evidence.body) < BODY_SAMPLE_BYTES:
+            evidence.body += data[: BODY_SAMPLE_BYTES - len(evidence.body)]
         out = self.out
         if self.chunked_out:
             out.append(b"%x\r\n" % len(data))
@@ -535,5 +549,15 @@ class Forwarder:
         ex = self.ex
         ex.phase = Phase.DONE
         ex.t_end = perf_ns()
+        evidence = self.evidence
+        if evidence is not None:
+            head = self.head
+            evidence.request_content_type = head.content_type if head is not None else None
+            if self.request_sample is not None:
+                evidence.request_body = bytes(self.request_sample)
+            try:
+                ex.hop, ex.hints = diagnose(evidence)
+            except Exception:  # diagnosis must never cost an exchange its record
+                log.exception("diagnosis failed for exchange %s", ex.request_id)
         self.ctx.telemetry.record(ex)
         self.down.exchange_finished(self)

@@ -107,6 +107,7 @@ class Stats:
         self.total = 0
         self.in_flight = 0
         self.retries = 0
+        self.refused_connections = 0  # over limits.max_connections, closed unread
         self.counts: dict[CounterKey, int] = {}
         self.duration_by_source: dict[str, Histogram] = {s.value: Histogram() for s in Source}
         self.phases: dict[str, Histogram] = {p: Histogram() for p in PHASES}
