@@ -38,12 +38,6 @@ BEFORE_RESPONSE = frozenset(
 )
 
 
-def _ms(start: int, end: int) -> float | None:
-    if start and end:
-        return round((end - start) / 1e6, 3)
-    return None
-
-
 class Exchange:
     """One request and its response, from the first request byte to the last response byte.
 
@@ -129,14 +123,27 @@ class Exchange:
 
     def phases_ms(self) -> dict[str, float | None]:
         """Durations of each phase, in milliseconds (None: the phase did not happen)."""
-        connect_start = self.t_connect
+        t_connect = self.t_connect
+        t_connected = self.t_connected
+        t_sent = self.t_sent
+        t_head = self.t_response_head
+        if t_connect:
+            t_dns = self.t_dns
+            dns = round((t_connect - t_dns) / 1e6, 3) if t_dns else None
+            connect = round((t_connected - t_connect) / 1e6, 3) if t_connected else None
+            t_tls = self.t_tls_done
+            tls = round((t_tls - t_connected) / 1e6, 3) if t_tls and t_connected else None
+        else:
+            dns = connect = tls = None
+        t_pool = self.t_pool
+        queue_end = self.t_dns or t_connect or t_sent
         return {
-            "dns": _ms(self.t_dns, connect_start),
-            "connect": _ms(connect_start, self.t_connected),
-            "tls": _ms(self.t_connected, self.t_tls_done),
-            "queue": _ms(self.t_pool, self.t_dns or connect_start or self.t_sent),
-            "ttfb": _ms(self.t_sent, self.t_response_head),
-            "body": _ms(self.t_response_head, self.t_end),
+            "dns": dns,
+            "connect": connect,
+            "tls": tls,
+            "queue": round((queue_end - t_pool) / 1e6, 3) if t_pool and queue_end else None,
+            "ttfb": round((t_head - t_sent) / 1e6, 3) if t_sent and t_head else None,
+            "body": round((self.t_end - t_head) / 1e6, 3) if t_head and self.t_end else None,
         }
 
     def __repr__(self) -> str:

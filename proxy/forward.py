@@ -135,13 +135,11 @@ class Forwarder:
             self.ctx.pool.release(conn, reusable=True)
             return
         ex = self.ex
-        head = self.head
-        assert head is not None
         self.up = conn
-        conn.handler = self
         ex.reused = reused
-        conn.begin(self, head.method == b"HEAD")
-        if self.down.write_paused:
+        conn.begin(self, self.head.method == b"HEAD")  # type: ignore[union-attr]
+        down = self.down
+        if down.write_paused:
             conn.transport.pause_reading()
         ex.phase = Phase.SEND
         ex.t_sent = perf_ns()
@@ -150,10 +148,11 @@ class Forwarder:
             self.up_out.extend(self.pending)
             self.pending = None
             self.pending_bytes = 0
-            self.down.resume_reading(self.down.PAUSE_BUFFER)
+            down.resume_reading(down.PAUSE_BUFFER)
         if self.request_complete:
-            self._request_sent()
-        if not self.down.in_feed:
+            ex.phase = Phase.AWAIT_HEAD
+            self.progress_ns = ex.t_sent
+        if not down.in_feed:
             self.flush_upstream()
 
     def on_request_body(self, data: bytes) -> None:
@@ -177,7 +176,9 @@ class Forwarder:
         if self.chunked_in:
             self._send([b"0\r\n\r\n"], 0)
         if self.up is not None and self.ex.phase is Phase.SEND:
-            self._request_sent()
+            # The whole request is on its way: the response_headers timeout starts now.
+            self.ex.phase = Phase.AWAIT_HEAD
+            self.progress_ns = perf_ns()
 
     def _send(self, frame: list[bytes], size: int) -> None:
         """Frame(s) for the upstream: written now, or kept until the connection is ready."""
@@ -201,11 +202,6 @@ class Forwarder:
             self.pending_bytes += size
             if self.pending_bytes > PENDING_HIGH_BYTES:
                 self.down.pause_reading(self.down.PAUSE_BUFFER)
-
-    def _request_sent(self) -> None:
-        """The whole request is on its way: the response_headers timeout starts now."""
-        self.ex.phase = Phase.AWAIT_HEAD
-        self.progress_ns = perf_ns()
 
     def flush_upstream(self) -> None:
         up_out = self.up_out

@@ -85,15 +85,20 @@ def proxy_status_error(
     return safe_value("; ".join(parts).encode())
 
 
+def _ms(ns: int) -> bytes:
+    """Nanoseconds as milliseconds with three decimals, by integer arithmetic."""
+    us = ns // 1000
+    return b"%d.%03d" % (us // 1000, us % 1000)
+
+
 def server_timing(connect_ns: int, ttfb_ns: int, proxy_ns: int) -> bytes:
     """W3C Server-Timing for the phases known when the response head goes out (ms)."""
-    parts = []
-    if connect_ns:
-        parts.append(f"connect;dur={connect_ns / 1e6:.3f}")
+    proxy = b"proxy;dur=" + _ms(max(proxy_ns, 0))
     if ttfb_ns:
-        parts.append(f"ttfb;dur={ttfb_ns / 1e6:.3f}")
-    parts.append(f"proxy;dur={max(proxy_ns, 0) / 1e6:.3f}")
-    return ", ".join(parts).encode()
+        proxy = b"ttfb;dur=" + _ms(ttfb_ns) + b", " + proxy
+    if connect_ns:
+        proxy = b"connect;dur=" + _ms(connect_ns) + b", " + proxy
+    return proxy
 
 
 def prefers_html(accept: bytes | None) -> bool:
@@ -120,26 +125,49 @@ _PLAIN_CONNECTION = frozenset({b"keep-alive", b"close"})
 
 
 class ResponseFields:
-    """What the proxy needs to know of an origin's response header block."""
+    """What the proxy needs to know of an origin's response header block (class-level
+    defaults: most responses set none of them but content_length)."""
 
-    __slots__ = ("chunked", "content_length", "proxy_status", "upgrade", "via")
+    content_length = False
+    chunked = False
+    upgrade = b""
+    via = b""
+    proxy_status: list[bytes] | None = None
 
-    def __init__(self) -> None:
-        self.content_length = False
-        self.chunked = False
-        self.upgrade = b""
-        self.via = b""
-        self.proxy_status: list[bytes] | None = None
+
+_CONTENT_LENGTH_FIELDS = ResponseFields()
+_CONTENT_LENGTH_FIELDS.content_length = True
+
+# Names that send a head down the full scan; most responses carry none of them.
+_RARE_RESPONSE_FIELD = re.compile(
+    rb"\r\n(?:proxy-|via|x-request-id|upgrade|trailer|te|keep-alive|transfer-encoding)"
+)
+_PLAIN_FIELDS = ResponseFields()
 
 
 def filter_response_block(head: bytes, line_end: int) -> tuple[bytes, ResponseFields]:
     """The header lines of `head` (after the status line ending at `line_end`, each line
     ending in CRLF), without hop-by-hop and proxy-owned fields; and what they said."""
+    low = head.lower()
+    if _RARE_RESPONSE_FIELD.search(low, line_end - 2) is None:
+        # The common head: at most Content-Length and one plain Connection line.
+        fields = _CONTENT_LENGTH_FIELDS if b"\r\ncontent-length" in low else _PLAIN_FIELDS
+        start = low.find(b"\r\nconnection", line_end - 2)
+        if start < 0:
+            return head[line_end:], fields
+        end = low.find(b"\r\n", start + 2)
+        value = low[start + 2 : end].partition(b":")[2].strip()
+        if value in _PLAIN_CONNECTION and low.find(b"\r\nconnection", end) < 0:
+            return head[line_end : start + 2] + head[end + 2 :], fields
+    return _scan_response_block(head, low, line_end)
+
+
+def _scan_response_block(head: bytes, low: bytes, line_end: int) -> tuple[bytes, ResponseFields]:
     fields = ResponseFields()
     kept: list[bytes] = []
     position = line_end
     nominated: set[bytes] | None = None
-    for match in _RESPONSE_SPECIAL.finditer(head.lower(), line_end - 2):
+    for match in _RESPONSE_SPECIAL.finditer(low, line_end - 2):
         name = match.group(1)
         if name == b"content-length":
             fields.content_length = True
@@ -157,9 +185,7 @@ def filter_response_block(head: bytes, line_end: int) -> tuple[bytes, ResponseFi
                 if tokens:
                     nominated = tokens if nominated is None else nominated | tokens
         elif name == b"proxy-status":
-            if fields.proxy_status is None:
-                fields.proxy_status = []
-            fields.proxy_status.append(value)
+            fields.proxy_status = [*(fields.proxy_status or ()), value]
         elif name == b"via":
             fields.via = value if not fields.via else fields.via + b", " + value
         elif name == b"upgrade":
@@ -207,6 +233,8 @@ class HeaderPolicy:
         # The comment carries this process's id: seeing it come back means a loop.
         self.via_request = b"1.1 " + name + b" (faultline " + self.instance_id + b")"
         self.via_response = b"1.1 " + name
+        self._via_request_line = _line(b"Via", self.via_request)
+        self._xfp_xfh = b"\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: "
         self._via_response_line = _line(b"Via", self.via_response)
         self._ps_prefix, self._ps_suffix = proxy_status_received(proxy_name, upstream_authority)
         self._received_lines: dict[int, bytes] = {}
@@ -217,29 +245,42 @@ class HeaderPolicy:
     def request_head(self, head: RequestHead, client_ip: bytes, trusted: bool) -> bytes:
         """The request head sent upstream (always HTTP/1.1, keep-alive)."""
         host = head.host or self.upstream_authority
-        parts = [head.method, b" ", head.target, b" HTTP/1.1\r\nHost: ", host, b"\r\n"]
-        parts += head.lines
+        parts = [head.method, b" ", head.target, b" HTTP/1.1\r\nHost: ", host, b"\r\n", *head.lines]
         if self.forwarded:
-            xff = head.xff
-            if trusted and xff:
-                parts += [b"X-Forwarded-For: ", xff, b", ", client_ip, b"\r\n"]
+            if trusted:
+                parts += self._trusted_forwarded(head, client_ip, host)
             else:
-                parts += [b"X-Forwarded-For: ", client_ip, b"\r\n"]
-            xfp = head.xfp if trusted and head.xfp else b"http"
-            xfh = head.xfh if trusted and head.xfh else host
-            parts += [b"X-Forwarded-Proto: ", xfp, b"\r\nX-Forwarded-Host: ", xfh, b"\r\n"]
+                parts += (b"X-Forwarded-For: ", client_ip, self._xfp_xfh, host, b"\r\n")
         if self.via:
             via = head.via
-            parts += [b"Via: ", via + b", " if via else b"", self.via_request, b"\r\n"]
+            parts.append(
+                self._via_request_line
+                if via is None
+                else b"Via: " + via + b", " + self.via_request + b"\r\n"
+            )
         parts.append(head.request_id_line)
         if head.chunked:
             parts.append(b"Transfer-Encoding: chunked\r\n")
         elif head.content_length is not None:
             parts.append(b"Content-Length: %d\r\n" % head.content_length)
         if head.upgrade is not None:
-            parts += [b"Connection: upgrade\r\nUpgrade: ", head.upgrade, b"\r\n"]
+            parts += (b"Connection: upgrade\r\nUpgrade: ", head.upgrade, b"\r\n")
         parts.append(b"\r\n")
         return b"".join(parts)
+
+    @staticmethod
+    def _trusted_forwarded(head: RequestHead, client_ip: bytes, host: bytes) -> list[bytes]:
+        """From a trusted proxy: append to its X-Forwarded-For, keep its proto and host."""
+        xff = head.xff + b", " + client_ip if head.xff else client_ip
+        return [
+            b"X-Forwarded-For: ",
+            xff,
+            b"\r\nX-Forwarded-Proto: ",
+            head.xfp or b"http",
+            b"\r\nX-Forwarded-Host: ",
+            head.xfh or host,
+            b"\r\n",
+        ]
 
     def is_loop(self, via: bytes | None) -> bool:
         return bool(via) and self.instance_id in via  # type: ignore[operator]

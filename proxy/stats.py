@@ -39,24 +39,39 @@ CounterKey = tuple[int, str, str | None]  # (status, source, error token or None
 
 
 class Histogram:
-    """Counts per fixed bucket (the last bucket is +Inf), plus sum and max, in seconds."""
+    """Counts per fixed bucket (the last bucket is +Inf), plus sum and max, in seconds.
 
-    __slots__ = ("count", "counts", "max_ns", "sum_ns")
+    `Stats.record` updates `counts`, `sum_ns` and `max_ns` in place (inlined there for
+    speed); the number of observations is derived when read.
+    """
+
+    __slots__ = ("counts", "max_ns", "sum_ns")
 
     bounds_s = BUCKETS_S
 
     def __init__(self) -> None:
         self.counts = [0] * (len(_BUCKETS_NS) + 1)
-        self.count = 0
         self.sum_ns = 0
         self.max_ns = 0
 
     def observe_ns(self, value_ns: int) -> None:
         self.counts[bisect_left(_BUCKETS_NS, value_ns)] += 1
-        self.count += 1
         self.sum_ns += value_ns
         if value_ns > self.max_ns:
             self.max_ns = value_ns
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+    @classmethod
+    def merged(cls, parts: list[Histogram]) -> Histogram:
+        total = cls()
+        for part in parts:
+            total.counts = [a + b for a, b in zip(total.counts, part.counts, strict=True)]
+            total.sum_ns += part.sum_ns
+            total.max_ns = max(total.max_ns, part.max_ns)
+        return total
 
     @property
     def sum_s(self) -> float:
@@ -64,9 +79,10 @@ class Histogram:
 
     def quantile_ms(self, q: float) -> float | None:
         """Linear interpolation inside the bucket holding the q-th observation."""
-        if not self.count:
+        count = self.count
+        if not count:
             return None
-        rank = q * self.count
+        rank = q * count
         seen = 0
         lower = 0.0
         for i, n in enumerate(self.counts):
@@ -79,12 +95,13 @@ class Histogram:
         return round(self.max_ns / 1e6, 3)
 
     def summary(self) -> dict[str, Any]:
+        count = self.count
         return {
-            "count": self.count,
+            "count": count,
             "p50": self.quantile_ms(0.5),
             "p90": self.quantile_ms(0.9),
             "p99": self.quantile_ms(0.99),
-            "max": round(self.max_ns / 1e6, 3) if self.count else None,
+            "max": round(self.max_ns / 1e6, 3) if count else None,
         }
 
 
@@ -111,9 +128,12 @@ class Stats:
         self.counts: dict[CounterKey, int] = {}
         self.duration_by_source: dict[str, Histogram] = {s.value: Histogram() for s in Source}
         self.phases: dict[str, Histogram] = {p: Histogram() for p in PHASES}
-        self.total_latency = Histogram()
+        self.ttfb = self.phases["ttfb"]
+        self.body = self.phases["body"]
         # Per-second slots for the sliding windows: deque of [second, {key: n}].
         self._slots: deque[list[Any]] = deque()
+        self._slot_second = -1
+        self._slot_counts: dict[CounterKey, int] = {}
         self.recent: deque[dict[str, Any]] = deque(maxlen=recent_errors)
 
     # -- hot path ------------------------------------------------------------------------------
@@ -122,14 +142,51 @@ class Stats:
         self.in_flight -= 1
         self.total += 1
         fault = ex.fault
-        error = fault.value if fault is not None else None
-        source = ex.source.value
-        key = (ex.status, source, error)
+        error = None if fault is None else fault._value_
+        source = ex.source._value_
+        status = ex.status
+        key = (status, source, error)
         counts = self.counts
         counts[key] = counts.get(key, 0) + 1
-        total_ns = ex.t_end - ex.t_start
-        self.total_latency.observe_ns(total_ns)
-        self.duration_by_source[source].observe_ns(total_ns)
+        t_end = ex.t_end
+        # Histograms, inlined: bucket, sum, max.
+        value = t_end - ex.t_start
+        histogram = self.duration_by_source[source]
+        histogram.counts[bisect_left(_BUCKETS_NS, value)] += 1
+        histogram.sum_ns += value
+        if value > histogram.max_ns:
+            histogram.max_ns = value
+        t_response_head = ex.t_response_head
+        if t_response_head:
+            if ex.t_sent:
+                value = t_response_head - ex.t_sent
+                histogram = self.ttfb
+                histogram.counts[bisect_left(_BUCKETS_NS, value)] += 1
+                histogram.sum_ns += value
+                if value > histogram.max_ns:
+                    histogram.max_ns = value
+            value = t_end - t_response_head
+            histogram = self.body
+            histogram.counts[bisect_left(_BUCKETS_NS, value)] += 1
+            histogram.sum_ns += value
+            if value > histogram.max_ns:
+                histogram.max_ns = value
+        if ex.t_connect or ex.t_pool or ex.retried:
+            self._record_setup(ex)
+        second = t_end // 1_000_000_000
+        if second != self._slot_second:
+            self._new_slot(second)
+        window = self._slot_counts
+        window[key] = window.get(key, 0) + 1
+        if error is not None or status >= 400:
+            self.recent.appendleft(self._error_entry(ex, error))
+
+    def total_latency(self) -> Histogram:
+        """All exchanges, whoever produced them (the per-source histograms merged)."""
+        return Histogram.merged(list(self.duration_by_source.values()))
+
+    def _record_setup(self, ex: Exchange) -> None:
+        """The rarer phases: a new connection (dns, connect, tls), a pool wait, a retry."""
         phases = self.phases
         if ex.t_connect and ex.t_connected:
             phases["connect"].observe_ns(ex.t_connected - ex.t_connect)
@@ -141,23 +198,17 @@ class Stats:
             phases["queue"].observe_ns(
                 (ex.t_dns or ex.t_connect or ex.t_sent or ex.t_end) - ex.t_pool
             )
-        if ex.t_response_head:
-            if ex.t_sent:
-                phases["ttfb"].observe_ns(ex.t_response_head - ex.t_sent)
-            phases["body"].observe_ns(ex.t_end - ex.t_response_head)
         if ex.retried:
             self.retries += 1
-        second = ex.t_end // 1_000_000_000
+
+    def _new_slot(self, second: int) -> None:
         slots = self._slots
-        if not slots or slots[-1][0] != second:
-            slots.append([second, {}])
-            horizon = second - WINDOWS_S[-1]
-            while slots[0][0] <= horizon:
-                slots.popleft()
-        window = slots[-1][1]
-        window[key] = window.get(key, 0) + 1
-        if error is not None or ex.status >= 400:
-            self.recent.appendleft(self._error_entry(ex, error))
+        self._slot_second = second
+        self._slot_counts = {}
+        slots.append([second, self._slot_counts])
+        horizon = second - WINDOWS_S[-1]
+        while slots[0][0] <= horizon:
+            slots.popleft()
 
     @staticmethod
     def _error_entry(ex: Exchange, error: str | None) -> dict[str, Any]:
@@ -253,7 +304,7 @@ class Stats:
     def latency(self) -> dict[str, Any]:
         """Summaries of every histogram: total, each upstream phase, each source (ms)."""
         return {
-            "total": self.total_latency.summary(),
+            "total": self.total_latency().summary(),
             "phases": {name: h.summary() for name, h in self.phases.items()},
             "by_source": {name: h.summary() for name, h in self.duration_by_source.items()},
         }
@@ -293,7 +344,7 @@ class Stats:
             "requests": {"total": self.total, "in_flight": self.in_flight},
             "responses": self.breakdown(self.counts),
             "latency_ms": {
-                "total": self.total_latency.summary(),
+                "total": self.total_latency().summary(),
                 "ttfb": self.phases["ttfb"].summary(),
                 "connect": self.phases["connect"].summary(),
             },

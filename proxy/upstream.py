@@ -56,7 +56,6 @@ class UpstreamConnection(asyncio.Protocol):
         self.handler: Forwarder | None = None
         self.closed = False
         self.idle_since_ns = 0
-        self.exchanges = 0
         self.tunnel = False
         # Per-response state
         self.bytes_seen = False
@@ -74,16 +73,11 @@ class UpstreamConnection(asyncio.Protocol):
     # -- life cycle ----------------------------------------------------------------------
 
     def begin(self, handler: Forwarder, head_only: bool) -> None:
-        """Attach to an exchange before its request is written."""
+        """Attach to an exchange before its request is written (per-response state reset)."""
         self.handler = handler
-        self.exchanges += 1
         self.head_only = head_only
-        self.bytes_seen = False
-        self.head_buf = b""
-        self.head_start = 0
+        self.bytes_seen = self.message_done = self.close_delimited = False
         self.in_head = True
-        self.message_done = False
-        self.close_delimited = False
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
@@ -207,6 +201,7 @@ class UpstreamConnection(asyncio.Protocol):
             return
         self.in_head = False
         self.head_buf = b""
+        self.head_start = 0
         handler.on_upstream_head(status, head)
         if self.head_only and status != 101:
             self.keep_alive = self.parser.should_keep_alive()
