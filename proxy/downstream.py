@@ -27,7 +27,7 @@ from httptools import (
     HttpRequestParser,
 )
 
-from .exchange import Exchange, Phase, perf_ns
+from .exchange import Phase, perf_ns
 from .faults import RequestProblem
 from .forward import Forwarder
 from .headers import CONNECTION_OPTIONS, connection_tokens, valid_request_id
@@ -239,7 +239,7 @@ class DownstreamProtocol(asyncio.Protocol):
         self.idle_since_ns = 0
         self.served = 0
         # Per-request (parsing) state
-        self.ex: Exchange | None = None
+        self.parsing: Forwarder | None = None  # the exchange whose head is being read
         self.url = b""
         self.head = RequestHead()
         self.head_bytes = 0
@@ -268,19 +268,15 @@ class DownstreamProtocol(asyncio.Protocol):
             return  # refused in connection_made
         self.closed = True
         self.ctx.connections.discard(self)
-        if self.ex is not None:
-            ex, self.ex = self.ex, None
-            self._finish_orphan(ex)
+        if self.parsing is not None:
+            # A request whose head never completed: the client left in the middle of it.
+            self.parsing.client_gone()
+            self.parsing = None
         pending = [fw for fw in (self.current, *self.queue, self.receiving) if fw is not None]
         self.current = self.receiving = None
         self.queue.clear()
         for fw in dict.fromkeys(pending):
             fw.client_gone()
-
-    def _finish_orphan(self, ex: Exchange) -> None:
-        """A request whose head never completed: the client left in the middle of it."""
-        fw = Forwarder(self, ex, None)
-        fw.client_gone()
 
     def close(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
@@ -342,8 +338,7 @@ class DownstreamProtocol(asyncio.Protocol):
             self._defect(exc)
         finally:
             self.in_feed = False
-        ex = self.ex
-        if ex is not None:
+        if self.parsing is not None:
             # The head is still incomplete: everything read since it began counts.
             if self.head_fed < 0:
                 self.head_fed = 0
@@ -369,9 +364,8 @@ class DownstreamProtocol(asyncio.Protocol):
     # -- httptools callbacks ----------------------------------------------------------------
 
     def on_message_begin(self) -> None:
-        ctx = self.ctx
-        self.ex = Exchange(perf_ns(), self.client_ip, ctx.upstream_authority)
-        ctx.stats.in_flight += 1
+        self.parsing = Forwarder(self, perf_ns())
+        self.ctx.stats.in_flight += 1
         self.url = b""
         self.head = RequestHead()
         self.head_bytes = 0
@@ -384,7 +378,7 @@ class DownstreamProtocol(asyncio.Protocol):
             raise RequestRejected(RequestProblem.HEADERS_TOO_LARGE, "request target too long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if self.ex is None:
+        if self.parsing is None:
             return  # trailer fields of a chunked body: not forwarded
         self.head_bytes += len(name) + len(value) + 4
         if self.head_bytes > self.ctx.max_request_header_bytes:
@@ -395,47 +389,44 @@ class DownstreamProtocol(asyncio.Protocol):
         self.head.add(name, value)
 
     def on_headers_complete(self) -> None:
-        ex = self.ex
-        assert ex is not None
-        self.ex = None
+        fw = self.parsing
+        assert fw is not None
+        self.parsing = None
         ctx = self.ctx
-        ex.t_request_head = perf_ns()
         parser = self.parser
-        method = parser.get_method()
-        version = parser.get_http_version()
         head = self.head
         problem = head.complete(
-            method, self.url, version, parser.should_keep_alive(), parser.should_upgrade()
+            parser.get_method(), self.url, parser.get_http_version(),
+            parser.should_keep_alive(), parser.should_upgrade(),
         )
-        ex.method = method.decode("latin-1")
-        ex.target = head.target.decode("latin-1")
-        ex.http_version = version
+        fw.method = head.method.decode("latin-1")
+        fw.target = head.target.decode("latin-1")
         request_id = head.request_id or ctx.new_request_id()
         head.request_id = request_id
         head.request_id_line = b"X-Request-Id: " + request_id + b"\r\n"
-        ex.request_id = request_id.decode("latin-1")
-        reject = None
-        if problem is not None:
-            reject = (RequestProblem.MALFORMED, problem)
-        elif (
+        fw.request_id = request_id.decode("latin-1")
+        self.receiving = fw
+        if problem is None and not (
             ctx.max_request_body_bytes
             and head.content_length is not None
             and head.content_length > ctx.max_request_body_bytes
         ):
-            reject = (
+            if head.via is not None:
+                head.loop_marker = ctx.headers.is_loop(head.via)
+            fw.attach(head)
+            self._enqueue(fw)
+            return
+        if problem is not None:
+            fw.attach(head, (RequestProblem.MALFORMED, problem))
+        else:
+            fw.attach(head, (
                 RequestProblem.BODY_TOO_LARGE,
                 f"Content-Length {head.content_length} over {ctx.max_request_body_bytes}",
-            )
-        else:
-            head.loop_marker = ctx.headers.is_loop(head.via)
-        fw = Forwarder(self, ex, head, reject)
-        self.receiving = fw
-        if reject is not None:
-            # Nothing after a refused head can be trusted to be framed right.
-            self.pause_reading(self.PAUSE_BROKEN)
-            self._enqueue(fw)
-            raise _StopParsing
+            ))
+        # Nothing after a refused head can be trusted to be framed right.
+        self.pause_reading(self.PAUSE_BROKEN)
         self._enqueue(fw)
+        raise _StopParsing
 
     def on_body(self, body: bytes) -> None:
         fw = self.receiving
@@ -455,7 +446,7 @@ class DownstreamProtocol(asyncio.Protocol):
             self.current = fw
             fw.start()
         else:
-            fw.ex.phase = Phase.QUEUED
+            fw.phase = Phase.QUEUED
             self.queue.append(fw)
             self.pause_reading(self.PAUSE_PIPELINE)
 
@@ -493,10 +484,11 @@ class DownstreamProtocol(asyncio.Protocol):
         """The request stream cannot be parsed any further: answer in turn, then close."""
         self.pause_reading(self.PAUSE_BROKEN)
         self.parser = HttpRequestParser(_Discard())
-        ex = self.ex
-        if ex is not None:
-            self.ex = None
-            self._enqueue(Forwarder(self, ex, None, (problem, detail)))
+        fw = self.parsing
+        if fw is not None:
+            self.parsing = None
+            fw.attach(None, (problem, detail))
+            self._enqueue(fw)
             return
         fw = self.receiving
         if fw is not None:
@@ -506,19 +498,20 @@ class DownstreamProtocol(asyncio.Protocol):
         last = self.queue[-1] if self.queue else self.current
         if last is not None and last.reject is not None:
             return  # already refused; this is the same bad stream
-        ex = Exchange(perf_ns(), self.client_ip, self.ctx.upstream_authority)
+        fw = Forwarder(self, perf_ns())
         self.ctx.stats.in_flight += 1
-        ex.request_id = self.ctx.new_request_id().decode()
-        self._enqueue(Forwarder(self, ex, None, (problem, detail)))
+        fw.request_id = self.ctx.new_request_id().decode()
+        fw.attach(None, (problem, detail))
+        self._enqueue(fw)
 
     def _defect(self, exc: BaseException) -> None:
         """A defect in our own code while handling this connection's bytes."""
         self.pause_reading(self.PAUSE_BROKEN)
         self.parser = HttpRequestParser(_Discard())
         fw = self.current or self.receiving
-        if fw is None and self.ex is not None:
-            ex, self.ex = self.ex, None
-            fw = self.current = Forwarder(self, ex, None)
+        if fw is None and self.parsing is not None:
+            fw = self.current = self.parsing
+            self.parsing = None
         if fw is None:
             log.error("internal error on a client connection", exc_info=exc)
             self.transport.abort()
@@ -533,9 +526,9 @@ class DownstreamProtocol(asyncio.Protocol):
             fw.check_deadline(now)
             return
         ctx = self.ctx
-        ex = self.ex
-        if ex is not None:
-            if now - ex.t_start > ctx.client_headers_ns:
+        parsing = self.parsing
+        if parsing is not None:
+            if now - parsing.t_start > ctx.client_headers_ns:
                 self._broken(
                     RequestProblem.TIMEOUT,
                     "client did not finish its request head within timeouts.client_headers",

@@ -2,7 +2,7 @@
 
 Rules:
 1. A `Forwarder` is driven by events from both sides (the client's `DownstreamProtocol`
-   and the origin's `UpstreamConnection`) and advances `ex.phase`; it never blocks and
+   and the origin's `UpstreamConnection`) and advances `self.phase`; it never blocks and
    makes no task in the common case (a pooled connection is ready).
 2. Every failure goes through `on_upstream_failed` -> `classify` -> `fail`; `fail` sends a
    proxy-made reply while nothing has been sent, and aborts the client connection (RST)
@@ -55,15 +55,28 @@ def abort_with_rst(transport: Any) -> None:
     transport.abort()
 
 
-class Forwarder:
-    """Drives one exchange; the DownstreamProtocol owns it, the upstream reports to it."""
+class Forwarder(Exchange):
+    """Drives one exchange; the DownstreamProtocol owns it, the upstream reports to it.
 
+    It is also the exchange's record (an `Exchange`): one object per exchange on the hot
+    path. Once `finish` has run, nothing writes it any more and the sinks only read its
+    record fields.
+    """
+
+    ctx: ProxyContext
+    down: DownstreamProtocol
     # Defaults (class attributes): an exchange stores only the state it reaches.
+    head: RequestHead | None = None
+    reject: tuple[RequestProblem, str] | None = None
     up: UpstreamConnection | None = None
     connect_task: asyncio.Task[None] | None = None
     done = False
     tunnel = False
     request_complete = False
+    chunked_in = False
+    close_after = True
+    replay: list[bytes] | None = None  # an idempotent request's body, for one replay
+    may_wait = False
     pending: list[bytes] | None = None  # request body held until the upstream is ready
     pending_bytes = 0
     out_bytes = 0
@@ -75,34 +88,31 @@ class Forwarder:
     evidence: Evidence | None = None  # kept for origin error responses only
     request_sample: bytearray | None = None  # a JSON request body, to judge a 5xx
 
-    def __init__(
-        self,
-        down: DownstreamProtocol,
-        ex: Exchange,
-        head: RequestHead | None,
-        reject: tuple[RequestProblem, str] | None = None,
-    ) -> None:
+    def __init__(self, down: DownstreamProtocol, t_start: int) -> None:
+        self.t_start = t_start
         self.down = down
-        self.ctx: ProxyContext = down.ctx
-        self.ex = ex
-        self.head = head
-        self.reject = reject
+        ctx = self.ctx = down.ctx
+        self.client = down.client_ip
+        self.upstream = ctx.upstream_authority
         self.out: list[bytes] = []  # response bytes, written once per upstream read
         self.up_out: list[bytes] = []  # request bytes, written once per client read
+
+    def attach(
+        self, head: RequestHead | None, reject: tuple[RequestProblem, str] | None = None
+    ) -> None:
+        """The request head is complete (head None: it never could be)."""
+        self.reject = reject
         if head is None:
-            self.chunked_in = False
-            self.close_after = True
-            self.replay: list[bytes] | None = None
-            self.may_wait = False
-        else:
-            self.chunked_in = head.chunked
-            self.close_after = not head.keep_alive
-            replayable = head.method in IDEMPOTENT
-            self.replay = [] if replayable else None
-            self.may_wait = replayable and self.ctx.upstream_wait
-            content_type = head.content_type
-            if content_type is not None and b"json" in content_type and self.ctx.diagnostics:
-                self.request_sample = bytearray()
+            return
+        self.head = head
+        self.chunked_in = head.chunked
+        self.close_after = not head.keep_alive
+        if head.method in IDEMPOTENT:
+            self.replay = []
+            self.may_wait = self.ctx.upstream_wait
+        content_type = head.content_type
+        if content_type is not None and b"json" in content_type and self.ctx.diagnostics:
+            self.request_sample = bytearray()
 
     # -- start -------------------------------------------------------------------------------
 
@@ -134,15 +144,14 @@ class Forwarder:
         if self.done:
             self.ctx.pool.release(conn, reusable=True)
             return
-        ex = self.ex
         self.up = conn
-        ex.reused = reused
+        self.reused = reused
         conn.begin(self, self.head.method == b"HEAD")  # type: ignore[union-attr]
         down = self.down
         if down.write_paused:
             conn.transport.pause_reading()
-        ex.phase = Phase.SEND
-        ex.t_sent = perf_ns()
+        self.phase = Phase.SEND
+        self.t_sent = perf_ns()
         self.up_out.append(self.upstream_head)
         if self.pending:
             self.up_out.extend(self.pending)
@@ -150,15 +159,14 @@ class Forwarder:
             self.pending_bytes = 0
             down.resume_reading(down.PAUSE_BUFFER)
         if self.request_complete:
-            ex.phase = Phase.AWAIT_HEAD
-            self.progress_ns = ex.t_sent
+            self.phase = Phase.AWAIT_HEAD
+            self.progress_ns = self.t_sent
         if not down.in_feed:
             self.flush_upstream()
 
     def on_request_body(self, data: bytes) -> None:
         """Body bytes from the client (raw tunnel bytes once upgraded)."""
-        ex = self.ex
-        ex.body_bytes_in += len(data)
+        self.body_bytes_in += len(data)
         sample = self.request_sample
         if sample is not None and len(sample) < REQUEST_SAMPLE_BYTES:
             sample += data[: REQUEST_SAMPLE_BYTES - len(sample)]
@@ -166,7 +174,7 @@ class Forwarder:
         if self.tunnel or not self.chunked_in:
             self._send([data], len(data))
             return
-        if limit and ex.body_bytes_in > limit:
+        if limit and self.body_bytes_in > limit:
             self.on_request_error(RequestProblem.BODY_TOO_LARGE, f"request body over {limit} bytes")
             return
         self._send([b"%x\r\n" % len(data), data, b"\r\n"], len(data))
@@ -175,9 +183,9 @@ class Forwarder:
         self.request_complete = True
         if self.chunked_in:
             self._send([b"0\r\n\r\n"], 0)
-        if self.up is not None and self.ex.phase is Phase.SEND:
+        if self.up is not None and self.phase is Phase.SEND:
             # The whole request is on its way: the response_headers timeout starts now.
-            self.ex.phase = Phase.AWAIT_HEAD
+            self.phase = Phase.AWAIT_HEAD
             self.progress_ns = perf_ns()
 
     def _send(self, frame: list[bytes], size: int) -> None:
@@ -191,7 +199,7 @@ class Forwarder:
                 replay.extend(frame)
         if self.done:
             return
-        if self.up is not None and self.ex.phase >= Phase.SEND:
+        if self.up is not None and self.phase >= Phase.SEND:
             self.up_out.extend(frame)
             if not self.down.in_feed:
                 self.flush_upstream()
@@ -243,7 +251,6 @@ class Forwarder:
 
     def on_upstream_head(self, status: int, head: bytes) -> None:
         """The origin's response head (status line and header lines, raw)."""
-        ex = self.ex
         request = self.head
         assert request is not None
         ctx = self.ctx
@@ -255,9 +262,9 @@ class Forwarder:
         if status == 101 and not fields.upgrade:
             raise UpgradeBroken("upstream answered 101 without an Upgrade header")
         # From here on the head is accepted: the response has started.
-        ex.t_response_head = now
-        ex.status = ex.upstream_status = status
-        ex.phase = Phase.BODY
+        self.t_response_head = now
+        self.status = self.upstream_status = status
+        self.phase = Phase.BODY
         self.progress_ns = now
         if (request.upgrade and status != 101) or ctx.draining:
             self.close_after = True  # an upgrade refused leaves the client connection unusable
@@ -281,7 +288,7 @@ class Forwarder:
         elif fields.proxy_status:
             lines.extend(b"Proxy-Status: " + v + b"\r\n" for v in fields.proxy_status)
         if hp.server_timing:
-            lines.append(hp.timing(ex.connect_ns(), ex.ttfb_ns(), ex.own_ns(now)))
+            lines.append(hp.timing(self.connect_ns(), self.ttfb_ns(), self.own_ns(now)))
         lines.append(request.request_id_line)
         lines.append(hp.via_response_line(fields.via))
         if self.close_after:
@@ -290,13 +297,13 @@ class Forwarder:
             lines.append(b"Connection: keep-alive\r\n\r\n")
         else:
             lines.append(b"\r\n")
-        ex.response_started = True
+        self.response_started = True
         self._queue_out(b"".join(lines))
         if status >= 400 and ctx.diagnostics:
             self.evidence = Evidence(status, head)
 
     def on_upstream_body(self, data: bytes) -> None:
-        self.ex.body_bytes_out += len(data)
+        self.body_bytes_out += len(data)
         evidence = self.evidence
         if evidence is not None and len(evidence.body) < BODY_SAMPLE_BYTES:
             evidence.body += data[: BODY_SAMPLE_BYTES - len(evidence.body)]
@@ -345,14 +352,14 @@ class Forwarder:
 
     def on_upstream_tunnel_open(self, rest: bytes) -> None:
         """The upstream switched protocols: from now on bytes flow both ways untouched."""
-        self.ex.phase = Phase.TUNNEL
+        self.phase = Phase.TUNNEL
         self.flush()
         self.down.start_tunnel()
         if rest:
             self.on_upstream_tunnel_data(rest)
 
     def on_upstream_tunnel_data(self, data: bytes) -> None:
-        self.ex.body_bytes_out += len(data)
+        self.body_bytes_out += len(data)
         self.down.transport.write(data)
 
     def on_upstream_tunnel_closed(self, exc: BaseException | None) -> None:
@@ -374,7 +381,6 @@ class Forwarder:
     def on_upstream_failed(self, error: BaseException | None) -> None:
         if self.done:
             return
-        ex = self.ex
         up = self.up
         bytes_seen = up.bytes_seen if up is not None else False
         if up is not None:
@@ -383,16 +389,16 @@ class Forwarder:
                 self.ctx.pool.release(up, reusable=False)
         head = self.head
         fault, detail = classify(
-            ex.phase,
+            self.phase,
             error,
             response_bytes_seen=bytes_seen,
-            upgrade=head is not None and head.upgrade,
+            upgrade=head is not None and head.upgrade is not None,
         )
         if (
             fault in STALE_CONNECTION_FAULTS
-            and ex.reused
-            and not ex.retried
-            and not ex.response_started
+            and self.reused
+            and not self.retried
+            and not self.response_started
             and self.replay is not None
             and self.request_complete
         ):
@@ -402,9 +408,8 @@ class Forwarder:
 
     def _retry(self) -> None:
         """Replay once on a fresh connection (the reused one was stale)."""
-        ex = self.ex
-        ex.retried = True
-        ex.t_sent = 0
+        self.retried = True
+        self.t_sent = 0
         self.pending = list(self.replay or ())
         self.pending_bytes = 0
         self.up_out = []
@@ -416,7 +421,7 @@ class Forwarder:
         """A defect in Faultline: traceback to the log, a plain 500 to the client."""
         log.error(
             "internal error in exchange %s",
-            self.ex.request_id,
+            self.request_id,
             exc_info=exc,
         )
         up = self.up
@@ -435,12 +440,11 @@ class Forwarder:
         """End the exchange on a fault: a proxy-made reply, or an abort once started."""
         if self.done:
             return
-        ex = self.ex
-        ex.fault = fault
-        ex.problem = problem
-        ex.details = detail
+        self.fault = fault
+        self.problem = problem
+        self.details = detail
         self._cancel_connect()
-        if ex.response_started:
+        if self.response_started:
             # The status line is already out: the client must see a broken response.
             self.out = []
             abort_with_rst(self.down.transport)
@@ -451,10 +455,10 @@ class Forwarder:
         if problem is not None or not self.request_complete or fault is Fault.PROXY_INTERNAL_ERROR:
             self.close_after = True
         reply = replies.render(
-            self.ctx, ex, self.head, fault, problem, detail, params, close=self.close_after
+            self.ctx, self, self.head, fault, problem, detail, params, close=self.close_after
         )
-        ex.source = Source.PROXY
-        ex.response_started = True
+        self.source = Source.PROXY
+        self.response_started = True
         self.out = []
         self.down.transport.write(reply)
         self.finish()
@@ -463,7 +467,6 @@ class Forwarder:
         """The client connection closed: 499 unless the response was already complete."""
         if self.done:
             return
-        ex = self.ex
         self._cancel_connect()
         up = self.up
         if up is not None:
@@ -472,14 +475,14 @@ class Forwarder:
                 up.close()
             self.ctx.pool.release(up, reusable=False)
         if not self.tunnel:
-            ex.fault = Fault.CLIENT_CLOSED_REQUEST
-            ex.details = (
+            self.fault = Fault.CLIENT_CLOSED_REQUEST
+            self.details = (
                 "client closed the connection before the response was complete"
-                if ex.response_started
+                if self.response_started
                 else "client closed the connection before the response started"
             )
-            ex.status = replies.CLIENT_CLOSED_STATUS
-            ex.source = Source.CLIENT
+            self.status = replies.CLIENT_CLOSED_STATUS
+            self.source = Source.CLIENT
         self.finish()
 
     def _cancel_connect(self) -> None:
@@ -487,15 +490,14 @@ class Forwarder:
         if task is not None:
             self.connect_task = None
             task.cancel()
-        if self.ex.phase is Phase.POOL_WAIT:
+        if self.phase is Phase.POOL_WAIT:
             self.ctx.pool.forget_waiter(self)
 
     # -- deadlines ------------------------------------------------------------------------------
 
     def check_deadline(self, now: int) -> None:
         """Called by the server's sweep; fires the timeout of the current phase if due."""
-        ex = self.ex
-        phase = ex.phase
+        phase = self.phase
         ctx = self.ctx
         if phase is Phase.AWAIT_HEAD:
             if now - self.progress_ns > ctx.response_headers_ns:
@@ -503,16 +505,16 @@ class Forwarder:
         elif phase is Phase.BODY:
             if self.down.write_paused:
                 self.progress_ns = now  # the client is slow, not the upstream
-            elif ex.body_bytes_out != self.progress:
-                self.progress = ex.body_bytes_out
+            elif self.body_bytes_out != self.progress:
+                self.progress = self.body_bytes_out
                 self.progress_ns = now
             elif now - self.progress_ns > ctx.upstream_read_ns:
                 self.on_upstream_failed(DeadlineExpired())
         elif phase is Phase.SEND:
             if self.request_complete or self.down.read_pauses:
                 self.progress_ns = now
-            elif ex.body_bytes_in != self.progress:
-                self.progress = ex.body_bytes_in
+            elif self.body_bytes_in != self.progress:
+                self.progress = self.body_bytes_in
                 self.progress_ns = now
             elif self.progress_ns and now - self.progress_ns > ctx.client_body_ns:
                 self.on_request_error(
@@ -521,18 +523,18 @@ class Forwarder:
             elif not self.progress_ns:
                 self.progress_ns = now
         elif phase is Phase.DNS:
-            if now - ex.t_dns > ctx.dns_ns:
+            if now - self.t_dns > ctx.dns_ns:
                 self._cancel_connect()
                 self.on_upstream_failed(DeadlineExpired())
         elif phase is Phase.CONNECT or phase is Phase.TLS:
-            if ex.waited_s or self.may_wait:
+            if self.waited_s or self.may_wait:
                 limit = ctx.connect_ns + ctx.upstream_wait_ns
             else:
                 limit = ctx.connect_ns
-            if now - ex.t_connect > limit:
+            if now - self.t_connect > limit:
                 self._cancel_connect()
                 self.on_upstream_failed(DeadlineExpired())
-        elif phase is Phase.POOL_WAIT and now - ex.t_pool > ctx.pool_wait_ns:
+        elif phase is Phase.POOL_WAIT and now - self.t_pool > ctx.pool_wait_ns:
             self.ctx.pool.forget_waiter(self)
             self.on_upstream_failed(DeadlineExpired())
 
@@ -542,9 +544,8 @@ class Forwarder:
         if self.done:
             return
         self.done = True
-        ex = self.ex
-        ex.phase = Phase.DONE
-        ex.t_end = perf_ns()
+        self.phase = Phase.DONE
+        self.t_end = perf_ns()
         evidence = self.evidence
         if evidence is not None:
             head = self.head
@@ -552,8 +553,8 @@ class Forwarder:
             if self.request_sample is not None:
                 evidence.request_body = bytes(self.request_sample)
             try:
-                ex.hop, ex.hints = diagnose(evidence)
+                self.hop, self.hints = diagnose(evidence)
             except Exception:  # diagnosis must never cost an exchange its record
-                log.exception("diagnosis failed for exchange %s", ex.request_id)
-        self.ctx.telemetry.record(ex)
+                log.exception("diagnosis failed for exchange %s", self.request_id)
+        self.ctx.telemetry.record(self)
         self.down.exchange_finished(self)

@@ -228,7 +228,7 @@ class ProxyServer:
         # 4. Idle keep-alive connections close now; busy ones after their exchange.
         ctx.draining = True
         for conn in list(ctx.connections):
-            if conn.current is None and conn.ex is None:
+            if conn.current is None and conn.parsing is None:
                 conn.close()
         ctx.pool.close_idle()
         # 5. Let in-flight exchanges finish, up to the drain time.

@@ -185,6 +185,9 @@ class UpstreamConnection(asyncio.Protocol):
             return
         buf = self.head_buf
         start = self.head_start
+        if buf[start : start + 5] != b"HTTP/":
+            # llhttp skips empty lines before a status line (RFC 9112 §2.2): so do we.
+            start = buf.find(b"HTTP/", start)
         end = buf.find(b"\r\n\r\n", start)
         if end < 0:  # llhttp accepted a head that does not end in CRLF CRLF
             raise UpstreamProtocolError("response head not terminated by CRLF CRLF")
@@ -272,8 +275,8 @@ class UpstreamPool:
         if self.open < self.max_connections:
             self._start_connect(forwarder)
         else:
-            forwarder.ex.phase = Phase.POOL_WAIT
-            forwarder.ex.t_pool = perf_ns()
+            forwarder.phase = Phase.POOL_WAIT
+            forwarder.t_pool = perf_ns()
             self.waiters.append(forwarder)
         return None
 
@@ -366,7 +369,7 @@ class UpstreamPool:
 
     async def _open(self, forwarder: Forwarder, attempt: _Attempt) -> UpstreamConnection:
         """DNS, TCP connect (every address in turn), then TLS; marks and phases on the way."""
-        ex = forwarder.ex
+        ex = forwarder
         loop = self.loop
         if self.host_is_ip:
             addresses = [self.host]
