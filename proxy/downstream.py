@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import re
 from collections import deque
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -53,7 +54,8 @@ log = logging.getLogger("faultline")
     _Q_RID,
     _Q_ACCEPT,
     _Q_CONTENT_TYPE,
-) = range(13)
+    _Q_CONTENT_ENCODING,
+) = range(14)
 _REQUEST_SPECIAL = {
     b"keep-alive": _Q_DROP,
     b"proxy-connection": _Q_DROP,
@@ -73,7 +75,12 @@ _REQUEST_SPECIAL = {
     b"x-request-id": _Q_RID,
     b"accept": _Q_ACCEPT,
     b"content-type": _Q_CONTENT_TYPE,
+    b"content-encoding": _Q_CONTENT_ENCODING,
 }
+
+
+# RFC 9112 §3.2 / RFC 3986: uri-host [ ":" port ] (IP-literal, IPv4 or reg-name).
+_HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]+)(?::[0-9]{0,5})?\Z")
 
 
 class RequestRejected(Exception):
@@ -109,6 +116,7 @@ class RequestHead:
     request_id_line = b""
     accept: bytes | None = None
     content_type: bytes | None = None
+    content_encoding: bytes | None = None
     loop_marker = False
     problem: str | None = None
 
@@ -123,7 +131,10 @@ class RequestHead:
         elif code == _Q_HOST:
             self.hosts += 1
             self.host = value
+            if _HOST.match(value) is None:
+                self.problem = self.problem or "invalid Host header (expected host[:port])"
         elif code == _Q_CL:
+            value = value.strip(b" \t")  # llhttp allows optional whitespace around it
             if self.content_length is not None:
                 self.problem = self.problem or "more than one Content-Length"
             elif not value.isdigit() or len(value) > 18:
@@ -153,6 +164,9 @@ class RequestHead:
         elif code == _Q_CONTENT_TYPE:
             self.content_type = value
             self.lines.append(name + b": " + value + b"\r\n")
+        elif code == _Q_CONTENT_ENCODING:
+            self.content_encoding = value
+            self.lines.append(name + b": " + value + b"\r\n")
 
     def complete(
         self, method: bytes, target: bytes, version: str, keep_alive: bool, upgrade: bool
@@ -171,9 +185,14 @@ class RequestHead:
         if self.hosts == 0 and self.http11:
             return "HTTP/1.1 request without a Host header"
         if self.te_values is not None:
-            codings = [c.strip().lower() for v in self.te_values for c in v.split(b",")]
-            if codings[-1] != b"chunked" or codings.count(b"chunked") != 1:
-                return "Transfer-Encoding must end with a single chunked"
+            # Empty list elements are allowed (RFC 9110 §5.6.1) and mean nothing.
+            codings = [
+                c.strip().lower() for v in self.te_values for c in v.split(b",") if c.strip()
+            ]
+            if codings != [b"chunked"]:
+                # Only chunked is understood here: any other coding would be passed on
+                # unannounced, and the origin would take coded bytes for the content.
+                return "Transfer-Encoding other than a single chunked is not supported"
             if not self.http11:
                 return "Transfer-Encoding in an HTTP/1.0 request"
             if self.content_length is not None:
@@ -188,9 +207,10 @@ class RequestHead:
             nominated = nominated - CONNECTION_OPTIONS
             if nominated:
                 self.lines = [
-                    line for line in self.lines
-                    if line.split(b":", 1)[0].lower() not in nominated
+                    line for line in self.lines if line.split(b":", 1)[0].lower() not in nominated
                 ]
+        if b"#" in target:
+            return "a request target cannot carry a fragment"
         if target[:1] != b"/":
             return self._absolute_form()
         return None
@@ -235,6 +255,7 @@ class DownstreamProtocol(asyncio.Protocol):
         self.write_paused = False
         self.in_feed = False
         self.raw = False  # after an Upgrade request: bytes go through unparsed
+        self.upgrading: Forwarder | None = None  # the exchange that asked to upgrade
         self.closed = False
         self.idle_since_ns = 0
         self.served = 0
@@ -309,10 +330,10 @@ class DownstreamProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.raw:
-            fw = self.current
+            fw = self.upgrading
             if fw is not None:
                 try:
-                    fw.on_request_body(data)
+                    fw.on_client_tunnel_data(data)
                 except Exception as exc:
                     fw.on_internal_error(exc)
             return
@@ -320,10 +341,12 @@ class DownstreamProtocol(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except HttpParserUpgrade as exc:
+            # Whatever follows an Upgrade request is held until the origin switches
+            # protocols; if it refuses, those bytes are never forwarded (no smuggling).
             self.raw = True
             rest = data[exc.args[0] :]
-            if rest and self.current is not None:
-                self.current.on_request_body(rest)
+            if rest and self.upgrading is not None:
+                self.upgrading.on_client_tunnel_data(rest)
         except HttpParserCallbackError as exc:
             cause = exc.__context__
             if isinstance(cause, RequestRejected):
@@ -396,8 +419,11 @@ class DownstreamProtocol(asyncio.Protocol):
         parser = self.parser
         head = self.head
         problem = head.complete(
-            parser.get_method(), self.url, parser.get_http_version(),
-            parser.should_keep_alive(), parser.should_upgrade(),
+            parser.get_method(),
+            self.url,
+            parser.get_http_version(),
+            parser.should_keep_alive(),
+            parser.should_upgrade(),
         )
         fw.method = head.method.decode("latin-1")
         fw.target = head.target.decode("latin-1")
@@ -414,15 +440,20 @@ class DownstreamProtocol(asyncio.Protocol):
             if head.via is not None:
                 head.loop_marker = ctx.headers.is_loop(head.via)
             fw.attach(head)
+            if head.upgrade is not None:
+                self.upgrading = fw
             self._enqueue(fw)
             return
         if problem is not None:
             fw.attach(head, (RequestProblem.MALFORMED, problem))
         else:
-            fw.attach(head, (
-                RequestProblem.BODY_TOO_LARGE,
-                f"Content-Length {head.content_length} over {ctx.max_request_body_bytes}",
-            ))
+            fw.attach(
+                head,
+                (
+                    RequestProblem.BODY_TOO_LARGE,
+                    f"Content-Length {head.content_length} over {ctx.max_request_body_bytes}",
+                ),
+            )
         # Nothing after a refused head can be trusted to be framed right.
         self.pause_reading(self.PAUSE_BROKEN)
         self._enqueue(fw)
@@ -458,7 +489,8 @@ class DownstreamProtocol(asyncio.Protocol):
         self.resume_reading(self.PAUSE_UPLOAD | self.PAUSE_BUFFER)
         if self.closed:
             return
-        if fw.close_after or self.ctx.draining:
+        if fw.close_after or (self.ctx.draining and not self.queue):
+            # Draining: requests already read and queued are still answered first.
             self.close()
             return
         if self.queue:
@@ -475,9 +507,6 @@ class DownstreamProtocol(asyncio.Protocol):
         if self.current is fw and not fw.done and not self.closed:
             fw.start()
 
-    def start_tunnel(self) -> None:
-        self.raw = True
-
     # -- bad input ---------------------------------------------------------------------------
 
     def _broken(self, problem: RequestProblem, detail: str) -> None:
@@ -487,6 +516,7 @@ class DownstreamProtocol(asyncio.Protocol):
         fw = self.parsing
         if fw is not None:
             self.parsing = None
+            fw.request_id = self.ctx.new_request_id().decode()
             fw.attach(None, (problem, detail))
             self._enqueue(fw)
             return
@@ -496,8 +526,10 @@ class DownstreamProtocol(asyncio.Protocol):
             fw.on_request_error(problem, detail)
             return
         last = self.queue[-1] if self.queue else self.current
-        if last is not None and last.reject is not None:
-            return  # already refused; this is the same bad stream
+        if last is not None and (last.reject is not None or last.close_after):
+            # Already refused (the same bad stream), or bytes after a request that closes
+            # the connection: nobody will read an answer, so no exchange is made up.
+            return
         fw = Forwarder(self, perf_ns())
         self.ctx.stats.in_flight += 1
         fw.request_id = self.ctx.new_request_id().decode()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import socket
 import struct
 from typing import TYPE_CHECKING, Any
@@ -40,6 +41,7 @@ REPLAY_MAX_BYTES = 64 * 1024  # request bodies up to this size are kept for a re
 PENDING_HIGH_BYTES = 256 * 1024  # request body buffered before the upstream is ready
 COALESCE_MAX_BYTES = 16 * 1024  # join small writes into one buffer (one syscall)
 _LINGER_RST = struct.pack("ii", 1, 0)
+_CONTROL = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 _NO_BODY_STATUSES = frozenset({204, 304})
 
@@ -87,6 +89,7 @@ class Forwarder(Exchange):
     progress_ns = 0
     evidence: Evidence | None = None  # kept for origin error responses only
     request_sample: bytearray | None = None  # a JSON request body, to judge a 5xx
+    held: list[bytes] | None = None  # client bytes after an Upgrade request, before 101
 
     def __init__(self, down: DownstreamProtocol, t_start: int) -> None:
         self.t_start = t_start
@@ -111,7 +114,12 @@ class Forwarder(Exchange):
             self.replay = []
             self.may_wait = self.ctx.upstream_wait
         content_type = head.content_type
-        if content_type is not None and b"json" in content_type and self.ctx.diagnostics:
+        if (
+            content_type is not None
+            and b"json" in content_type
+            and head.content_encoding is None  # a compressed body cannot be judged
+            and self.ctx.diagnostics
+        ):
             self.request_sample = bytearray()
 
     # -- start -------------------------------------------------------------------------------
@@ -266,20 +274,29 @@ class Forwarder(Exchange):
         self.status = self.upstream_status = status
         self.phase = Phase.BODY
         self.progress_ns = now
-        if (request.upgrade and status != 101) or ctx.draining:
+        if (request.upgrade and status != 101) or (ctx.draining and not self.down.queue):
             self.close_after = True  # an upgrade refused leaves the client connection unusable
-        lines = [b"HTTP/1.1 ", head[9:line_end], block]
+        status_rest = head[9:line_end]
+        if _CONTROL.search(status_rest) is not None:
+            # llhttp lets control bytes through in a reason phrase: never pass them on.
+            status_rest = b"%d Faultline-Sanitised\r\n" % status
+        lines = [b"HTTP/1.1 ", status_rest, block]
         if status == 101:
             lines.append(b"Connection: upgrade\r\nUpgrade: " + fields.upgrade + b"\r\n")
             self.tunnel = True
         elif request.method == b"HEAD" or status in _NO_BODY_STATUSES:
             pass
-        elif fields.chunked or not fields.content_length:
+        elif fields.chunked or not fields.content_length or fields.codings:
             if not fields.chunked:
                 self.up.close_delimited = True  # type: ignore[union-attr]
             if request.http11:
                 self.chunked_out = True
-                lines.append(b"Transfer-Encoding: chunked\r\n")
+                codings = fields.codings
+                lines.append(
+                    b"Transfer-Encoding: " + codings + b", chunked\r\n"
+                    if codings
+                    else b"Transfer-Encoding: chunked\r\n"
+                )
             else:
                 self.close_after = True
         hp = ctx.headers
@@ -325,7 +342,12 @@ class Forwarder(Exchange):
         up = self.up
         self.up = None
         if up is not None:
-            reusable = reusable and self.request_complete and not up.close_delimited
+            reusable = (
+                reusable
+                and self.request_complete
+                and not up.close_delimited
+                and (self.head is None or self.head.upgrade is None)  # never after Upgrade
+            )
             self.ctx.pool.release(up, reusable)
         if not self.request_complete:
             self.close_after = True  # the rest of the request body cannot be framed any more
@@ -354,9 +376,28 @@ class Forwarder(Exchange):
         """The upstream switched protocols: from now on bytes flow both ways untouched."""
         self.phase = Phase.TUNNEL
         self.flush()
-        self.down.start_tunnel()
+        held = self.held
+        if held:
+            self.held = None
+            self.up.transport.writelines(held)  # type: ignore[union-attr]
+            self.down.resume_reading(self.down.PAUSE_BUFFER)
         if rest:
             self.on_upstream_tunnel_data(rest)
+
+    def on_client_tunnel_data(self, data: bytes) -> None:
+        """Client bytes after an Upgrade request: held until the upstream answers 101."""
+        self.body_bytes_in += len(data)
+        if self.tunnel and self.up is not None:
+            self.up.transport.write(data)
+            return
+        if self.done or self.phase is Phase.BODY:
+            return  # the upgrade was refused: these bytes are never forwarded
+        held = self.held
+        if held is None:
+            held = self.held = []
+        held.append(data)
+        if sum(map(len, held)) > PENDING_HIGH_BYTES:
+            self.down.pause_reading(self.down.PAUSE_BUFFER)
 
     def on_upstream_tunnel_data(self, data: bytes) -> None:
         self.body_bytes_out += len(data)

@@ -130,6 +130,7 @@ class ResponseFields:
 
     content_length = False
     chunked = False
+    codings = b""  # transfer codings other than chunked (the body then ends at close)
     upgrade = b""
     via = b""
     proxy_status: list[bytes] | None = None
@@ -177,7 +178,14 @@ def _scan_response_block(head: bytes, low: bytes, line_end: int) -> tuple[bytes,
         position = end + 2
         value = head[match.start(2) : match.end(2)]
         if name == b"transfer-encoding":
-            fields.chunked = True
+            # Chunked last: llhttp de-chunks it. Any other final coding means the body
+            # runs to the end of the connection, and its codings must be passed on.
+            codings = [c.strip() for c in match.group(2).split(b",") if c.strip()]
+            if codings and codings[-1] == b"chunked":
+                fields.chunked = True
+                codings.pop()
+            if codings:
+                fields.codings = b", ".join(codings)
         elif name == b"connection":
             lowered = match.group(2)
             if lowered not in _PLAIN_CONNECTION:

@@ -231,9 +231,10 @@ class ProxyServer:
             if conn.current is None and conn.parsing is None:
                 conn.close()
         ctx.pool.close_idle()
-        # 5. Let in-flight exchanges finish, up to the drain time.
+        # 5. Let in-flight exchanges finish and their connections flush and close (a slow
+        #    client still reading its response is in flight too), up to the drain time.
         deadline = perf_ns() + _ns(timeouts.drain)
-        while ctx.stats.in_flight > 0 and perf_ns() < deadline:
+        while (ctx.stats.in_flight > 0 or ctx.connections) and perf_ns() < deadline:
             await asyncio.sleep(0.02)
         for conn in list(ctx.connections):
             if conn.transport is not None:
@@ -275,6 +276,8 @@ class ProxyServer:
             log.warning(
                 "second %s: exiting without waiting for the drain", signal.Signals(sig).name
             )
+            if self.ctx is not None and self.ctx.telemetry.access_log is not None:
+                self.ctx.telemetry.access_log.flush()  # what finished is still logged
             os._exit(0)
         log.info("%s: draining (readyz now 503)", signal.Signals(sig).name)
         self.request_stop()

@@ -386,7 +386,10 @@ class UpstreamPool:
                 conn = await self._connect_any(addresses)
                 break
             except _NOT_LISTENING:
-                if not wait_until or perf_ns() >= wait_until:
+                if not wait_until:
+                    raise
+                if perf_ns() >= wait_until:
+                    ex.waited_s = round((perf_ns() - ex.t_connect) / 1e9, 3)
                     raise
                 await asyncio.sleep(_RETRY_WAIT_S)
         attempt.conn = conn
