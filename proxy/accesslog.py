@@ -5,6 +5,8 @@ Rules:
    full): never a write per request on the hot path.
 2. Only the record's own fields are logged; headers are never logged, so Authorization,
    Cookie and Set-Cookie cannot leak; configured query parameters are redacted.
+3. Fields beyond the contract's list appear only when they say something: `waited_ms`,
+   how long a request was held while the upstream refused connections (`upstream_wait`).
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ from urllib.parse import parse_qsl, quote
 import orjson
 
 from .exchange import Exchange
-from .faults import info
+from .faults import TAXONOMY
+
+LAYERS = {fault: row.layer._value_ for fault, row in TAXONOMY.items()}
 
 BATCH_MAX = 512
 REDACTED = "REDACTED"
@@ -45,26 +49,35 @@ class Clock:
     def __init__(self) -> None:
         self.wall = time.time()
         self.mono_ns = time.perf_counter_ns()
+        self._second = -1
+        self._prefix = ""
 
     def at(self, mark_ns: int) -> float:
         return self.wall + (mark_ns - self.mono_ns) / 1e9
 
     def iso(self, mark_ns: int) -> str:
-        return datetime.fromtimestamp(self.at(mark_ns), UTC).isoformat(timespec="milliseconds")
+        """RFC 3339 UTC with milliseconds; the part up to the second is computed once."""
+        ms = int(self.at(mark_ns) * 1000)
+        second, millis = divmod(ms, 1000)
+        if second != self._second:
+            self._second = second
+            self._prefix = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+        return f"{self._prefix}.{millis:03d}Z"
 
 
 def log_record(ex: Exchange, clock: Clock, secret_params: frozenset[str]) -> dict[str, Any]:
     """The JSON access-log object of CONTRACT.md for one finished exchange."""
-    row = info(ex.fault, ex.problem) if ex.fault is not None else None
-    return {
+    fault = ex.fault
+    target = ex.target
+    record = {
         "time": clock.iso(ex.t_end),
         "request_id": ex.request_id,
         "method": ex.method,
-        "path": redact_target(ex.target, secret_params),
+        "path": redact_target(target, secret_params) if "?" in target else target,
         "status": ex.status,
-        "source": ex.source.value,
-        "layer": row.layer.value if row else "origin",
-        "error": ex.fault.value if ex.fault is not None else None,
+        "source": ex.source._value_,
+        "layer": "origin" if fault is None else LAYERS[fault],
+        "error": None if fault is None else fault._value_,
         "details": ex.details,
         "upstream": ex.upstream,
         "client": ex.client,
@@ -77,6 +90,9 @@ def log_record(ex: Exchange, clock: Clock, secret_params: frozenset[str]) -> dic
         "hop": ex.hop,
         "hints": list(ex.hints),
     }
+    if ex.waited_s:
+        record["waited_ms"] = round(ex.waited_s * 1000, 1)
+    return record
 
 
 class AccessLog:

@@ -131,6 +131,7 @@ def _fault_doc(row: FaultInfo) -> dict[str, Any]:
         "hop": row.hop,
         "meaning": row.meaning,
         "advice": row.advice,
+        "hint": row.hint,
     }
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -123,8 +124,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def check_config(file: str) -> int:
-    config = load_config(file, env={})
-    yaml.safe_dump(config.effective(), sys.stdout, sort_keys=False)
+    """The file with the FAULTLINE_* environment applied: what `serve` would run with."""
+    env = {k: v for k, v in os.environ.items() if k != "FAULTLINE_CONFIG"}
+    config = load_config(file, env=env)
+    try:
+        yaml.safe_dump(config.effective(), sys.stdout, sort_keys=False)
+        sys.stdout.flush()
+    except BrokenPipeError:  # `faultline check-config FILE | head`: fine, not a traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 
@@ -152,6 +159,9 @@ DEMO_BASE: dict[tuple[str, ...], Any] = {
 
 
 def _serve_banner(server: Any) -> None:
+    from .console import install_summary
+
+    install_summary(server)  # on a terminal: a summary line after each burst
     config = server.config
     print(
         f"faultline {__version__}: proxy http://{format_address(server.listen_address)} -> "
@@ -167,6 +177,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     import uvloop
 
     from .config import parse_address
+    from .console import install_summary
     from .demo import start_demo_origin
     from .server import ProxyServer, StartupError
 
@@ -188,6 +199,7 @@ def _run_demo(args: argparse.Namespace) -> int:
             server = ProxyServer(config)
             await server.start()
             server.install_signal_handlers()
+            install_summary(server)
             _demo_banner(server, origin.url)
             await server.serve_until_stopped()
         finally:

@@ -39,6 +39,7 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
+from .diagnosis import FAULT_BEHIND_ORIGIN, ORIGIN_5XX_FOR_CLIENT_ERROR
 from .faults import Fault
 
 __all__ = ["ROUTES", "DemoOrigin", "DemoRoute", "make_demo_app", "start_demo_origin"]
@@ -50,6 +51,7 @@ __all__ = ["ROUTES", "DemoOrigin", "DemoRoute", "make_demo_app", "start_demo_ori
 
 SECTION_NORMAL = "Normal traffic"
 SECTION_ORIGIN_ERRORS = "The origin's own errors"
+SECTION_BEHIND = "Errors made behind the origin"
 SECTION_SLOW = "Slow answers"
 SECTION_BROKEN = "Broken before the response starts"
 SECTION_MID_BODY = "Broken in the middle of the body"
@@ -69,7 +71,9 @@ class DemoRoute:
     `path` is a concrete request target (with its query when one matters), ready to send.
     `expect_status` is the status the client gets, or None when the response is aborted
     mid-body (the origin's 200 had already gone out, so the client sees a broken body).
-    `expect_source`/`expect_error`/`expect_layer`/`hop` are the access-log fields.
+    `expect_source`/`expect_error`/`expect_layer`/`hop`/`expect_hints` are the
+    access-log fields (`hop`: who behind the origin made the response; `expect_hints`:
+    the diagnosis hints, in order).
     The request needs `body` and `request_headers` (a WebSocket handshake for the upgrade
     routes); `section` and `note` are for the landing page.
     """
@@ -83,6 +87,7 @@ class DemoRoute:
     expect_layer: str
     hop: str | None = None
     section: str = SECTION_NORMAL
+    expect_hints: tuple[str, ...] = ()
     body: bytes = b""
     request_headers: tuple[tuple[str, str], ...] = ()
     note: str = ""
@@ -171,17 +176,17 @@ ROUTES: list[DemoRoute] = [
         502,
         "The app itself answers 502",
         section=SECTION_ORIGIN_ERRORS,
-        note="A 502 that the proxy did not make: source=origin, never confused with a proxy fault.",
+        expect_hints=(FAULT_BEHIND_ORIGIN,),
+        note="A 502 that the proxy did not make: source=origin, never confused with a proxy "
+        "fault. Faultline adds the hint fault_behind_origin: the app reports a failure of "
+        "something it depends on.",
     ),
-    _origin("/origin-504", 504, "The app itself answers 504", section=SECTION_ORIGIN_ERRORS),
     _origin(
-        "/nginx-502",
-        502,
-        "An nginx behind the origin failed (nginx's 502 page)",
+        "/origin-504",
+        504,
+        "The app itself answers 504",
         section=SECTION_ORIGIN_ERRORS,
-        hop="nginx",
-        note="The origin's response is nginx's own error page: the fault lies behind "
-        "the origin, and Faultline names the hop.",
+        expect_hints=(FAULT_BEHIND_ORIGIN,),
     ),
     _origin(
         "/json",
@@ -200,8 +205,65 @@ ROUTES: list[DemoRoute] = [
         section=SECTION_ORIGIN_ERRORS,
         body=b'{"item": "teapot",',
         request_headers=(("Content-Type", "application/json"),),
+        expect_hints=(ORIGIN_5XX_FOR_CLIENT_ERROR,),
         note="The classic anti-pattern: invalid input reported as a server error (it "
-        "should be a 400) and a stack trace shown to the client.",
+        "should be a 400) and a stack trace shown to the client. Faultline can tell the "
+        "body is not JSON and adds the hint origin_5xx_for_client_error.",
+    ),
+    # -- errors made behind the origin -------------------------------------------------
+    _origin(
+        "/nginx-502",
+        502,
+        "An nginx behind the origin failed (nginx's 502 page)",
+        section=SECTION_BEHIND,
+        hop="nginx",
+        expect_hints=(FAULT_BEHIND_ORIGIN,),
+        note="The origin's response is nginx's own error page: the fault lies behind "
+        "the origin, and Faultline names the hop.",
+    ),
+    _origin(
+        "/envoy-503",
+        503,
+        "An Envoy behind the origin could not reach its upstream",
+        section=SECTION_BEHIND,
+        hop="envoy",
+        expect_hints=(FAULT_BEHIND_ORIGIN,),
+        note="Envoy's own reply, 'upstream connect error or disconnect/reset before "
+        "headers', recognisable because it lacks x-envoy-upstream-service-time.",
+    ),
+    _origin(
+        "/haproxy-503",
+        503,
+        "An HAProxy behind the origin has no server left",
+        section=SECTION_BEHIND,
+        hop="haproxy",
+        expect_hints=(FAULT_BEHIND_ORIGIN,),
+    ),
+    _origin(
+        "/cloudflare-522",
+        522,
+        "A Cloudflare behind the origin timed out reaching its own origin (522)",
+        section=SECTION_BEHIND,
+        hop="cloudflare",
+        expect_hints=(FAULT_BEHIND_ORIGIN,),
+    ),
+    _origin(
+        "/alb-502",
+        502,
+        "An AWS load balancer behind the origin got a bad answer from its target",
+        section=SECTION_BEHIND,
+        hop="aws-alb",
+        expect_hints=(FAULT_BEHIND_ORIGIN,),
+    ),
+    _origin(
+        "/gateway-504",
+        504,
+        "A gateway behind the origin reports its fault in Proxy-Status (RFC 9209)",
+        section=SECTION_BEHIND,
+        hop="payments-gateway",
+        expect_hints=(FAULT_BEHIND_ORIGIN,),
+        note="The intermediary's own Proxy-Status member names it; Faultline appends its "
+        "member after it, so the header reads the path from the origin outwards.",
     ),
     # -- slow answers ------------------------------------------------------------------
     _origin(
@@ -538,6 +600,128 @@ async def _nginx_502(request: web.Request) -> web.Response:
     )
 
 
+# -- errors made behind the origin, byte for byte as each product sends them -------------------
+
+
+async def _product_response(
+    request: web.Request, status_line: str, headers: list[tuple[str, str]], body: bytes
+) -> web.StreamResponse:
+    """Write a product's own error response as is (no Server header of ours), then close."""
+    if (transport := _live_transport(request)) is not None:
+        lines = [status_line, *(f"{name}: {value}" for name, value in headers)]
+        lines.append(f"Content-Length: {len(body)}")
+        lines.append("Connection: close")
+        transport.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
+        transport.close()
+    return _RawBytesSent()
+
+
+_ENVOY_UF = (
+    b"upstream connect error or disconnect/reset before headers. reset reason: connection "
+    b"failure, transport failure reason: delayed connect error: 111"
+)
+
+
+async def _envoy_503(request: web.Request) -> web.StreamResponse:
+    return await _product_response(
+        request,
+        "HTTP/1.1 503 Service Unavailable",
+        [("content-type", "text/plain"), ("date", _http_date()), ("server", "envoy")],
+        _ENVOY_UF,
+    )
+
+
+_HAPROXY_503 = (
+    b"<html><body><h1>503 Service Unavailable</h1>\n"
+    b"No server is available to handle this request.\n</body></html>\n"
+)
+
+
+async def _haproxy_503(request: web.Request) -> web.StreamResponse:
+    return await _product_response(
+        request,
+        "HTTP/1.1 503 Service Unavailable",
+        [("cache-control", "no-cache"), ("content-type", "text/html")],
+        _HAPROXY_503,
+    )
+
+
+_CLOUDFLARE_522 = b"""<!DOCTYPE html>
+<html class="no-js" lang="en-US">
+<head>
+<title>shop.example.com | 522: Connection timed out</title>
+<meta charset="UTF-8" />
+</head>
+<body>
+<div id="cf-wrapper">
+<div id="cf-error-details" class="p-0">
+<header class="mx-auto pt-10 lg:pt-6 lg:px-8 w-240 lg:w-full mb-8">
+<h1 class="inline-block sm:block sm:mb-2 font-light text-60 lg:text-4xl text-black-dark">
+<span class="inline-block">Connection timed out</span>
+<span class="code-label">Error code 522</span>
+</h1>
+</header>
+<div class="w-240 lg:w-full mx-auto mb-8 lg:px-8">
+<p>The initial connection between Cloudflare's network and the origin web server timed out.
+As a result, the web page can not be displayed.</p>
+</div>
+<p>Cloudflare Ray ID: <strong class="font-semibold">8f1c2a3b4d5e6f70</strong></p>
+</div>
+</div>
+</body>
+</html>
+"""
+
+
+async def _cloudflare_522(request: web.Request) -> web.StreamResponse:
+    return await _product_response(
+        request,
+        "HTTP/1.1 522 Origin Connection Time-out",
+        [
+            ("Date", _http_date()),
+            ("Content-Type", "text/html; charset=UTF-8"),
+            ("Cache-Control", "private, max-age=0, no-store, no-cache, must-revalidate"),
+            ("Expires", "Thu, 01 Jan 1970 00:00:01 GMT"),
+            ("Server", "cloudflare"),
+            ("CF-RAY", "8f1c2a3b4d5e6f70-FRA"),
+        ],
+        _CLOUDFLARE_522,
+    )
+
+
+_ALB_502 = (
+    b"<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n"
+    b"<center><h1>502 Bad Gateway</h1></center>\r\n</body>\r\n</html>\r\n"
+)
+
+
+async def _alb_502(request: web.Request) -> web.StreamResponse:
+    return await _product_response(
+        request,
+        "HTTP/1.1 502 Bad Gateway",
+        [("Server", "awselb/2.0"), ("Date", _http_date()), ("Content-Type", "text/html")],
+        _ALB_502,
+    )
+
+
+async def _gateway_504(request: web.Request) -> web.Response:
+    member = (
+        f'payments-gateway; error={Fault.CONNECTION_TIMEOUT.value}; details="connect to '
+        f'payments.internal:443 timed out after 2s"'
+    )
+    return web.json_response(
+        {
+            "type": "about:blank",
+            "title": "Gateway Timeout",
+            "status": 504,
+            "detail": "the payments service did not accept a connection in time",
+        },
+        status=504,
+        content_type="application/problem+json",
+        headers={"Proxy-Status": member, "Server": "payments-gateway"},
+    )
+
+
 _FAKE_TRACEBACK = """\
 Traceback (most recent call last):
   File "/srv/shop/app/views.py", line 88, in create_order
@@ -753,6 +937,11 @@ def make_demo_app() -> web.Application:
     add("GET", "/origin-502", _origin_502)
     add("GET", "/origin-504", _origin_504)
     add("GET", "/nginx-502", _nginx_502)
+    add("GET", "/envoy-503", _envoy_503)
+    add("GET", "/haproxy-503", _haproxy_503)
+    add("GET", "/cloudflare-522", _cloudflare_522)
+    add("GET", "/alb-502", _alb_502)
+    add("GET", "/gateway-504", _gateway_504)
     add("POST", "/json", _json)
     add("GET", "/slow", _slow)
     add("GET", "/hang", _hang)
@@ -851,6 +1040,8 @@ def _expectation_html(route: DemoRoute) -> str:
         parts.append(f'<span class="badge err">error={html.escape(route.expect_error)}</span>')
     if route.hop:
         parts.append(f'<span class="badge err">hop={html.escape(route.hop)}</span>')
+    for hint in route.expect_hints:
+        parts.append(f'<span class="badge err">hint={html.escape(hint)}</span>')
     return " ".join(parts)
 
 

@@ -69,7 +69,8 @@ class FaultInfo:
 
     `status` is what the proxy sends; None when nothing can be sent any more (the response
     had already started, or the client is gone). `hop` says in plain words which hop
-    failed; `advice` is what to check first.
+    failed; `advice` is what to check first; `hint` is the same in a few words for one
+    terminal line (`{upstream}` stands for the upstream's host:port).
     """
 
     fault: Fault
@@ -80,10 +81,15 @@ class FaultInfo:
     hop: str
     meaning: str
     advice: str
+    hint: str = ""
 
     @property
     def token(self) -> str:
         return self.fault.value
+
+    def hint_for(self, upstream: str) -> str:
+        """The short hint with the upstream's host:port filled in."""
+        return self.hint.replace("{upstream}", upstream)
 
 
 _UPSTREAM_HOP = "between Faultline and the upstream"
@@ -99,8 +105,9 @@ def _row(
     *,
     source: Source = Source.PROXY,
     hop: str = _UPSTREAM_HOP,
+    hint: str = "",
 ) -> FaultInfo:
-    return FaultInfo(fault, status, layer, source, title, hop, meaning, advice)
+    return FaultInfo(fault, status, layer, source, title, hop, meaning, advice, hint)
 
 
 TAXONOMY: dict[Fault, FaultInfo] = {
@@ -114,6 +121,7 @@ TAXONOMY: dict[Fault, FaultInfo] = {
             "The upstream's host name could not be resolved to an address.",
             "Check the upstream host name in the configuration for typos, and that the "
             "service or DNS record exists from where Faultline runs.",
+            hint="the name in {upstream} does not resolve — a typo, or no such service/DNS record?",
         ),
         _row(
             Fault.DNS_TIMEOUT,
@@ -123,6 +131,7 @@ TAXONOMY: dict[Fault, FaultInfo] = {
             "The resolver did not answer in time for the upstream's host name.",
             "Check the DNS resolver's health and reachability (resolv.conf, CoreDNS "
             "pods), then retry.",
+            hint="no DNS answer for {upstream} in time — is the resolver reachable?",
         ),
         _row(
             Fault.CONNECTION_REFUSED,
@@ -133,6 +142,7 @@ TAXONOMY: dict[Fault, FaultInfo] = {
             "on that port, or it is restarting.",
             "Check that the upstream process is running and listening on the configured "
             "host and port; look at its logs for a crash or a restart.",
+            hint="nothing is listening on {upstream} — is the dev server running?",
         ),
         _row(
             Fault.CONNECTION_TIMEOUT,
@@ -142,6 +152,7 @@ TAXONOMY: dict[Fault, FaultInfo] = {
             "The TCP (or TLS) connection to the upstream did not complete within timeouts.connect.",
             "Check that the upstream is not overloaded (full accept backlog), and for "
             "firewalls or network policies dropping packets on the path.",
+            hint="{upstream} did not accept the connection in time — overloaded, or a firewall?",
         ),
         _row(
             Fault.TLS_CERTIFICATE_ERROR,
@@ -152,6 +163,7 @@ TAXONOMY: dict[Fault, FaultInfo] = {
             "expired, or the name does not match).",
             "Check the upstream's certificate chain and expiry, the CA bundle Faultline "
             "trusts (tls.ca_file) and the server name it verifies (tls.server_name).",
+            hint="{upstream}'s certificate was rejected — expired, wrong name or unknown CA?",
         ),
         _row(
             Fault.TLS_PROTOCOL_ERROR,
@@ -162,6 +174,7 @@ TAXONOMY: dict[Fault, FaultInfo] = {
             "certificate (protocol or cipher mismatch, or the upstream does not speak TLS).",
             "Check that the upstream really serves TLS on that port (http:// vs https://) "
             "and that its TLS versions and ciphers overlap with Faultline's.",
+            hint="TLS with {upstream} failed — does that port really speak https?",
         ),
         _row(
             Fault.CONNECTION_TERMINATED,
@@ -171,6 +184,7 @@ TAXONOMY: dict[Fault, FaultInfo] = {
             "The upstream closed or reset the connection before sending any byte of a response.",
             "Check the upstream's logs for a crash or a killed worker while handling this "
             "request, and its keep-alive timeout against Faultline's pool.",
+            hint="{upstream} hung up without answering — did the app crash on this request?",
         ),
         _row(
             Fault.HTTP_PROTOCOL_ERROR,
@@ -181,6 +195,7 @@ TAXONOMY: dict[Fault, FaultInfo] = {
             "bytes, broken chunked framing).",
             "Check that the upstream port speaks HTTP/1.1 (not TLS, HTTP/2-only or another "
             "protocol) and the code that writes raw responses.",
+            hint="{upstream} did not answer in valid HTTP/1.1 — right port, right protocol?",
         ),
         _row(
             Fault.HTTP_RESPONSE_HEADER_SECTION_SIZE,
@@ -190,6 +205,7 @@ TAXONOMY: dict[Fault, FaultInfo] = {
             "The upstream's response header section exceeded limits.max_response_header_bytes.",
             "Check the upstream for runaway headers (huge cookies, repeated headers), or "
             "raise the limit if they are legitimate.",
+            hint="{upstream} sent oversized response headers — runaway cookies?",
         ),
         _row(
             Fault.HTTP_RESPONSE_TIMEOUT,
@@ -200,6 +216,7 @@ TAXONOMY: dict[Fault, FaultInfo] = {
             "within timeouts.response_headers.",
             "Check the upstream's response times and slow-query logs for this path, and "
             "compare timeouts along the path (client, Faultline, upstream).",
+            hint="{upstream} did not answer in time — a slow query or a stuck handler?",
         ),
         _row(
             Fault.HTTP_RESPONSE_INCOMPLETE,
@@ -210,6 +227,7 @@ TAXONOMY: dict[Fault, FaultInfo] = {
             "client connection was aborted so the client cannot mistake it for complete.",
             "Check the upstream's logs for a crash, an out-of-memory kill or a write "
             "timeout while it streamed this response.",
+            hint="{upstream} died in the middle of the body — a crash or an OOM kill?",
             source=Source.ORIGIN,
         ),
         _row(
@@ -221,6 +239,7 @@ TAXONOMY: dict[Fault, FaultInfo] = {
             "timeouts.upstream_read; the client connection was aborted.",
             "Check what the upstream waits on while streaming (a slow dependency, a "
             "blocked worker), or raise timeouts.upstream_read for long polls.",
+            hint="{upstream} went silent mid-body — what is the handler waiting on?",
             source=Source.ORIGIN,
         ),
         _row(
@@ -231,6 +250,7 @@ TAXONOMY: dict[Fault, FaultInfo] = {
             "The upstream did not complete the protocol upgrade (WebSocket) handshake.",
             "Check that the upstream route supports WebSocket upgrades and that nothing "
             "in front of it strips the Upgrade and Connection headers.",
+            hint="{upstream} broke the WebSocket handshake — does this route accept upgrades?",
         ),
         _row(
             Fault.CONNECTION_LIMIT_REACHED,
@@ -241,6 +261,7 @@ TAXONOMY: dict[Fault, FaultInfo] = {
             "limit was reached.",
             "Check capacity: the upstream's latency (slow responses pile up), "
             "limits.max_in_flight and the pool size; the client should retry later.",
+            hint="Faultline is at limits.max_in_flight — a slow upstream or a traffic spike?",
             hop="inside Faultline",
         ),
         _row(
@@ -252,6 +273,7 @@ TAXONOMY: dict[Fault, FaultInfo] = {
             "at the proxy itself.",
             "Check the upstream setting: it must point at the application, not at "
             "Faultline's own listen address or a route that leads back to it.",
+            hint="the upstream leads back to Faultline itself — check the upstream setting",
             hop="inside Faultline",
         ),
         _row(
@@ -262,6 +284,7 @@ TAXONOMY: dict[Fault, FaultInfo] = {
             "Faultline hit an internal defect while handling this request.",
             "This is a bug in Faultline: the traceback is in its log under this request "
             "id. Please report it.",
+            hint="a bug in Faultline — the traceback is in the proxy's log",
             hop="inside Faultline",
         ),
         _row(
@@ -271,6 +294,7 @@ TAXONOMY: dict[Fault, FaultInfo] = {
             "Bad request",
             "The request is not valid HTTP/1.1 or is ambiguous, so it was not forwarded.",
             "Fix the request: check the client's serialisation, headers and framing.",
+            hint="malformed request — check the client's serialisation and headers",
             hop="between the client and Faultline",
         ),
         _row(
@@ -280,6 +304,7 @@ TAXONOMY: dict[Fault, FaultInfo] = {
             "Client closed the request",
             "The client went away before the response was complete.",
             "Check the client's timeout against the upstream's latency for this path.",
+            hint="the client gave up first — its timeout is shorter than the response took",
             source=Source.CLIENT,
             hop="between the client and Faultline",
         ),
@@ -299,6 +324,7 @@ REQUEST_PROBLEMS: dict[RequestProblem, FaultInfo] = {
         "The client did not send its request headers or body in time.",
         "Check the client's network and upload speed, and idle timeouts of load "
         "balancers in front (timeouts.client_headers / client_body).",
+        hint="the client was too slow to send its request",
         hop="between the client and Faultline",
     ),
     RequestProblem.BODY_TOO_LARGE: _row(
@@ -308,6 +334,7 @@ REQUEST_PROBLEMS: dict[RequestProblem, FaultInfo] = {
         "Request body too large",
         "The request body exceeds limits.max_request_body_bytes.",
         "Send a smaller body, or raise the limit at every layer if the size is legitimate.",
+        hint="request body over limits.max_request_body_bytes",
         hop="between the client and Faultline",
     ),
     RequestProblem.HEADERS_TOO_LARGE: _row(
@@ -318,6 +345,7 @@ REQUEST_PROBLEMS: dict[RequestProblem, FaultInfo] = {
         "The request header section exceeds limits.max_request_header_bytes.",
         "Check the client's cookies and headers for growth (too many or too long "
         "cookies are the usual cause).",
+        hint="request headers too large — too many or too long cookies?",
         hop="between the client and Faultline",
     ),
 }

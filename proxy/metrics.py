@@ -9,6 +9,11 @@ Rules:
    Never a path, a request id or a client address. `error` is "" when there is none.
 3. One private `CollectorRegistry` per server: two proxies in one process (tests) never see
    each other's numbers, and the process-wide default registry stays untouched.
+4. `faultline_origin_hop_responses_total{hop,code}` counts origin responses made by an
+   intermediary behind the origin (diagnosis.py). Its `hop` is a product from the fixed
+   signature table, or a Proxy-Status member name: at most `HOP_NAMES_MAX` of those get
+   their own label value, the rest are counted as "other". The family appears once there
+   is a sample.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from .stats import BUCKETS_S, Histogram, layer_of
 
 if TYPE_CHECKING:
     from .server import ProxyContext
+
 
 # The `le` label of every finite bucket, formatted once.
 _LE = tuple(floatToGoString(bound) for bound in BUCKETS_S)
@@ -105,6 +111,17 @@ class FaultlineCollector:
             value=stats.retries,
         )
         yield retries
+
+        if stats.hop_counts:
+            hops = CounterMetricFamily(
+                "faultline_origin_hop_responses",
+                "Origin responses made by an intermediary behind the origin (its Proxy-Status, "
+                "or a known product's error page or headers), by that hop and the status.",
+                labels=("hop", "code"),
+            )
+            for (hop, status), n in list(stats.hop_counts.items()):
+                hops.add_metric([hop, str(status)], n)
+            yield hops
 
         pool = ctx.pool
         connections = GaugeMetricFamily(

@@ -16,6 +16,7 @@ from bisect import bisect_left
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
+from .diagnosis import HOP_NAMES_MAX, HOP_OTHER, HOPS
 from .faults import TAXONOMY, Fault, Layer, Source
 
 if TYPE_CHECKING:
@@ -125,6 +126,8 @@ class Stats:
         self.in_flight = 0
         self.retries = 0
         self.refused_connections = 0  # over limits.max_connections, closed unread
+        self.hop_counts: dict[tuple[str, int], int] = {}  # (hop behind origin, status)
+        self._hop_names: set[str] = set()
         self.counts: dict[CounterKey, int] = {}
         self.duration_by_source: dict[str, Histogram] = {s.value: Histogram() for s in Source}
         self.phases: dict[str, Histogram] = {p: Histogram() for p in PHASES}
@@ -180,6 +183,19 @@ class Stats:
         window[key] = window.get(key, 0) + 1
         if error is not None or status >= 400:
             self.recent.appendleft(self._error_entry(ex, error))
+            if ex.hop is not None:
+                self._count_hop(ex.hop, ex.upstream_status or status)
+
+    def _count_hop(self, hop: str, status: int) -> None:
+        """Origin error responses by the hop behind the origin that made them (labels stay
+        bounded: product names are a fixed set; other Proxy-Status names are capped)."""
+        if hop not in HOPS and hop not in self._hop_names:
+            if len(self._hop_names) < HOP_NAMES_MAX:
+                self._hop_names.add(hop)
+            else:
+                hop = HOP_OTHER
+        key = (hop, status)
+        self.hop_counts[key] = self.hop_counts.get(key, 0) + 1
 
     def total_latency(self) -> Histogram:
         """All exchanges, whoever produced them (the per-source histograms merged)."""

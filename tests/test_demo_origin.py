@@ -29,6 +29,7 @@ import httptools
 import pytest
 
 from proxy.demo import ROUTES, DemoOrigin, DemoRoute, make_demo_app, start_demo_origin
+from proxy.diagnosis import Evidence, diagnose
 
 # The proxy settings the demo's expectations assume.
 RESPONSE_HEADERS_TIMEOUT_S = 2.0
@@ -332,7 +333,10 @@ async def what_a_proxy_would_report(
     if not parsed.complete:
         error = "connection_read_timeout" if ending == "silence" else "http_response_incomplete"
         return None, "origin", error, "upstream", None
-    hop = "nginx" if parsed.headers.get("server", "").startswith("nginx") else None
+    hop = None
+    if status >= 400:  # who made it, judged as the proxy judges it (proxy/diagnosis.py)
+        head = received[: received.index(b"\r\n\r\n") + 2]
+        hop, _ = diagnose(Evidence(status, head, bytearray(parsed.body)))
     return status, "origin", None, "origin", hop
 
 

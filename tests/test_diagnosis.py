@@ -1,0 +1,778 @@
+"""Diagnosis beyond the next hop: every signature recognises its product's real error
+response (samples written after each product's actual pages and headers), nothing is
+blamed on a product that only forwarded the response, Proxy-Status members name their
+author, and the mis-blamed 5xx hints; then end to end through the proxy (log, /stats,
+/metrics, headers)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import zlib
+from dataclasses import dataclass
+
+import aiohttp
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from proxy.diagnosis import (
+    FAULT_BEHIND_ORIGIN,
+    HINT_TEXT,
+    HOP_NAMES_MAX,
+    HOP_OTHER,
+    HOPS,
+    ORIGIN_5XX_FOR_CLIENT_ERROR,
+    REQUEST_SAMPLE_BYTES,
+    SIGNATURES,
+    Evidence,
+    OriginResponse,
+    diagnose,
+    is_invalid_json_request,
+    proxy_status_author,
+    recognise,
+)
+from proxy.exchange import Exchange
+from proxy.faults import Fault
+from proxy.stats import Stats
+
+from support import OriginConnection, proxy_status_members
+
+DATE = "Date: Sat, 21 Nov 2026 10:15:02 GMT"
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One origin response as raw bytes: what the forwarder hands to `diagnose`."""
+
+    head: bytes
+    body: bytes = b""
+
+    @property
+    def status(self) -> int:
+        return int(self.head.split(b" ", 2)[1])
+
+    def evidence(self, **request: bytes | None) -> Evidence:
+        return Evidence(self.status, self.head, bytearray(self.body), **request)  # type: ignore[arg-type]
+
+    def wire(self) -> bytes:
+        return self.head + b"\r\n" + self.body
+
+
+def sample(status_line: str, headers: list[str], body: bytes | str = b"") -> Sample:
+    data = body.encode() if isinstance(body, str) else body
+    lines = [status_line, *headers]
+    if not any(h.lower().startswith(("content-length:", "transfer-encoding:")) for h in headers):
+        lines.append(f"Content-Length: {len(data)}")
+    return Sample(("\r\n".join(lines) + "\r\n").encode("latin-1"), data)
+
+
+def crlf(text: str) -> str:
+    return text.replace("\n", "\r\n")
+
+
+# -- the products' own error responses ------------------------------------------------------------
+
+NGINX_502_PAGE = crlf(
+    "<html>\n<head><title>502 Bad Gateway</title></head>\n<body>\n"
+    "<center><h1>502 Bad Gateway</h1></center>\n<hr><center>nginx/1.25.3</center>\n"
+    "</body>\n</html>\n"
+)
+NGINX_PADDING = crlf("<!-- a padding to disable MSIE and Chrome friendly error page -->\n" * 6)
+
+
+def nginx_page(code: str, server_line: str = "nginx") -> str:
+    return crlf(
+        f"<html>\n<head><title>{code}</title></head>\n<body>\n<center><h1>{code}</h1></center>\n"
+        f"<hr><center>{server_line}</center>\n</body>\n</html>\n"
+    )
+
+
+HAPROXY_PAGE = "<html><body><h1>{code}</h1>\n{sentence}\n</body></html>\n"
+
+APACHE_PROXY_ERROR = """<!DOCTYPE HTML PUBLIC "-//IETF//DTD HTML 2.0//EN">
+<html><head>
+<title>502 Proxy Error</title>
+</head><body>
+<h1>Proxy Error</h1>
+<p>The proxy server received an invalid
+response from an upstream server.<br />
+The proxy server could not handle the request<p>Reason: <strong>Error reading from remote \
+server</strong></p></p>
+<hr>
+<address>Apache/2.4.57 (Debian) Server at shop.example.com Port 80</address>
+</body></html>
+"""
+
+APACHE_503 = """<!DOCTYPE HTML PUBLIC "-//IETF//DTD HTML 2.0//EN">
+<html><head>
+<title>503 Service Unavailable</title>
+</head><body>
+<h1>Service Unavailable</h1>
+<p>The server is temporarily unable to service your
+request due to maintenance downtime or capacity
+problems. Please try again later.</p>
+</body></html>
+"""
+
+VARNISH_503 = """<!DOCTYPE html>
+<html>
+  <head>
+    <title>503 Backend fetch failed</title>
+  </head>
+  <body>
+    <h1>Error 503 Backend fetch failed</h1>
+    <p>Backend fetch failed</p>
+    <h3>Guru Meditation:</h3>
+    <p>XID: 10389692</p>
+    <hr>
+    <p>Varnish cache server</p>
+  </body>
+</html>
+"""
+
+GOOGLE_502 = """<!DOCTYPE html>
+<html lang=en>
+  <meta charset=utf-8>
+  <meta name=viewport content="initial-scale=1, minimum-scale=1, width=device-width">
+  <title>Error 502 (Server Error)!!1</title>
+  <style>
+    *{margin:0;padding:0}html,code{font:15px/22px arial,sans-serif}
+  </style>
+  <a href=//www.google.com/><span id=logo aria-label=Google></span></a>
+  <p><b>502.</b> <ins>That\u2019s an error.</ins>
+  <p>The server encountered a temporary error and could not complete your request.\
+<p>Please try again in 30 seconds.  <ins>That\u2019s all we know.</ins>
+"""
+
+CLOUDFRONT_502 = """<!DOCTYPE HTML PUBLIC "-//W3C//DTD HTML 4.01 Transitional//EN" \
+"http://www.w3.org/TR/html4/loose.dtd">
+<HTML><HEAD><META HTTP-EQUIV="Content-Type" CONTENT="text/html; charset=iso-8859-1">
+<TITLE>ERROR: The request could not be satisfied</TITLE>
+</HEAD><BODY>
+<H1>502 ERROR</H1>
+<H2>The request could not be satisfied.</H2>
+<HR noshade size="1px">
+CloudFront wasn't able to connect to the origin.
+<BR clear="all">
+<HR noshade size="1px">
+<PRE>
+Generated by cloudfront (CloudFront)
+Request ID: 3xT8m0Qm2fJ1Yk9s7rZ0bC4dE5fG6hI7jK8lM9nO0pQ1rS2tU3vW4x==
+</PRE>
+<ADDRESS>
+</ADDRESS>
+</BODY></HTML>"""
+
+CLOUDFLARE_1102 = """<!DOCTYPE html>
+<html class="no-js" lang="en-US">
+<head><title>Worker exceeded resource limits | shop.example.com | Cloudflare</title></head>
+<body>
+<div id="cf-wrapper">
+<div id="cf-error-details" class="cf-error-details-wrapper">
+<h1><span class="cf-error-type">Error</span> <span class="cf-error-code">1102</span></h1>
+<h2 class="cf-subheadline">Worker exceeded resource limits</h2>
+</div>
+</div>
+</body>
+</html>
+"""
+
+CLOUDFLARE_400_COOKIES = crlf(
+    "<html>\n<head><title>400 Request Header Or Cookie Too Large</title></head>\n<body>\n"
+    "<center><h1>400 Bad Request</h1></center>\n"
+    "<center>Request Header Or Cookie Too Large</center>\n"
+    "<hr><center>cloudflare</center>\n</body>\n</html>\n"
+)
+
+AKAMAI_503 = """<HTML><HEAD><TITLE>Error</TITLE></HEAD><BODY>
+An error occurred while processing your request.<p>
+Reference&#32;&#35;97&#46;8a3c1002&#46;1763720102&#46;1b2c3d4e
+<P>https&#58;&#47;&#47;errors&#46;edgesuite&#46;net&#47;97&#46;8a3c1002&#46;1763720102&#46;1b2c3d4e</P>
+</BODY></HTML>
+"""
+
+ALB_502 = crlf(
+    "<html>\n<head><title>502 Bad Gateway</title></head>\n<body>\n"
+    "<center><h1>502 Bad Gateway</h1></center>\n</body>\n</html>\n"
+)
+ALB_503 = (
+    "<html>\n<head><title>503 Service Temporarily Unavailable</title></head>\n<body>\n"
+    "<center><h1>503 Service Temporarily Unavailable</h1></center>\n</body>\n</html>\n"
+)
+
+ENVOY_UF = (
+    "upstream connect error or disconnect/reset before headers. reset reason: connection failure"
+)
+ISTIO_UF = (
+    "upstream connect error or disconnect/reset before headers. retried and the latest reset "
+    "reason: remote connection failure, transport failure reason: delayed connect error: 111"
+)
+
+# Signature name -> real-looking responses that only that signature recognises.
+SAMPLES: dict[str, list[Sample]] = {
+    "envoy-local-reply": [
+        sample(
+            "HTTP/1.1 503 Service Unavailable",
+            ["content-type: text/plain", DATE, "server: envoy"],
+            ENVOY_UF,
+        ),
+        sample(
+            "HTTP/1.1 503 Service Unavailable",
+            ["content-type: text/plain", DATE, "server: istio-envoy"],
+            ISTIO_UF,
+        ),
+        sample(
+            "HTTP/1.1 503 Service Unavailable",
+            ["content-type: text/plain", DATE, "server: envoy"],
+            "no healthy upstream",
+        ),
+        sample(
+            "HTTP/1.1 504 Gateway Timeout",
+            ["content-type: text/plain", DATE, "server: envoy"],
+            "upstream request timeout",
+        ),
+        sample(
+            "HTTP/1.1 429 Too Many Requests",
+            ["content-type: text/plain", "x-ratelimit-limit: 10", DATE, "server: envoy"],
+            "local_rate_limited",
+        ),
+    ],
+    "envoy-overloaded": [
+        sample(
+            "HTTP/1.1 503 Service Unavailable",
+            ["x-envoy-overloaded: true", "content-type: text/plain", DATE, "server: envoy"],
+            "envoy overloaded",
+        ),
+    ],
+    "nginx-error-page": [
+        sample(
+            "HTTP/1.1 502 Bad Gateway",
+            ["Server: nginx/1.25.3", DATE, "Content-Type: text/html", "Connection: keep-alive"],
+            NGINX_502_PAGE + NGINX_PADDING,
+        ),
+        sample(
+            "HTTP/1.1 504 Gateway Time-out",
+            ["Server: nginx", DATE, "Content-Type: text/html"],
+            nginx_page("504 Gateway Time-out") + NGINX_PADDING,
+        ),
+        sample(  # ingress-nginx with no ready endpoint
+            "HTTP/1.1 503 Service Temporarily Unavailable",
+            [DATE, "Content-Type: text/html", "Connection: keep-alive"],
+            nginx_page("503 Service Temporarily Unavailable", "nginx") + NGINX_PADDING,
+        ),
+        sample(
+            "HTTP/1.1 500 Internal Server Error",
+            ["Server: openresty/1.21.4.1", DATE, "Content-Type: text/html"],
+            nginx_page("500 Internal Server Error", "openresty/1.21.4.1"),
+        ),
+        sample(  # gzip on, and the client accepted gzip
+            "HTTP/1.1 502 Bad Gateway",
+            ["Server: nginx", DATE, "Content-Type: text/html", "Content-Encoding: gzip"],
+            gzip.compress(NGINX_502_PAGE.encode()),
+        ),
+        sample(  # a client-side refusal made by nginx: named, but no fault behind the origin
+            "HTTP/1.1 413 Request Entity Too Large",
+            ["Server: nginx", DATE, "Content-Type: text/html", "Connection: close"],
+            nginx_page("413 Request Entity Too Large"),
+        ),
+    ],
+    "haproxy-error-page": [
+        sample(
+            "HTTP/1.1 503 Service Unavailable",
+            ["content-length: 107", "cache-control: no-cache", "content-type: text/html"],
+            HAPROXY_PAGE.format(
+                code="503 Service Unavailable",
+                sentence="No server is available to handle this request.",
+            ),
+        ),
+        sample(
+            "HTTP/1.0 504 Gateway Time-out",
+            ["Cache-Control: no-cache", "Connection: close", "Content-Type: text/html"],
+            HAPROXY_PAGE.format(
+                code="504 Gateway Time-out", sentence="The server didn't respond in time."
+            ),
+        ),
+        sample(
+            "HTTP/1.1 502 Bad Gateway",
+            ["cache-control: no-cache", "content-type: text/html"],
+            HAPROXY_PAGE.format(
+                code="502 Bad Gateway",
+                sentence="The server returned an invalid or incomplete response.",
+            ),
+        ),
+    ],
+    "apache-error-page": [
+        sample(
+            "HTTP/1.1 502 Proxy Error",
+            [DATE, "Server: Apache/2.4.57 (Debian)", "Content-Type: text/html; charset=iso-8859-1"],
+            APACHE_PROXY_ERROR,
+        ),
+        sample(
+            "HTTP/1.1 503 Service Unavailable",
+            [DATE, "Server: Apache", "Content-Type: text/html; charset=iso-8859-1"],
+            APACHE_503,
+        ),
+    ],
+    "varnish-guru-meditation": [
+        sample(
+            "HTTP/1.1 503 Backend fetch failed",
+            [
+                DATE,
+                "Server: Varnish",
+                "Content-Type: text/html; charset=utf-8",
+                "Retry-After: 5",
+                "X-Varnish: 10389691",
+                "Age: 0",
+                "Via: 1.1 varnish (Varnish/6.2)",
+                "Connection: close",
+            ],
+            VARNISH_503,
+        ),
+    ],
+    "varnish-backend-fetch-failed": [
+        sample(  # a site's own synthetic page, but Varnish's status line and headers
+            "HTTP/1.1 503 Backend fetch failed",
+            [DATE, "Content-Type: text/html", "X-Varnish: 32770", "Via: 1.1 varnish (Varnish/7.4)"],
+            "<h1>We'll be right back</h1>",
+        ),
+    ],
+    "google-error-page": [
+        sample(
+            "HTTP/1.1 502 Bad Gateway",
+            ["Content-Type: text/html; charset=UTF-8", "Referrer-Policy: no-referrer", DATE],
+            GOOGLE_502.encode(),
+        ),
+    ],
+    "cloudfront-error-page": [
+        sample(
+            "HTTP/1.1 502 Bad Gateway",
+            [
+                "Server: CloudFront",
+                DATE,
+                "Content-Type: text/html",
+                "Connection: keep-alive",
+                "X-Cache: Error from cloudfront",
+                "Via: 1.1 9f2a1c0e8b7d6a5f4e3d2c1b0a998877.cloudfront.net (CloudFront)",
+                "X-Amz-Cf-Pop: FRA56-P1",
+            ],
+            CLOUDFRONT_502,
+        ),
+    ],
+    "cloudflare-error-header": [
+        sample(
+            "HTTP/1.1 503 Service Unavailable",
+            [
+                DATE,
+                "Content-Type: text/html; charset=UTF-8",
+                "cf-error-type: 1102",
+                "Server: cloudflare",
+                "CF-RAY: 8f1c2a3b4d5e6f70-FRA",
+            ],
+            CLOUDFLARE_1102,
+        ),
+    ],
+    "cloudflare-52x": [
+        sample(  # what Cloudflare sends a non-browser client
+            "HTTP/1.1 524 A Timeout Occurred",
+            [DATE, "Content-Type: text/plain; charset=UTF-8", "Server: cloudflare"],
+            "error code: 524",
+        ),
+        sample(
+            "HTTP/1.1 521 Origin Down",
+            [DATE, "Content-Type: text/html", "Server: cloudflare", "CF-RAY: 8f1c-AMS"],
+            '<div id="cf-error-details"><h1>Web server is down</h1></div>',
+        ),
+    ],
+    "cloudflare-error-page": [
+        sample(
+            "HTTP/1.1 400 Bad Request",
+            [DATE, "Content-Type: text/html", "Connection: close", "Server: cloudflare"],
+            CLOUDFLARE_400_COOKIES,
+        ),
+    ],
+    "akamai-error-page": [
+        sample(
+            "HTTP/1.1 503 Service Unavailable",
+            ["Server: AkamaiGHost", "Mime-Version: 1.0", "Content-Type: text/html", DATE],
+            AKAMAI_503,
+        ),
+    ],
+    "kong-response-latency": [
+        sample(
+            "HTTP/1.1 502 Bad Gateway",
+            [
+                DATE,
+                "Content-Type: application/json; charset=utf-8",
+                "X-Kong-Response-Latency: 2",
+                "Server: kong/3.4.2",
+            ],
+            '{\n  "message":"An invalid response was received from the upstream server"\n}',
+        ),
+    ],
+    "kong-server": [
+        sample(
+            "HTTP/1.1 503 Service Unavailable",
+            [DATE, "Content-Type: application/json; charset=utf-8", "Server: kong/2.8.1"],
+            '{"message":"failure to get a peer from the ring-balancer"}',
+        ),
+    ],
+    "aws-elb-server": [
+        sample(
+            "HTTP/1.1 502 Bad Gateway",
+            ["Server: awselb/2.0", DATE, "Content-Type: text/html"],
+            ALB_502,
+        ),
+        sample(
+            "HTTP/1.1 503 Service Temporarily Unavailable",
+            ["Server: awselb/2.0", DATE, "Content-Type: text/html", "Connection: keep-alive"],
+            ALB_503,
+        ),
+    ],
+    "traefik-no-available-server": [
+        sample(
+            "HTTP/1.1 503 Service Unavailable",
+            ["Content-Type: text/plain; charset=utf-8", "X-Content-Type-Options: nosniff", DATE],
+            "no available server\n",
+        ),
+    ],
+    "traefik-status-text": [
+        sample(
+            "HTTP/1.1 502 Bad Gateway",
+            [DATE, "Content-Type: text/plain; charset=utf-8"],
+            "Bad Gateway",
+        ),
+        sample(
+            "HTTP/1.1 504 Gateway Timeout",
+            [DATE, "Content-Type: text/plain; charset=utf-8"],
+            "Gateway Timeout",
+        ),
+    ],
+    "caddy-empty-gateway-error": [
+        sample("HTTP/1.1 502 Bad Gateway", ["Server: Caddy", DATE]),
+    ],
+}
+
+# Errors an application made, merely forwarded by a product: nobody behind the origin.
+FORWARDED_ONLY = {
+    "the app's 500 behind nginx": sample(
+        "HTTP/1.1 500 Internal Server Error",
+        ["Server: nginx/1.25.3", "Content-Type: application/json", DATE],
+        '{"error": "database is locked"}',
+    ),
+    "the app's 503 behind Envoy": sample(
+        "HTTP/1.1 503 Service Unavailable",
+        ["content-type: application/json", "x-envoy-upstream-service-time: 12", "server: envoy"],
+        '{"error": "maintenance"}',
+    ),
+    "Envoy's words relayed by another Envoy": sample(
+        "HTTP/1.1 503 Service Unavailable",
+        ["content-type: text/plain", "x-envoy-upstream-service-time: 3", "server: envoy"],
+        ENVOY_UF,
+    ),
+    "the app's 500 behind Cloudflare": sample(
+        "HTTP/1.1 500 Internal Server Error",
+        ["Server: cloudflare", "CF-RAY: 8f1c2a3b4d5e6f70-FRA", "Content-Type: application/json"],
+        '{"error": "boom"}',
+    ),
+    "the target's 502 behind an ALB": sample(
+        "HTTP/1.1 502 Bad Gateway",
+        ["Server: gunicorn", "Content-Type: text/html"],
+        "<h1>Bad Gateway</h1>",
+    ),
+    "the app's 503 behind Caddy": sample(
+        "HTTP/1.1 503 Service Unavailable",
+        ["Server: Caddy", "Content-Type: application/json"],
+        '{"error": "warming up"}',
+    ),
+    "a Go app's bare 502 with a Server header": sample(
+        "HTTP/1.1 502 Bad Gateway",
+        ["Server: api/1.2", "Content-Type: text/plain; charset=utf-8"],
+        "Bad Gateway",
+    ),
+    "the app's own 404": sample(
+        "HTTP/1.1 404 Not Found", ["Content-Type: text/plain"], "no such order"
+    ),
+    "a 502 page compressed with brotli (unreadable here)": sample(
+        "HTTP/1.1 502 Bad Gateway",
+        ["Server: nginx", "Content-Encoding: br", "Content-Type: text/html"],
+        b"\x1b\x8f\x00\xf8\x2d\x0e\x6c\x8b",
+    ),
+}
+
+
+def test_every_signature_has_samples_and_every_hop_a_product():
+    assert set(SAMPLES) == {sig.name for sig in SIGNATURES}
+    assert {sig.hop for sig in SIGNATURES} == set(HOPS)
+    for hop in HOPS:
+        assert hop == hop.lower() and " " not in hop  # a clean metrics label value
+
+
+CASES = [(name, i, s) for name, samples in SAMPLES.items() for i, s in enumerate(samples)]
+
+
+@pytest.mark.parametrize(
+    ("name", "index", "response"), CASES, ids=[f"{c[0]}-{c[1]}" for c in CASES]
+)
+def test_each_signature_recognises_its_product(name: str, index: int, response: Sample):
+    parsed = OriginResponse.parse(response.status, response.head, response.body)
+    sig = recognise(parsed)
+    assert sig is not None and sig.name == name
+    hop, hints = diagnose(response.evidence())
+    assert hop == sig.hop
+    expected = (FAULT_BEHIND_ORIGIN,) if response.status >= 500 else ()
+    assert hints == expected
+
+
+@pytest.mark.parametrize("response", FORWARDED_ONLY.values(), ids=list(FORWARDED_ONLY))
+def test_a_product_that_only_forwarded_the_error_is_not_blamed(response: Sample):
+    hop, hints = diagnose(response.evidence())
+    assert hop is None
+    assert hints == ((FAULT_BEHIND_ORIGIN,) if response.status in (502, 504) else ())
+
+
+def test_the_body_sample_may_be_cut():
+    """The forwarder keeps the first 8 KiB: a long page or a cut gzip stream still counts."""
+    page = NGINX_502_PAGE + "<!-- padding -->" * 2000
+    cut = gzip.compress(page.encode())[:300]
+    response = sample("HTTP/1.1 502 Bad Gateway", ["Content-Encoding: gzip"], cut)
+    assert diagnose(response.evidence())[0] == "nginx"
+    deflated = zlib.compress(NGINX_502_PAGE.encode())
+    response = sample("HTTP/1.1 502 Bad Gateway", ["Content-Encoding: deflate"], deflated)
+    assert diagnose(response.evidence())[0] == "nginx"
+    raw = zlib.compressobj(wbits=-15)
+    deflated_raw = raw.compress(NGINX_502_PAGE.encode()) + raw.flush()
+    response = sample("HTTP/1.1 502 Bad Gateway", ["Content-Encoding: deflate"], deflated_raw)
+    assert diagnose(response.evidence())[0] == "nginx"
+
+
+# -- Proxy-Status ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("values", "author"),
+    [
+        (['shop-gw; error=connection_refused; details="connect to 10.0.0.7:8080"'], "shop-gw"),
+        # first member = closest to the origin: the inner gateway made it, the cache relayed it
+        (["inner-gw; error=connection_timeout, edge-cache; received-status=504"], "inner-gw"),
+        (["edge-cache; received-status=502", "gw; error=dns_error; rcode=NXDOMAIN"], "gw"),
+        (['gw; error=http_protocol_error; details="a, b; c", cdn; received-status=502'], "gw"),
+        (['"edge proxy (eu)"; error=connection_terminated'], "edge-proxy-eu"),
+        (['ExampleCDN; error=connection_timeout; details="\\"quoted\\""'], "ExampleCDN"),
+        (["cache; received-status=503; next-hop=backend"], None),  # relayed only
+        (["faultline-edge; received-status=200"], None),
+        (["not a structured field ,,, ;;"], None),
+        ([""], None),
+    ],
+)
+def test_proxy_status_names_the_member_that_made_the_error(values, author):
+    assert proxy_status_author(values) == author
+
+
+def test_proxy_status_comes_before_signatures():
+    members = f"mesh-gateway; error={Fault.CONNECTION_REFUSED.value}"
+    response = sample(
+        "HTTP/1.1 503 Service Unavailable",
+        ["content-type: text/plain", "server: envoy", f"proxy-status: {members}"],
+        ENVOY_UF,
+    )
+    assert diagnose(response.evidence()) == ("mesh-gateway", (FAULT_BEHIND_ORIGIN,))
+    relayed = sample(
+        "HTTP/1.1 502 Bad Gateway",
+        ["Server: nginx", "Proxy-Status: cdn; received-status=502"],
+        NGINX_502_PAGE,
+    )
+    assert diagnose(relayed.evidence())[0] == "nginx"  # relayed only: the page still says nginx
+
+
+def test_a_proxy_status_name_cannot_reach_a_terminal_or_a_label_raw():
+    hop = proxy_status_author(['"gw\x1b[31m\u202e/../x"; error=connection_refused'])
+    assert hop == "gw-31m-..-x"
+    long = proxy_status_author([f"{'a' * 200}; error=connection_refused"])
+    assert long is not None and len(long) <= 48
+
+
+# -- the mis-blamed 5xx ---------------------------------------------------------------------------
+
+APP_500 = sample(
+    "HTTP/1.1 500 Internal Server Error",
+    ["Content-Type: text/plain"],
+    "Traceback (most recent call last):\n  ...\njson.decoder.JSONDecodeError: Expecting value",
+)
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body", "invalid"),
+    [
+        (b"application/json", b'{"item": "teapot",', True),
+        (b"application/json; charset=utf-8", b"{'item': 'teapot'}", True),
+        (b"APPLICATION/JSON", b"item=teapot&quantity=1", True),
+        (b"application/vnd.api+json", b'{"data": [1, 2,]}', True),
+        (b"application/problem+json", b"\xff\xfe not utf-8", True),
+        (b"text/json", b'{"a": NaN}', True),  # NaN is not JSON (RFC 8259)
+        (b"application/json", b'{"item": "teapot", "quantity": 1}', False),
+        (b"application/json", b'  [1, 2.5e3, null, true, "\\u00e9"]\n', False),
+        (b"application/json", b'\xef\xbb\xbf{"bom": true}', False),  # a BOM may be ignored
+        (b"application/json", b"[" * 3000 + b"]" * 3000, False),  # deep but valid
+        (b"application/json", b"", False),  # no body: undecidable
+        (b"application/json", b"  \r\n", False),
+        (b"application/json", b"x" * REQUEST_SAMPLE_BYTES, False),  # only a prefix was kept
+        (b"application/json", gzip.compress(b'{"a": 1}'), False),  # Content-Encoding: gzip
+        (b"application/json; charset=utf-16", '{"a": 1}'.encode("utf-16"), False),
+        (b"application/x-ndjson", b'{"a": 1}\n{"a": 2}\n', False),  # several documents
+        (b"application/json-seq", b'\x1e{"a": 1}\n', False),
+        (b"text/plain", b'{"item": "teapot",', False),
+        (None, b'{"item": "teapot",', False),
+        (b"application/json", None, False),
+    ],
+)
+def test_invalid_json_is_told_apart(content_type, body, invalid):
+    assert is_invalid_json_request(content_type, body) is invalid
+
+
+def test_a_5xx_to_invalid_json_is_flagged():
+    bad = {"request_content_type": b"application/json", "request_body": b'{"item": "teapot",'}
+    good = {"request_content_type": b"application/json", "request_body": b'{"item": "teapot"}'}
+    assert diagnose(APP_500.evidence(**bad)) == (None, (ORIGIN_5XX_FOR_CLIENT_ERROR,))
+    assert diagnose(APP_500.evidence(**good)) == (None, ())
+    app_502 = sample("HTTP/1.1 502 Bad Gateway", ["Content-Type: text/plain"], "upstream down")
+    assert diagnose(app_502.evidence(**bad)) == (
+        None,
+        (FAULT_BEHIND_ORIGIN, ORIGIN_5XX_FOR_CLIENT_ERROR),
+    )
+    app_422 = sample("HTTP/1.1 422 Unprocessable Content", [], '{"error": "invalid JSON"}')
+    assert diagnose(app_422.evidence(**bad)) == (None, ())  # the right answer: nothing to say
+    # A 5xx made by an intermediary is not the app's verdict on the body.
+    nginx = SAMPLES["nginx-error-page"][0]
+    assert diagnose(nginx.evidence(**bad)) == ("nginx", (FAULT_BEHIND_ORIGIN,))
+
+
+def test_hints_have_words():
+    assert set(HINT_TEXT) == {FAULT_BEHIND_ORIGIN, ORIGIN_5XX_FOR_CLIENT_ERROR}
+    assert all(text and "\n" not in text for text in HINT_TEXT.values())
+
+
+# -- end to end through the proxy -----------------------------------------------------------------
+
+
+def serve_by_path(responses: dict[bytes, Sample]):
+    async def script(conn: OriginConnection) -> None:
+        while (request := await conn.read_request()) is not None:
+            path = request.split(b" ", 2)[1]
+            conn.write(responses[path].wire())
+            await conn.drain()
+
+    return script
+
+
+async def test_the_hop_reaches_the_log_stats_metrics_and_headers(origin_factory, proxy_factory):
+    responses = {
+        b"/nginx": SAMPLES["nginx-error-page"][0],
+        b"/envoy": SAMPLES["envoy-local-reply"][0],
+        b"/envoy-again": SAMPLES["envoy-local-reply"][2],
+        b"/gw": sample(
+            "HTTP/1.1 504 Gateway Timeout",
+            [f"Proxy-Status: pay-gw; error={Fault.CONNECTION_TIMEOUT.value}"],
+            "timeout",
+        ),
+        b"/app": FORWARDED_ONLY["the app's 500 behind nginx"],
+        b"/ok": sample("HTTP/1.1 200 OK", ["Content-Type: text/plain"], "fine"),
+    }
+    origin = await origin_factory(serve_by_path(responses))
+    proxy = await proxy_factory(origin.url, proxy_name="edge")
+    seen = {}
+    async with aiohttp.ClientSession() as session:
+        for path in responses:
+            async with session.get(proxy.url + path.decode()) as resp:
+                await resp.read()
+                seen[path] = (resp.status, resp.headers.getall("Proxy-Status"))
+        await proxy.settle()
+        records = {r["path"]: r for r in proxy.access_log()}
+        async with session.get(proxy.admin_url + "/stats") as resp:
+            stats = await resp.json()
+        async with session.get(proxy.admin_url + "/metrics") as resp:
+            metrics = await resp.text()
+
+    expected = {
+        "/nginx": (502, "nginx", [FAULT_BEHIND_ORIGIN]),
+        "/envoy": (503, "envoy", [FAULT_BEHIND_ORIGIN]),
+        "/envoy-again": (503, "envoy", [FAULT_BEHIND_ORIGIN]),
+        "/gw": (504, "pay-gw", [FAULT_BEHIND_ORIGIN]),
+        "/app": (500, None, []),
+        "/ok": (200, None, []),
+    }
+    for path, (status, hop, hints) in expected.items():
+        record = records[path]
+        assert (record["status"], record["source"], record["error"]) == (status, "origin", None)
+        assert (record["hop"], record["hints"]) == (hop, hints), path
+    # The origin's own Proxy-Status member stays first; ours is appended.
+    members = proxy_status_members(", ".join(seen[b"/gw"][1]))
+    assert members[0].startswith("pay-gw; error=") and members[-1].startswith("edge;")
+    assert "received-status=504" in members[-1]
+    recent = {e["path"]: e for e in stats["recent_errors"]}
+    assert recent["/nginx"]["hop"] == "nginx" and recent["/gw"]["hop"] == "pay-gw"
+    assert recent["/nginx"]["hints"] == [FAULT_BEHIND_ORIGIN]
+
+    hops = {}
+    for family in text_string_to_metric_families(metrics):
+        if family.name == "faultline_origin_hop_responses":
+            assert family.type == "counter"
+            for s in family.samples:
+                if s.name.endswith("_total"):
+                    hops[s.labels["hop"], s.labels["code"]] = s.value
+    assert hops == {("nginx", "502"): 1, ("envoy", "503"): 2, ("pay-gw", "504"): 1}
+
+
+async def test_invalid_json_answered_with_a_500_is_flagged_end_to_end(
+    origin_factory, proxy_factory
+):
+    async def app(conn: OriginConnection) -> None:
+        while (request := await conn.read_request()) is not None:
+            body = request.split(b"\r\n\r\n", 1)[1]
+            try:  # the anti-pattern: a parse error becomes a 500
+                json.loads(body)
+                await conn.respond(200, b"{}")
+            except ValueError:
+                await conn.respond(500, b"Traceback (most recent call last): ...")
+
+    origin = await origin_factory(app)
+    proxy = await proxy_factory(origin.url)
+    headers = {"Content-Type": "application/json"}
+    async with aiohttp.ClientSession() as session:
+        async with session.post(proxy.url + "/orders", data=b'{"item":', headers=headers) as r:
+            assert r.status == 500
+        async with session.post(proxy.url + "/orders", data=b'{"a": 1,', headers=headers) as r:
+            assert r.status == 500
+
+        async def chunked():
+            yield b'{"item": "tea'
+            yield b'pot",'
+
+        async with session.post(proxy.url + "/orders", data=chunked(), headers=headers) as r:
+            assert r.status == 500
+        async with session.post(proxy.url + "/orders", data=b'{"item": 1}', headers=headers) as r:
+            assert r.status == 200
+    await proxy.settle()
+    records = proxy.access_log()
+    assert [r["hints"] for r in records] == [[ORIGIN_5XX_FOR_CLIENT_ERROR]] * 3 + [[]]
+    assert all(r["source"] == "origin" and r["error"] is None for r in records)
+
+
+def test_hop_label_values_stay_bounded():
+    """Products are always their own label value; Proxy-Status names up to a cap, then
+    "other": an origin inventing names cannot grow /metrics without bound."""
+    stats = Stats()
+
+    def record(hop: str | None) -> None:
+        ex = Exchange(0, "127.0.0.1", "127.0.0.1:3000")
+        ex.hop, ex.status, ex.t_end = hop, 502, 1
+        stats.in_flight += 1
+        stats.record(ex)
+
+    for i in range(HOP_NAMES_MAX + 10):
+        record(f"gw-{i}")
+    record("nginx")
+    record(None)  # no hop: not counted
+    labels = {hop for hop, _ in stats.hop_counts}
+    assert len(labels) == HOP_NAMES_MAX + 2 and {"nginx", HOP_OTHER} <= labels
+    assert stats.hop_counts[HOP_OTHER, 502] == 10
+    assert sum(stats.hop_counts.values()) == HOP_NAMES_MAX + 11
