@@ -83,7 +83,7 @@ def log_record(ex: Exchange, clock: Clock, secret_params: frozenset[str]) -> dic
         "client": ex.client,
         "bytes_in": ex.body_bytes_in,
         "bytes_out": ex.body_bytes_out,
-        "duration_ms": round((ex.t_end - ex.t_start) / 1e6, 3),
+        "duration_ms": (ex.t_end - ex.t_start) // 1000 / 1000,
         "phases_ms": ex.phases_ms(),
         "reused": ex.reused,
         "retried": ex.retried,
@@ -95,17 +95,27 @@ def log_record(ex: Exchange, clock: Clock, secret_params: frozenset[str]) -> dic
     return record
 
 
+def json_line_of(ex: Exchange, clock: Clock, secret_params: frozenset[str]) -> bytes:
+    """One JSON line for a finished exchange (a dict and orjson: measured faster than
+    formatting the line by hand in Python)."""
+    return orjson.dumps(log_record(ex, clock, secret_params)) + b"\n"
+
+
+LineOf = Callable[[Exchange, Clock, frozenset[str]], bytes]
+
+
 class AccessLog:
-    """Buffered writer of access-log lines; `formatter` turns a record into one line."""
+    """Buffered writer of access-log lines; `line_of` turns a finished exchange into one
+    line (`json_line_of`, or the console's pretty line)."""
 
     def __init__(
         self,
         stream: IO[bytes],
-        formatter: Callable[[dict[str, Any]], bytes],
+        line_of: LineOf,
         secret_params: Iterable[str] = (),
     ) -> None:
         self.stream = stream
-        self.formatter = formatter
+        self.line_of = line_of
         self.secret_params = frozenset(p.lower() for p in secret_params)
         self.clock = Clock()
         self.pending: list[Exchange] = []
@@ -122,8 +132,8 @@ class AccessLog:
         if not pending:
             return
         self.pending = []
-        clock, secrets, fmt = self.clock, self.secret_params, self.formatter
-        data = b"".join([fmt(log_record(ex, clock, secrets)) for ex in pending])
+        clock, secrets, line_of = self.clock, self.secret_params, self.line_of
+        data = b"".join([line_of(ex, clock, secrets) for ex in pending])
         try:
             self.stream.write(data)
             self.stream.flush()
@@ -133,4 +143,5 @@ class AccessLog:
 
 
 def json_line(record: dict[str, Any]) -> bytes:
+    """A record from `log_record` as one JSON line (the reference `json_line_of` matches)."""
     return orjson.dumps(record) + b"\n"

@@ -21,6 +21,7 @@ import time
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
+from .accesslog import Clock, log_record
 from .diagnosis import HINT_TEXT, ORIGIN_5XX_FOR_CLIENT_ERROR, hop_product
 from .faults import REQUEST_PROBLEMS, Fault, FaultInfo, Source, info
 
@@ -80,6 +81,11 @@ def fault_row(error: str, status: int) -> FaultInfo:
             if row.status == status:
                 return row
     return info(fault)
+
+
+def pretty_line_of(ex: Exchange, clock: Clock, secret_params: frozenset[str]) -> bytes:
+    """The access log's line maker for a terminal."""
+    return pretty_line(log_record(ex, clock, secret_params))
 
 
 def pretty_line(record: dict[str, Any], colour: bool | None = None) -> bytes:
@@ -275,7 +281,7 @@ def install_summary(server: Any) -> ConsoleSummary | None:
     """
     ctx = server.ctx
     access_log = ctx.telemetry.access_log if ctx is not None else None
-    if access_log is None or access_log.formatter is not pretty_line:
+    if access_log is None or access_log.line_of is not pretty_line_of:
         return None
     console = ConsoleSummary(access_log)
     ctx.telemetry.observers.append(console.summary.observe)

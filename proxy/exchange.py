@@ -96,7 +96,7 @@ class Exchange:
         return target if q < 0 else target[:q]
 
     def duration_ms(self) -> float:
-        return round(((self.t_end or perf_ns()) - self.t_start) / 1e6, 3)
+        return ((self.t_end or perf_ns()) - self.t_start) // 1000 / 1000
 
     def connect_ns(self) -> int:
         """TCP connect time (0 when a pooled connection was reused)."""
@@ -123,27 +123,39 @@ class Exchange:
 
     def phases_ms(self) -> dict[str, float | None]:
         """Durations of each phase, in milliseconds (None: the phase did not happen)."""
-        t_connect = self.t_connect
-        t_connected = self.t_connected
         t_sent = self.t_sent
         t_head = self.t_response_head
-        if t_connect:
-            t_dns = self.t_dns
-            dns = round((t_connect - t_dns) / 1e6, 3) if t_dns else None
-            connect = round((t_connected - t_connect) / 1e6, 3) if t_connected else None
-            t_tls = self.t_tls_done
-            tls = round((t_tls - t_connected) / 1e6, 3) if t_tls and t_connected else None
-        else:
-            dns = connect = tls = None
+        t_end = self.t_end
+        ttfb = (t_head - t_sent) // 1000 / 1000 if t_sent and t_head else None
+        body = (t_end - t_head) // 1000 / 1000 if t_head and t_end else None
+        t_connect = self.t_connect
         t_pool = self.t_pool
-        queue_end = self.t_dns or t_connect or t_sent
+        if not t_connect and not t_pool:  # a pooled connection: the common exchange
+            return {
+                "dns": None,
+                "connect": None,
+                "tls": None,
+                "queue": None,
+                "ttfb": ttfb,
+                "body": body,
+            }
+        dns = connect = tls = None
+        t_dns = self.t_dns
+        if t_connect:
+            t_connected = self.t_connected
+            t_tls = self.t_tls_done
+            dns = (t_connect - t_dns) // 1000 / 1000 if t_dns else None
+            connect = (t_connected - t_connect) // 1000 / 1000 if t_connected else None
+            tls = (t_tls - t_connected) // 1000 / 1000 if t_tls and t_connected else None
+        queue_end = t_dns or t_connect or t_sent
+        queue = (queue_end - t_pool) // 1000 / 1000 if t_pool and queue_end else None
         return {
             "dns": dns,
             "connect": connect,
             "tls": tls,
-            "queue": round((queue_end - t_pool) / 1e6, 3) if t_pool and queue_end else None,
-            "ttfb": round((t_head - t_sent) / 1e6, 3) if t_sent and t_head else None,
-            "body": round((self.t_end - t_head) / 1e6, 3) if t_head and self.t_end else None,
+            "queue": queue,
+            "ttfb": ttfb,
+            "body": body,
         }
 
     def __repr__(self) -> str:

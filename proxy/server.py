@@ -23,9 +23,9 @@ from collections.abc import Callable
 from typing import Any
 
 from . import __version__
-from .accesslog import AccessLog, json_line
+from .accesslog import AccessLog, json_line_of
 from .config import Config, format_address
-from .console import pretty_line
+from .console import pretty_line_of
 from .downstream import DownstreamProtocol, client_is_trusted
 from .exchange import Exchange, perf_ns
 from .headers import HeaderPolicy
@@ -142,8 +142,8 @@ def make_access_log(config: Config, stream: Any = None) -> AccessLog | None:
     fmt = config.log.format
     if fmt == "auto":
         fmt = "pretty" if os.isatty(stream.fileno()) else "json"
-    formatter = pretty_line if fmt == "pretty" else json_line
-    return AccessLog(stream, formatter, config.log.redact_query)
+    line_of = pretty_line_of if fmt == "pretty" else json_line_of
+    return AccessLog(stream, line_of, config.log.redact_query)
 
 
 class ProxyServer:
