@@ -1032,6 +1032,9 @@ def main(argv: list[str] | None = None) -> int:
     rundir = (
         os.path.abspath(a.out) if a.out else tempfile.mkdtemp(prefix="faultline-bench.", dir="/tmp")
     )
+    # nginx's workers drop root for an unprivileged user: it must be able to read the files.
+    os.makedirs(rundir, exist_ok=True)
+    os.chmod(rundir, 0o755)
     for d in ("docroot", "tmp-origin", "tmp-proxy", "tmp-proxy-body"):
         os.makedirs(os.path.join(rundir, d), exist_ok=True)
     for fname, data in (("16k.bin", BODY_16K), ("1m.bin", BODY_1M)):
