@@ -19,15 +19,13 @@ from typing import Any
 
 import aiohttp
 import orjson
-from admin_support import wait_for
+from admin_support import Key, answer_by_path, breakdowns, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.faults import CLIENT_CLOSED_STATUS, TAXONOMY, Fault, Layer, Source
 from proxy.stats import layer_of
 
 from support import LOOPBACK, OriginConnection, parse_responses, read_until_reset
-
-Key = tuple[int, str, str | None]  # (status, source, error token) as the client saw it
 
 MIX = {
     "ok": 600,  # 200 from the origin, over keep-alive connections
@@ -65,28 +63,11 @@ class Origin:
 
     async def script(self, conn: OriginConnection) -> None:
         while (request := await conn.read_request(timeout=30)) is not None:
-            path = request.split(b" ", 2)[1]
             m = re.search(rb"(?i)x-request-id: *([^\r]+)", request)
             if m is not None:
                 self.arrival(m.group(1).decode()).set()
-            if path.startswith(b"/hangup"):
-                conn.close()
+            if not await answer_by_path(conn, request):
                 return
-            if path.startswith(b"/truncated"):
-                conn.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"x" * 100)
-                await conn.drain()
-                await asyncio.sleep(0.05)
-                conn.close()
-                return
-            if path.startswith(b"/slow"):
-                await asyncio.sleep(0.5)
-                await conn.respond(200, b"slow")
-            elif path.startswith(b"/boom"):
-                await conn.respond(500, b"boom")
-            elif path.startswith(b"/missing"):
-                await conn.respond(404, b"missing")
-            else:
-                await conn.respond(200, b"ok")
 
 
 class Client:
@@ -160,20 +141,6 @@ def _header(head: bytes, name: bytes) -> str | None:
         if k.strip().lower() == name:
             return v.strip().decode("latin-1")
     return None
-
-
-def breakdowns(tally: Counter[Key]) -> dict[str, dict[str, int]]:
-    out: dict[str, Counter[str]] = {
-        name: Counter() for name in ("by_source", "by_layer", "by_error", "by_status", "by_class")
-    }
-    for (status, source, error), n in tally.items():
-        out["by_source"][source] += n
-        out["by_layer"][layer_of(error)] += n
-        if error is not None:
-            out["by_error"][error] += n
-        out["by_status"][str(status)] += n
-        out["by_class"][f"{status // 100}xx"] += n
-    return {name: dict(c) for name, c in out.items()}
 
 
 def metrics_tally(text: str) -> Counter[Key]:

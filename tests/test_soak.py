@@ -23,6 +23,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from admin_support import Key, breakdowns
 from hostile_support import (
     RecordingOrigin,
     ResponseReader,
@@ -33,11 +34,9 @@ from hostile_support import (
 )
 
 from proxy.faults import CLIENT_CLOSED_STATUS, Fault, Source
-from proxy.stats import layer_of
 
 from support import LOOPBACK, parse_responses, read_until_reset, spawn_proxy
 
-Key = tuple[int, str, str | None]  # (status, source, error token) as the client saw it
 KINDS = {  # kind: weight
     "ok": 60,  # the origin's 200, keep-alive
     "boom": 10,  # the origin's own 500
@@ -165,20 +164,6 @@ async def idle_fds(pid: int, settle: float = 0.8, timeout: float = 10.0) -> int:
         elif time.monotonic() - stable_since >= settle:
             break
     return last
-
-
-def breakdowns(tally: Counter[Key]) -> dict[str, dict[str, int]]:
-    out: dict[str, Counter[str]] = {
-        name: Counter() for name in ("by_source", "by_layer", "by_error", "by_status", "by_class")
-    }
-    for (status, source, error), n in tally.items():
-        out["by_source"][source] += n
-        out["by_layer"][layer_of(error)] += n
-        if error is not None:
-            out["by_error"][error] += n
-        out["by_status"][str(status)] += n
-        out["by_class"][f"{status // 100}xx"] += n
-    return {name: dict(c) for name, c in out.items()}
 
 
 async def soak(seconds: float, warmup: float) -> None:
