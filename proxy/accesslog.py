@@ -119,7 +119,6 @@ class AccessLog:
         self.secret_params = frozenset(p.lower() for p in secret_params)
         self.clock = Clock()
         self.pending: list[Exchange] = []
-        self.written = 0
 
     def record(self, ex: Exchange) -> None:
         pending = self.pending
@@ -139,9 +138,3 @@ class AccessLog:
             self.stream.flush()
         except (BrokenPipeError, ValueError):
             return  # stdout went away (piped to a process that exited): keep serving
-        self.written += len(pending)
-
-
-def json_line(record: dict[str, Any]) -> bytes:
-    """A record from `log_record` as one JSON line (the reference `json_line_of` matches)."""
-    return orjson.dumps(record) + b"\n"

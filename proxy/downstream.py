@@ -31,7 +31,7 @@ from httptools import (
 from .exchange import Phase, perf_ns
 from .faults import RequestProblem
 from .forward import Forwarder
-from .headers import CONNECTION_OPTIONS, connection_tokens, valid_request_id
+from .headers import CONNECTION_OPTIONS, HOP_BY_HOP, connection_tokens, valid_request_id
 from .upstream import parser_error_text
 
 if TYPE_CHECKING:
@@ -57,12 +57,8 @@ log = logging.getLogger("faultline")
     _Q_CONTENT_ENCODING,
 ) = range(14)
 _REQUEST_SPECIAL = {
-    b"keep-alive": _Q_DROP,
-    b"proxy-connection": _Q_DROP,
-    b"te": _Q_DROP,
-    b"trailer": _Q_DROP,
-    b"proxy-authorization": _Q_DROP,
-    b"forwarded": _Q_DROP,
+    **dict.fromkeys(HOP_BY_HOP, _Q_DROP),
+    b"forwarded": _Q_DROP,  # rewritten as X-Forwarded-*; a client's own is not trusted
     b"host": _Q_HOST,
     b"connection": _Q_CONNECTION,
     b"content-length": _Q_CL,

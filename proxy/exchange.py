@@ -32,12 +32,6 @@ class Phase(IntEnum):
     DONE = 10
 
 
-# Phases in which nothing has been received from the upstream for this exchange yet.
-BEFORE_RESPONSE = frozenset(
-    {Phase.POOL_WAIT, Phase.DNS, Phase.CONNECT, Phase.TLS, Phase.SEND, Phase.AWAIT_HEAD}
-)
-
-
 class Exchange:
     """One request and its response, from the first request byte to the last response byte.
 
@@ -48,7 +42,6 @@ class Exchange:
     request_id = ""
     method = ""
     target = ""
-    http_version = "1.1"
     phase = Phase.REQUEST_HEAD
     status = 0
     upstream_status = 0
@@ -94,9 +87,6 @@ class Exchange:
         target = self.target
         q = target.find("?")
         return target if q < 0 else target[:q]
-
-    def duration_ms(self) -> float:
-        return ((self.t_end or perf_ns()) - self.t_start) // 1000 / 1000
 
     def connect_ns(self) -> int:
         """TCP connect time (0 when a pooled connection was reused)."""

@@ -350,9 +350,6 @@ REQUEST_PROBLEMS: dict[RequestProblem, FaultInfo] = {
     ),
 }
 
-# Faults that end an exchange whose response had already started (no status of our own).
-MID_RESPONSE_FAULTS = frozenset(f for f, row in TAXONOMY.items() if row.status is None)
-
 # Upstream faults before any response byte: a reused connection failing this way may be stale.
 STALE_CONNECTION_FAULTS = frozenset({Fault.CONNECTION_TERMINATED})
 

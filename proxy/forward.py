@@ -173,15 +173,16 @@ class Forwarder(Exchange):
             self.flush_upstream()
 
     def on_request_body(self, data: bytes) -> None:
-        """Body bytes from the client (raw tunnel bytes once upgraded)."""
+        """Request body bytes from the client (a Content-Length body was checked against
+        the limit with its head; a chunked one is checked as it comes)."""
         self.body_bytes_in += len(data)
         sample = self.request_sample
         if sample is not None and len(sample) < REQUEST_SAMPLE_BYTES:
             sample += data[: REQUEST_SAMPLE_BYTES - len(sample)]
-        limit = self.ctx.max_request_body_bytes
-        if self.tunnel or not self.chunked_in:
+        if not self.chunked_in:
             self._send([data], len(data))
             return
+        limit = self.ctx.max_request_body_bytes
         if limit and self.body_bytes_in > limit:
             self.on_request_error(RequestProblem.BODY_TOO_LARGE, f"request body over {limit} bytes")
             return

@@ -117,9 +117,9 @@ def prefers_html(accept: bytes | None) -> bool:
 # origin wrote it. The scan runs on a lower-cased copy of the head (same offsets), and each
 # match starts at the CRLF that ends the previous line, a literal the regex engine finds fast.
 _RESPONSE_SPECIAL = re.compile(
-    rb"\r\n(connection|keep-alive|proxy-connection|te|trailer|transfer-encoding|upgrade"
-    rb"|proxy-authenticate|proxy-authorization|proxy-status|via|x-request-id|content-length)"
-    rb"[ \t]*:[ \t]*([^\r\n]*?)[ \t]*(?=\r\n)"
+    rb"\r\n("
+    + b"|".join(sorted(HOP_BY_HOP | {b"proxy-status", b"via", b"x-request-id", b"content-length"}))
+    + rb")[ \t]*:[ \t]*([^\r\n]*?)[ \t]*(?=\r\n)"
 )
 _PLAIN_CONNECTION = frozenset({b"keep-alive", b"close"})
 
@@ -141,7 +141,9 @@ _CONTENT_LENGTH_FIELDS.content_length = True
 
 # Names that send a head down the full scan; most responses carry none of them.
 _RARE_RESPONSE_FIELD = re.compile(
-    rb"\r\n(?:proxy-|via|x-request-id|upgrade|trailer|te|keep-alive|transfer-encoding)"
+    rb"\r\n(?:"
+    + b"|".join(sorted(HOP_BY_HOP - {b"connection"} | {b"proxy-status", b"via", b"x-request-id"}))
+    + rb")[ \t]*:"
 )
 _PLAIN_FIELDS = ResponseFields()
 

@@ -112,6 +112,12 @@ class FaultlineCollector:
         )
         yield retries
 
+        yield CounterMetricFamily(
+            "faultline_refused_connections_total",
+            "Client connections closed unread because limits.max_connections was reached.",
+            value=stats.refused_connections,
+        )
+
         if stats.hop_counts:
             hops = CounterMetricFamily(
                 "faultline_origin_hop_responses",

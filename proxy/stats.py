@@ -48,8 +48,6 @@ class Histogram:
 
     __slots__ = ("counts", "max_ns", "sum_ns")
 
-    bounds_s = BUCKETS_S
-
     def __init__(self) -> None:
         self.counts = [0] * (len(_BUCKETS_NS) + 1)
         self.sum_ns = 0

@@ -239,7 +239,6 @@ class UpstreamPool:
         self.loop = loop
         self.host = config.upstream_host
         self.port = config.upstream_port
-        self.authority = config.upstream_authority
         self.max_connections = config.pool.max_connections
         self.max_idle = config.pool.max_idle
         self.idle_timeout_ns = int(config.pool.idle_timeout * 1e9)
@@ -259,7 +258,6 @@ class UpstreamPool:
         self.open = 0  # connecting + idle + busy
         self.busy = 0
         self.waiters: deque[Forwarder] = deque()
-        self.connects_started = 0
 
     # -- acquiring and releasing ------------------------------------------------------------
 
@@ -337,7 +335,6 @@ class UpstreamPool:
         # The slot taken here belongs to the attempt until TCP connects, then to the
         # connection (released by its connection_lost).
         self.open += 1
-        self.connects_started += 1
         forwarder.connect_task = self.loop.create_task(self._connect(forwarder))
 
     async def _connect(self, forwarder: Forwarder) -> None:

@@ -32,6 +32,7 @@ FAMILIES = {
     "faultline_upstream_phase_seconds": "histogram",
     "faultline_in_flight_requests": "gauge",
     "faultline_retries": "counter",
+    "faultline_refused_connections": "counter",
     "faultline_upstream_pool_connections": "gauge",
 }
 BAD_REQUEST = b"GET /no-host HTTP/1.1\r\n\r\n"
