@@ -1,8 +1,8 @@
 """The access log: one JSON object per exchange, or one readable coloured line on a terminal.
 
 Rules:
-1. Finished exchanges are queued and written in batches (by a timer, or when the batch is
-   full): never a write per request on the hot path.
+1. Finished exchanges arrive in batches (`Telemetry.settle`: by a timer, or when the
+   batch is full): never a write per request on the hot path.
 2. Only the record's own fields are logged; headers are never logged, so Authorization,
    Cookie and Set-Cookie cannot leak; configured query parameters are redacted.
 3. Fields beyond the contract's list appear only when they say something: `waited_ms`,
@@ -24,7 +24,6 @@ from .faults import TAXONOMY
 
 LAYERS = {fault: row.layer._value_ for fault, row in TAXONOMY.items()}
 
-BATCH_MAX = 512
 REDACTED = "REDACTED"
 
 
@@ -105,8 +104,9 @@ LineOf = Callable[[Exchange, Clock, frozenset[str]], bytes]
 
 
 class AccessLog:
-    """Buffered writer of access-log lines; `line_of` turns a finished exchange into one
-    line (`json_line_of`, or the console's pretty line)."""
+    """Writer of access-log lines, a batch of finished exchanges at a time (one write and
+    one flush per batch); `line_of` turns an exchange into one line (`json_line_of`, or
+    the console's pretty line)."""
 
     def __init__(
         self,
@@ -118,21 +118,12 @@ class AccessLog:
         self.line_of = line_of
         self.secret_params = frozenset(p.lower() for p in secret_params)
         self.clock = Clock()
-        self.pending: list[Exchange] = []
 
-    def record(self, ex: Exchange) -> None:
-        pending = self.pending
-        pending.append(ex)
-        if len(pending) >= BATCH_MAX:
-            self.flush()
-
-    def flush(self) -> None:
-        pending = self.pending
-        if not pending:
-            return
-        self.pending = []
+    def write(self, batch: list[Exchange]) -> None:
         clock, secrets, line_of = self.clock, self.secret_params, self.line_of
-        data = b"".join([line_of(ex, clock, secrets) for ex in pending])
+        self.write_raw(b"".join([line_of(ex, clock, secrets) for ex in batch]))
+
+    def write_raw(self, data: bytes) -> None:
         try:
             self.stream.write(data)
             self.stream.flush()

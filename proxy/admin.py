@@ -292,6 +292,7 @@ def build_app(server: ProxyServer, config: Config) -> web.Application:
         source = _choice(request, "source", sources)
         error = _choice(request, "error", tokens)
         limit = _integer(request, "limit", 0, MAX_LIMIT)
+        ctx.telemetry.settle()
         return json(stats.snapshot(proxy=proxy_info, source=source, error=error, limit=limit))
 
     async def metrics_handler(request: web.Request) -> web.Response:
@@ -305,10 +306,12 @@ def build_app(server: ProxyServer, config: Config) -> web.Application:
     async def series_handler(request: web.Request) -> web.Response:
         _check_names(request, ("seconds",))
         seconds = _integer(request, "seconds", 1, WINDOWS_S[-1])
+        ctx.telemetry.settle()
         return json(stats.series(seconds or WINDOWS_S[-1]))
 
     async def latency_handler(request: web.Request) -> web.Response:
         _check_names(request, ())
+        ctx.telemetry.settle()
         return json(stats.latency())
 
     async def dashboard(request: web.Request) -> web.Response:

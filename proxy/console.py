@@ -15,7 +15,6 @@ Rules:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import time
 from collections import Counter
@@ -28,6 +27,7 @@ from .faults import REQUEST_PROBLEMS, Fault, FaultInfo, Source, info
 if TYPE_CHECKING:
     from .accesslog import AccessLog
     from .exchange import Exchange
+    from .server import Telemetry
 
 RESET = "\x1b[0m"
 DIM = "\x1b[2m"
@@ -244,7 +244,10 @@ class BurstSummary:
 class ConsoleSummary:
     """A `BurstSummary` wired to a running proxy: observer, timer, and the log's stream."""
 
-    def __init__(self, access_log: AccessLog, summary: BurstSummary | None = None) -> None:
+    def __init__(
+        self, telemetry: Telemetry, access_log: AccessLog, summary: BurstSummary | None = None
+    ) -> None:
+        self.telemetry = telemetry
         self.access_log = access_log
         self.summary = summary or BurstSummary()
         self.task: asyncio.Task[None] | None = None
@@ -266,11 +269,8 @@ class ConsoleSummary:
         line = self.summary.tick(now_ns)
         if line is None:
             return
-        access_log = self.access_log
-        access_log.flush()  # the burst's own lines first
-        with contextlib.suppress(BrokenPipeError, ValueError):
-            access_log.stream.write(line)
-            access_log.stream.flush()
+        self.telemetry.settle()  # the burst's own lines first
+        self.access_log.write_raw(line)
 
 
 def install_summary(server: Any) -> ConsoleSummary | None:
@@ -283,7 +283,7 @@ def install_summary(server: Any) -> ConsoleSummary | None:
     access_log = ctx.telemetry.access_log if ctx is not None else None
     if access_log is None or access_log.line_of is not pretty_line_of:
         return None
-    console = ConsoleSummary(access_log)
+    console = ConsoleSummary(ctx.telemetry, access_log)
     ctx.telemetry.observers.append(console.summary.observe)
     console.start()
     return console

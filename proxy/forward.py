@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 import socket
 import struct
 from typing import TYPE_CHECKING, Any
@@ -25,13 +24,12 @@ from typing import TYPE_CHECKING, Any
 from . import replies
 from .classify import DeadlineExpired, UpgradeBroken, classify
 from .diagnosis import BODY_SAMPLE_BYTES, REQUEST_SAMPLE_BYTES, Evidence, diagnose
-from .exchange import Exchange, Phase, perf_ns
+from .exchange import AWAIT_HEAD, BODY, DONE, SEND, Exchange, Phase, perf_ns
 from .faults import STALE_CONNECTION_FAULTS, Fault, RequestProblem, Source
-from .headers import filter_response_block
+from .headers import CONTENT_LENGTH_FIELDS, ResponseFields, filter_response_block
 
 if TYPE_CHECKING:
     from .downstream import DownstreamProtocol, RequestHead
-    from .server import ProxyContext
     from .upstream import UpstreamConnection
 
 log = logging.getLogger("faultline")
@@ -41,7 +39,6 @@ REPLAY_MAX_BYTES = 64 * 1024  # request bodies up to this size are kept for a re
 PENDING_HIGH_BYTES = 256 * 1024  # request body buffered before the upstream is ready
 COALESCE_MAX_BYTES = 16 * 1024  # join small writes into one buffer (one syscall)
 _LINGER_RST = struct.pack("ii", 1, 0)
-_CONTROL = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 _NO_BODY_STATUSES = frozenset({204, 304})
 
@@ -65,40 +62,63 @@ class Forwarder(Exchange):
     record fields.
     """
 
-    ctx: ProxyContext
-    down: DownstreamProtocol
-    # Defaults (class attributes): an exchange stores only the state it reaches.
-    head: RequestHead | None = None
-    reject: tuple[RequestProblem, str] | None = None
-    up: UpstreamConnection | None = None
-    connect_task: asyncio.Task[None] | None = None
-    done = False
-    tunnel = False
-    request_complete = False
-    chunked_in = False
-    close_after = True
-    replay: list[bytes] | None = None  # an idempotent request's body, for one replay
-    may_wait = False
-    pending: list[bytes] | None = None  # request body held until the upstream is ready
-    pending_bytes = 0
-    out_bytes = 0
-    upstream_head = b""
-    chunked_out = False
-    replay_bytes = 0
-    progress = 0
-    progress_ns = 0
-    evidence: Evidence | None = None  # kept for origin error responses only
-    request_sample: bytearray | None = None  # a JSON request body, to judge a 5xx
-    held: list[bytes] | None = None  # client bytes after an Upgrade request, before 101
+    __slots__ = (
+        "chunked_in",
+        "chunked_out",
+        "close_after",
+        "connect_task",
+        "ctx",
+        "done",
+        "down",
+        "evidence",
+        "head",
+        "held",
+        "may_wait",
+        "out",
+        "out_bytes",
+        "pending",
+        "pending_bytes",
+        "progress",
+        "progress_ns",
+        "reject",
+        "replay",
+        "replay_bytes",
+        "request_complete",
+        "request_sample",
+        "tunnel",
+        "up",
+        "up_out",
+        "upstream_head",
+    )
 
     def __init__(self, down: DownstreamProtocol, t_start: int) -> None:
-        self.t_start = t_start
-        self.down = down
         ctx = self.ctx = down.ctx
-        self.client = down.client_ip
-        self.upstream = ctx.upstream_authority
+        Exchange.__init__(self, t_start, down.client_ip, ctx.upstream_authority)
+        self.down = down
+        self.head: RequestHead | None = None
+        self.reject: tuple[RequestProblem, str] | None = None
+        self.up: UpstreamConnection | None = None
+        self.connect_task: asyncio.Task[None] | None = None
+        self.done = False
+        self.tunnel = False
+        self.request_complete = False
+        self.chunked_in = False
+        self.close_after = True
+        self.replay: list[bytes] | None = None  # an idempotent request's body, for one replay
+        self.may_wait = False
+        self.pending: list[bytes] | None = None  # request body held until the upstream is ready
+        self.pending_bytes = 0
         self.out: list[bytes] = []  # response bytes, written once per upstream read
+        self.out_bytes = 0
         self.up_out: list[bytes] = []  # request bytes, written once per client read
+        self.upstream_head = b""
+        self.chunked_out = False
+        self.replay_bytes = 0
+        self.progress = 0
+        self.progress_ns = 0
+        self.evidence: Evidence | None = None  # kept for origin error responses only
+        self.request_sample: bytearray | None = None  # a JSON request body, to judge a 5xx
+        self.held: list[bytes] | None = None  # client bytes after an Upgrade, before 101
 
     def attach(
         self, head: RequestHead | None, reject: tuple[RequestProblem, str] | None = None
@@ -116,7 +136,7 @@ class Forwarder(Exchange):
         content_type = head.content_type
         if (
             content_type is not None
-            and b"json" in content_type
+            and content_type.find(b"json") >= 0
             and head.content_encoding is None  # a compressed body cannot be judged
             and self.ctx.diagnostics
         ):
@@ -158,7 +178,7 @@ class Forwarder(Exchange):
         down = self.down
         if down.write_paused:
             conn.transport.pause_reading()
-        self.phase = Phase.SEND
+        self.phase = SEND
         self.t_sent = perf_ns()
         self.up_out.append(self.upstream_head)
         if self.pending:
@@ -167,7 +187,7 @@ class Forwarder(Exchange):
             self.pending_bytes = 0
             down.resume_reading(down.PAUSE_BUFFER)
         if self.request_complete:
-            self.phase = Phase.AWAIT_HEAD
+            self.phase = AWAIT_HEAD
             self.progress_ns = self.t_sent
         if not down.in_feed:
             self.flush_upstream()
@@ -192,9 +212,9 @@ class Forwarder(Exchange):
         self.request_complete = True
         if self.chunked_in:
             self._send([b"0\r\n\r\n"], 0)
-        if self.up is not None and self.phase is Phase.SEND:
+        if self.up is not None and self.phase is SEND:
             # The whole request is on its way: the response_headers timeout starts now.
-            self.phase = Phase.AWAIT_HEAD
+            self.phase = AWAIT_HEAD
             self.progress_ns = perf_ns()
 
     def _send(self, frame: list[bytes], size: int) -> None:
@@ -208,7 +228,7 @@ class Forwarder(Exchange):
                 replay.extend(frame)
         if self.done:
             return
-        if self.up is not None and self.phase >= Phase.SEND:
+        if self.up is not None and self.phase >= SEND:
             self.up_out.extend(frame)
             if not self.down.in_feed:
                 self.flush_upstream()
@@ -271,19 +291,47 @@ class Forwarder(Exchange):
         if status == 101 and not fields.upgrade:
             raise UpgradeBroken("upstream answered 101 without an Upgrade header")
         # From here on the head is accepted: the response has started.
-        self.t_response_head = now
+        self.t_response_head = self.progress_ns = now
         self.status = self.upstream_status = status
-        self.phase = Phase.BODY
-        self.progress_ns = now
+        self.phase = BODY
         if (request.upgrade and status != 101) or (ctx.draining and not self.down.queue):
-            self.close_after = True  # an upgrade refused leaves the client connection unusable
-        status_rest = head[9:line_end]
-        if _CONTROL.search(status_rest) is not None:
-            # llhttp lets control bytes through in a reason phrase: never pass them on.
-            status_rest = b"%d Faultline-Sanitised\r\n" % status
-        lines = [b"HTTP/1.1 ", status_rest, block]
+            self.close_after = True  # a refused upgrade leaves the connection unusable
+        hp = ctx.headers
+        out = self.out
+        out.append(hp.status_line(head[9:line_end]))
+        out.append(block)
+        if fields is not CONTENT_LENGTH_FIELDS:
+            self._framing(status, request, fields)
+        if hp.proxy_status:
+            out.append(hp.received_status(status, fields.proxy_status))
+        elif fields.proxy_status:
+            out.extend(b"Proxy-Status: " + v + b"\r\n" for v in fields.proxy_status)
+        if hp.server_timing:
+            if self.t_connect or self.t_pool:
+                out.append(hp.timing(self.connect_ns(), self.ttfb_ns(), self.own_ns(now)))
+            else:  # a pooled connection: the proxy's own time is everything before sending
+                t_sent = self.t_sent
+                out.append(
+                    b"Server-Timing: ttfb;dur=%.3f, proxy;dur=%.3f\r\n"
+                    % ((now - t_sent) // 1000 / 1000, (t_sent - self.t_start) // 1000 / 1000)
+                )
+        out.append(request.request_id_line)
+        out.append(hp.via_response_line(fields.via) if fields.via else hp.via_line)
+        if self.close_after:
+            out.append(b"Connection: close\r\n\r\n")
+        elif not request.http11:
+            out.append(b"Connection: keep-alive\r\n\r\n")
+        else:
+            out.append(b"\r\n")
+        self.out_bytes += len(block) + 512  # the head's own lines: small, never counted
+        self.response_started = True  # only now: a defect above still gets a clean 500
+        if status >= 400 and ctx.diagnostics:
+            self.evidence = Evidence(status, head)
+
+    def _framing(self, status: int, request: RequestHead, fields: ResponseFields) -> None:
+        """Framing lines for a response that is not plainly Content-Length delimited."""
         if status == 101:
-            lines.append(b"Connection: upgrade\r\nUpgrade: " + fields.upgrade + b"\r\n")
+            self.out.append(b"Connection: upgrade\r\nUpgrade: " + fields.upgrade + b"\r\n")
             self.tunnel = True
         elif request.method == b"HEAD" or status in _NO_BODY_STATUSES:
             pass
@@ -293,32 +341,13 @@ class Forwarder(Exchange):
             if request.http11:
                 self.chunked_out = True
                 codings = fields.codings
-                lines.append(
+                self.out.append(
                     b"Transfer-Encoding: " + codings + b", chunked\r\n"
                     if codings
                     else b"Transfer-Encoding: chunked\r\n"
                 )
             else:
                 self.close_after = True
-        hp = ctx.headers
-        if hp.proxy_status:
-            lines.append(hp.received_status(status, fields.proxy_status))
-        elif fields.proxy_status:
-            lines.extend(b"Proxy-Status: " + v + b"\r\n" for v in fields.proxy_status)
-        if hp.server_timing:
-            lines.append(hp.timing(self.connect_ns(), self.ttfb_ns(), self.own_ns(now)))
-        lines.append(request.request_id_line)
-        lines.append(hp.via_response_line(fields.via))
-        if self.close_after:
-            lines.append(b"Connection: close\r\n\r\n")
-        elif not request.http11:
-            lines.append(b"Connection: keep-alive\r\n\r\n")
-        else:
-            lines.append(b"\r\n")
-        self.response_started = True
-        self._queue_out(b"".join(lines))
-        if status >= 400 and ctx.diagnostics:
-            self.evidence = Evidence(status, head)
 
     def on_upstream_body(self, data: bytes) -> None:
         self.body_bytes_out += len(data)
@@ -586,7 +615,7 @@ class Forwarder(Exchange):
         if self.done:
             return
         self.done = True
-        self.phase = Phase.DONE
+        self.phase = DONE
         self.t_end = perf_ns()
         evidence = self.evidence
         if evidence is not None:

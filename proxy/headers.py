@@ -35,6 +35,8 @@ HOP_BY_HOP = frozenset(
 CONNECTION_OPTIONS = frozenset({b"close", b"keep-alive", b"upgrade"})
 
 _UNSAFE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+# llhttp lets control bytes through in a reason phrase: they are never passed on.
+_STATUS_CONTROL = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:@/+=\-]{1,200}$")
 
 
@@ -125,19 +127,20 @@ _PLAIN_CONNECTION = frozenset({b"keep-alive", b"close"})
 
 
 class ResponseFields:
-    """What the proxy needs to know of an origin's response header block (class-level
-    defaults: most responses set none of them but content_length)."""
+    """What the proxy needs to know of an origin's response header block."""
 
-    content_length = False
-    chunked = False
-    codings = b""  # transfer codings other than chunked (the body then ends at close)
-    upgrade = b""
-    via = b""
-    proxy_status: list[bytes] | None = None
+    __slots__ = ("chunked", "codings", "content_length", "proxy_status", "upgrade", "via")
+
+    def __init__(self, content_length: bool = False) -> None:
+        self.content_length = content_length
+        self.chunked = False
+        self.codings = b""  # transfer codings other than chunked (the body then ends at close)
+        self.upgrade = b""
+        self.via = b""
+        self.proxy_status: list[bytes] | None = None
 
 
-_CONTENT_LENGTH_FIELDS = ResponseFields()
-_CONTENT_LENGTH_FIELDS.content_length = True
+CONTENT_LENGTH_FIELDS = ResponseFields(content_length=True)  # shared: the common head
 
 # Names that send a head down the full scan; most responses carry none of them.
 _RARE_RESPONSE_FIELD = re.compile(
@@ -154,7 +157,7 @@ def filter_response_block(head: bytes, line_end: int) -> tuple[bytes, ResponseFi
     low = head.lower()
     if _RARE_RESPONSE_FIELD.search(low, line_end - 2) is None:
         # The common head: at most Content-Length and one plain Connection line.
-        fields = _CONTENT_LENGTH_FIELDS if b"\r\ncontent-length" in low else _PLAIN_FIELDS
+        fields = CONTENT_LENGTH_FIELDS if low.find(b"\r\ncontent-length") >= 0 else _PLAIN_FIELDS
         start = low.find(b"\r\nconnection", line_end - 2)
         if start < 0:
             return head[line_end:], fields
@@ -248,7 +251,8 @@ class HeaderPolicy:
         self._via_response_line = _line(b"Via", self.via_response)
         self._ps_prefix, self._ps_suffix = proxy_status_received(proxy_name, upstream_authority)
         self._received_lines: dict[int, bytes] = {}
-        self._status_lines: dict[tuple[int, bytes], bytes] = {}
+        self._status_lines: dict[bytes, bytes] = {}
+        self.via_line = self._via_response_line if via else b""  # the common response's
 
     # -- request to the upstream ----------------------------------------------------------
 
@@ -297,13 +301,16 @@ class HeaderPolicy:
 
     # -- response to the client -----------------------------------------------------------
 
-    def status_line(self, status: int, reason: bytes) -> bytes:
-        key = (status, reason)
-        line = self._status_lines.get(key)
+    def status_line(self, rest: bytes) -> bytes:
+        """The status line to send for the origin's (`rest`: "200 OK\\r\\n"), cached."""
+        line = self._status_lines.get(rest)
         if line is None:
-            line = b"HTTP/1.1 %d %s\r\n" % (status, reason)
+            if _STATUS_CONTROL.search(rest) is None:
+                line = b"HTTP/1.1 " + rest
+            else:
+                line = b"HTTP/1.1 " + rest[:3] + b" Faultline-Sanitised\r\n"
             if len(self._status_lines) < 256:  # origins choose reasons; bound the cache
-                self._status_lines[key] = line
+                self._status_lines[rest] = line
         return line
 
     def received_status(self, status: int, upstream: list[bytes] | None) -> bytes:

@@ -62,6 +62,7 @@ class FaultlineCollector:
 
     def collect(self) -> Iterator[Metric]:
         ctx = self.ctx
+        ctx.telemetry.settle()
         stats = ctx.stats
 
         build = InfoMetricFamily("faultline_build", "Faultline build information.")

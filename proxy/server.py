@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import gc
 import ipaddress
 import logging
 import os
@@ -39,8 +40,17 @@ class StartupError(Exception):
     """The proxy cannot start (an address is busy or unusable); one line for the user."""
 
 
+# Finished exchanges held before the sinks take them (the sweep settles sooner when idle).
+BATCH_MAX = 512
+GC_YOUNG_THRESHOLD = 20_000  # allocations between young-generation collections
+
+
 class Telemetry:
-    """The sinks every finished exchange goes to: stats and the access log."""
+    """The sinks every finished exchange goes to: stats, the access log, observers.
+
+    `record` only counts the exchange out of `in_flight` and queues it; `settle` hands the
+    queue to the sinks in one batch. Whoever reads the stats settles first.
+    """
 
     def __init__(
         self,
@@ -51,13 +61,26 @@ class Telemetry:
         self.stats = stats
         self.access_log = access_log
         self.observers = observers or []
+        self.pending: list[Exchange] = []
 
     def record(self, ex: Exchange) -> None:
-        self.stats.record(ex)
+        self.stats.in_flight -= 1
+        pending = self.pending
+        pending.append(ex)
+        if len(pending) >= BATCH_MAX:
+            self.settle()
+
+    def settle(self) -> None:
+        batch = self.pending
+        if not batch:
+            return
+        self.pending = []
+        self.stats.record_batch(batch)
         if self.access_log is not None:
-            self.access_log.record(ex)
+            self.access_log.write(batch)
         for observer in self.observers:
-            observer(ex)
+            for ex in batch:
+                observer(ex)
 
 
 def _ns(seconds: float) -> int:
@@ -190,7 +213,7 @@ class ProxyServer:
         ctx = self.ctx
         assert ctx is not None
         interval = ctx.sweep_interval_s()
-        access_log = ctx.telemetry.access_log
+        telemetry = ctx.telemetry
         while True:
             await asyncio.sleep(interval)
             now = perf_ns()
@@ -200,8 +223,7 @@ class ProxyServer:
                 except Exception:
                     log.exception("internal error while checking deadlines")
             ctx.pool.sweep(now)
-            if access_log is not None:
-                access_log.flush()
+            telemetry.settle()
 
     def request_stop(self) -> None:
         if self._stopping is not None:
@@ -243,8 +265,7 @@ class ProxyServer:
         # 6. Flush what is left and stop the admin server.
         for task in self._tasks:
             task.cancel()
-        if ctx.telemetry.access_log is not None:
-            ctx.telemetry.access_log.flush()
+        ctx.telemetry.settle()
         if self._admin is not None:
             await self._admin.cleanup()
         ctx.pool.close_idle()
@@ -260,8 +281,7 @@ class ProxyServer:
                 if conn.transport is not None:
                     conn.transport.abort()
             self.ctx.pool.close_idle()
-            if self.ctx.telemetry.access_log is not None:
-                self.ctx.telemetry.access_log.flush()
+            self.ctx.telemetry.settle()
         if self._admin is not None:
             await self._admin.cleanup()
         await asyncio.sleep(0)
@@ -276,8 +296,8 @@ class ProxyServer:
             log.warning(
                 "second %s: exiting without waiting for the drain", signal.Signals(sig).name
             )
-            if self.ctx is not None and self.ctx.telemetry.access_log is not None:
-                self.ctx.telemetry.access_log.flush()  # what finished is still logged
+            if self.ctx is not None:
+                self.ctx.telemetry.settle()  # what finished is still logged
             os._exit(0)
         log.info("%s: draining (readyz now 503)", signal.Signals(sig).name)
         self.request_stop()
@@ -293,9 +313,20 @@ def _bind_error(key: str, address: tuple[str, int], exc: OSError) -> str:
     return f"cannot listen on {shown} ({key}): {reason}"
 
 
+def tune_gc() -> None:
+    """Collect cyclic garbage less often. Exchanges wait in `Telemetry.pending` until the
+    next settle, so with the default threshold (700) the young generation is traversed
+    every ~100 exchanges: ~4% of the proxy's instructions, measured. Exchanges form no
+    cycles; what does (tracebacks, tasks) is still collected, in bigger steps. Objects
+    from start-up are frozen out of every collection."""
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, 10, 10)
+
+
 async def run(config: Config, on_started: Callable[[ProxyServer], None] | None = None) -> None:
     server = ProxyServer(config)
     await server.start()
+    tune_gc()
     server.install_signal_handlers()
     if on_started is not None:
         on_started(server)

@@ -1,9 +1,10 @@
 """Aggregation of finished exchanges: counters, fixed-bucket histograms, sliding windows.
 
 Rules:
-1. `record` runs once per finished exchange on the hot path: a dict increment, a few
-   histogram bucket increments, a window slot; nothing is sorted, nothing is allocated for
-   a successful exchange beyond its counter key.
+1. Finished exchanges arrive in batches (`record_batch`, from `Telemetry.settle`): per
+   exchange a dict increment, a few histogram bucket increments, a window slot; nothing
+   is sorted, nothing is allocated for a successful exchange beyond its counter key.
+   Readers settle the telemetry first, so what they see is exact.
 2. All breakdowns (by source, layer, error, status, class) are derived from one counter
    keyed by (status, source, error) when read, so they can never disagree.
 3. Percentiles are interpolated from the fixed buckets when `/stats` is read.
@@ -140,49 +141,57 @@ class Stats:
     # -- hot path ------------------------------------------------------------------------------
 
     def record(self, ex: Exchange) -> None:
+        """One finished exchange (tests; the proxy hands them over in batches)."""
         self.in_flight -= 1
-        self.total += 1
-        fault = ex.fault
-        error = None if fault is None else fault._value_
-        source = ex.source._value_
-        status = ex.status
-        key = (status, source, error)
+        self.record_batch([ex])
+
+    def record_batch(self, batch: list[Exchange]) -> None:
+        """Finished exchanges, already counted out of `in_flight` (`Telemetry.record`)."""
+        self.total += len(batch)
         counts = self.counts
-        counts[key] = counts.get(key, 0) + 1
-        t_end = ex.t_end
-        # Histograms, inlined: bucket, sum, max.
-        value = t_end - ex.t_start
-        histogram = self.duration_by_source[source]
-        histogram.counts[bisect_left(_BUCKETS_NS, value)] += 1
-        histogram.sum_ns += value
-        if value > histogram.max_ns:
-            histogram.max_ns = value
-        t_response_head = ex.t_response_head
-        if t_response_head:
-            if ex.t_sent:
-                value = t_response_head - ex.t_sent
-                histogram = self.ttfb
-                histogram.counts[bisect_left(_BUCKETS_NS, value)] += 1
-                histogram.sum_ns += value
-                if value > histogram.max_ns:
-                    histogram.max_ns = value
-            value = t_end - t_response_head
-            histogram = self.body
-            histogram.counts[bisect_left(_BUCKETS_NS, value)] += 1
+        by_source = self.duration_by_source
+        ttfb = self.ttfb
+        body = self.body
+        bounds = _BUCKETS_NS
+        for ex in batch:
+            fault = ex.fault
+            error = None if fault is None else fault._value_
+            source = ex.source._value_
+            status = ex.status
+            key = (status, source, error)
+            counts[key] = counts.get(key, 0) + 1
+            t_end = ex.t_end
+            # Histograms, inlined: bucket, sum, max.
+            value = t_end - ex.t_start
+            histogram = by_source[source]
+            histogram.counts[bisect_left(bounds, value)] += 1
             histogram.sum_ns += value
             if value > histogram.max_ns:
                 histogram.max_ns = value
-        if ex.t_connect or ex.t_pool or ex.retried:
-            self._record_setup(ex)
-        second = t_end // 1_000_000_000
-        if second != self._slot_second:
-            self._new_slot(second)
-        window = self._slot_counts
-        window[key] = window.get(key, 0) + 1
-        if error is not None or status >= 400:
-            self.recent.appendleft(self._error_entry(ex, error))
-            if ex.hop is not None:
-                self._count_hop(ex.hop, ex.upstream_status or status)
+            t_response_head = ex.t_response_head
+            if t_response_head:
+                if ex.t_sent:
+                    value = t_response_head - ex.t_sent
+                    ttfb.counts[bisect_left(bounds, value)] += 1
+                    ttfb.sum_ns += value
+                    if value > ttfb.max_ns:
+                        ttfb.max_ns = value
+                value = t_end - t_response_head
+                body.counts[bisect_left(bounds, value)] += 1
+                body.sum_ns += value
+                if value > body.max_ns:
+                    body.max_ns = value
+            if ex.t_connect or ex.t_pool or ex.retried:
+                self._record_setup(ex)
+            second = t_end // 1_000_000_000
+            if second != self._slot_second:
+                self._new_slot(second)
+            window = self._slot_counts
+            window[key] = window.get(key, 0) + 1
+            if error is not None or status >= 400:
+                self.recent.appendleft(self._error_entry(ex, error))
+                if ex.hop is not None:
+                    self._count_hop(ex.hop, ex.upstream_status or status)
 
     def _count_hop(self, hop: str, status: int) -> None:
         """Origin error responses by the hop behind the origin that made them (labels stay

@@ -77,7 +77,9 @@ class RunningProxy:
 
     @property
     def stats(self) -> Any:
+        """The proxy's stats, with every exchange finished so far settled into them."""
         assert self.server.ctx is not None
+        self.server.ctx.telemetry.settle()
         return self.server.ctx.stats
 
     @property
@@ -88,7 +90,7 @@ class RunningProxy:
     def access_log(self) -> list[dict[str, Any]]:
         ctx = self.server.ctx
         assert ctx is not None and ctx.telemetry.access_log is not None
-        ctx.telemetry.access_log.flush()
+        ctx.telemetry.settle()
         return self.log.lines()
 
     async def settle(self, timeout: float = 5.0) -> None:
