@@ -56,6 +56,9 @@ log = logging.getLogger("faultline")
     _Q_CONTENT_TYPE,
     _Q_CONTENT_ENCODING,
 ) = range(14)
+_METHOD_NAMES = {
+    m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")
+}
 _REQUEST_SPECIAL = {
     **dict.fromkeys(HOP_BY_HOP, _Q_DROP),
     b"forwarded": _Q_DROP,  # rewritten as X-Forwarded-*; a client's own is not trusted
@@ -77,6 +80,7 @@ _REQUEST_SPECIAL = {
 
 # RFC 9112 §3.2 / RFC 3986: uri-host [ ":" port ] (IP-literal, IPv4 or reg-name).
 _HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]+)(?::[0-9]{0,5})?\Z")
+_VALID_HOSTS: set[bytes] = set()  # Host values that matched _HOST (a client repeats its own)
 
 
 class RequestRejected(Exception):
@@ -143,16 +147,17 @@ class RequestHead:
         self.loop_marker = False
         self.problem: str | None = None
 
-    def add(self, name: bytes, value: bytes) -> None:
-        """One header field from the parser (RFC 9112 §3, §6.3 checks as they come)."""
-        code = _REQUEST_SPECIAL.get(name.lower())
-        if code is None:
-            self.lines.append(name + b": " + value + b"\r\n")
-        elif code == _Q_HOST:
+    def add(self, code: int, name: bytes, value: bytes) -> None:
+        """A header field the proxy handles itself (`_REQUEST_SPECIAL`); RFC 9112 §3 and
+        §6.3 checks as they come."""
+        if code == _Q_HOST:
             self.hosts += 1
             self.host = value
-            if _HOST.match(value) is None:
-                self.problem = self.problem or "invalid Host header (expected host[:port])"
+            if value not in _VALID_HOSTS:
+                if _HOST.match(value) is None:
+                    self.problem = self.problem or "invalid Host header (expected host[:port])"
+                elif len(_VALID_HOSTS) < 1024:
+                    _VALID_HOSTS.add(value)
         elif code == _Q_CL:
             value = value.strip(b" \t")  # llhttp allows optional whitespace around it
             if self.content_length is not None:
@@ -188,17 +193,16 @@ class RequestHead:
             self.content_encoding = value
             self.lines.append(name + b": " + value + b"\r\n")
 
-    def complete(
-        self, method: bytes, target: bytes, version: str, keep_alive: bool, upgrade: bool
-    ) -> str | None:
+    def complete(self, parser: HttpRequestParser, target: bytes) -> str | None:
         """The head is whole: None when it may be forwarded, else why it must be refused."""
-        self.method = method
+        self.method = method = parser.get_method()
         self.target = target
+        version = parser.get_http_version()
         self.http11 = version == "1.1"
-        self.keep_alive = keep_alive
+        self.keep_alive = parser.should_keep_alive()
         if self.problem:
             return self.problem
-        if version not in ("1.1", "1.0"):
+        if not self.http11 and version != "1.0":
             return f"unsupported HTTP version {version}"
         if self.hosts > 1:
             return "more than one Host header"
@@ -221,7 +225,9 @@ class RequestHead:
         if method == b"CONNECT":
             return "CONNECT is not supported: this is a reverse proxy"
         nominated = self.nominated
-        if not upgrade or self.upgrade is None or not nominated or b"upgrade" not in nominated:
+        if self.upgrade is not None and not (
+            nominated and b"upgrade" in nominated and parser.should_upgrade()
+        ):
             self.upgrade = None
         if nominated:
             nominated = nominated - CONNECTION_OPTIONS
@@ -431,23 +437,21 @@ class DownstreamProtocol(asyncio.Protocol):
                 RequestProblem.HEADERS_TOO_LARGE,
                 f"request head over {self.ctx.max_request_header_bytes} bytes",
             )
-        self.head.add(name, value)
+        code = _REQUEST_SPECIAL.get(name.lower())
+        if code is None:
+            self.head.lines.append(name + b": " + value + b"\r\n")
+        else:
+            self.head.add(code, name, value)
 
     def on_headers_complete(self) -> None:
         fw = self.parsing
         assert fw is not None
         self.parsing = None
         ctx = self.ctx
-        parser = self.parser
         head = self.head
-        problem = head.complete(
-            parser.get_method(),
-            self.url,
-            parser.get_http_version(),
-            parser.should_keep_alive(),
-            parser.should_upgrade(),
-        )
-        fw.method = head.method.decode("latin-1")
+        problem = head.complete(self.parser, self.url)
+        method = head.method
+        fw.method = _METHOD_NAMES.get(method) or method.decode("latin-1")
         fw.target = head.target.decode("latin-1")
         request_id = head.request_id or ctx.new_request_id()
         head.request_id = request_id
@@ -464,7 +468,11 @@ class DownstreamProtocol(asyncio.Protocol):
             fw.attach(head)
             if head.upgrade is not None:
                 self.upgrading = fw
-            self._enqueue(fw)
+            if self.current is None:
+                self.current = fw
+                fw.start()
+            else:
+                self._enqueue(fw)
             return
         if problem is not None:
             fw.attach(head, (RequestProblem.MALFORMED, problem))

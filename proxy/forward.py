@@ -286,8 +286,8 @@ class Forwarder(Exchange):
         now = perf_ns()
         if status == 101 and not request.upgrade:
             raise UpgradeBroken("upstream answered 101 to a request without Upgrade")
-        line_end = head.find(b"\r\n") + 2
-        block, fields = filter_response_block(head, line_end)
+        hp = ctx.headers
+        prefix, fields = hp.response_prefixes.get(head) or hp.response_prefix(head, status)
         if status == 101 and not fields.upgrade:
             raise UpgradeBroken("upstream answered 101 without an Upgrade header")
         # From here on the head is accepted: the response has started.
@@ -296,16 +296,10 @@ class Forwarder(Exchange):
         self.phase = BODY
         if (request.upgrade and status != 101) or (ctx.draining and not self.down.queue):
             self.close_after = True  # a refused upgrade leaves the connection unusable
-        hp = ctx.headers
         out = self.out
-        out.append(hp.status_line(head[9:line_end]))
-        out.append(block)
+        out.append(prefix)
         if fields is not CONTENT_LENGTH_FIELDS:
             self._framing(status, request, fields)
-        if hp.proxy_status:
-            out.append(hp.received_status(status, fields.proxy_status))
-        elif fields.proxy_status:
-            out.extend(b"Proxy-Status: " + v + b"\r\n" for v in fields.proxy_status)
         if hp.server_timing:
             if self.t_connect or self.t_pool:
                 out.append(hp.timing(self.connect_ns(), self.ttfb_ns(), self.own_ns(now)))
@@ -316,14 +310,13 @@ class Forwarder(Exchange):
                     % ((now - t_sent) // 1000 / 1000, (t_sent - self.t_start) // 1000 / 1000)
                 )
         out.append(request.request_id_line)
-        out.append(hp.via_response_line(fields.via) if fields.via else hp.via_line)
         if self.close_after:
             out.append(b"Connection: close\r\n\r\n")
         elif not request.http11:
             out.append(b"Connection: keep-alive\r\n\r\n")
         else:
             out.append(b"\r\n")
-        self.out_bytes += len(block) + 512  # the head's own lines: small, never counted
+        self.out_bytes += len(prefix) + 512  # the lines added here are small
         self.response_started = True  # only now: a defect above still gets a clean 500
         if status >= 400 and ctx.diagnostics:
             self.evidence = Evidence(status, head)

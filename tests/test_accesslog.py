@@ -11,7 +11,11 @@ import time
 
 import aiohttp
 
-from proxy.accesslog import redact_target
+import orjson
+import pytest
+
+from proxy.accesslog import Clock, json_line_of, log_record, redact_target
+from proxy.exchange import Exchange
 
 from support import LOOPBACK, OriginConnection, free_port, spawn_proxy
 
@@ -100,6 +104,34 @@ async def test_secrets_never_reach_the_log_or_stats(origin_factory, proxy_factor
     logged = bytes(proxy.log.data).decode()
     for secret in ("AUTHSECRET", "COOKIESECRET", "SETCOOKIESECRET", "QUERYSECRET"):
         assert secret not in logged and secret not in stats_text
+
+
+def pooled_ok_exchange(target: str) -> Exchange:
+    ex = Exchange(5_000_000_000, "127.0.0.1", "127.0.0.1:8080")
+    ex.request_id, ex.method, ex.target, ex.status = "abcd-00000001", "GET", target, 200
+    ex.reused, ex.body_bytes_in, ex.body_bytes_out = True, 3, 12
+    ex.t_sent = ex.t_start + 21_000
+    ex.t_response_head = ex.t_sent + 1_234_567
+    ex.t_end = ex.t_response_head + 1_000_000
+    return ex
+
+
+@pytest.mark.parametrize(
+    "target",
+    ["/", "/a?token=s3cret&page=2", '/q"uo\\te', "/caf\xe9", "/x?page=1"],
+    ids=["root", "redacted", "quote-backslash", "latin1", "query"],
+)
+def test_the_common_line_is_the_contract_object(target):
+    """The pooled, fault-free exchange's line is formatted directly, not via a dict: it must
+    be the same JSON object `log_record` describes, and the shortcut must have been taken."""
+    ex = pooled_ok_exchange(target)
+    clock, secrets = Clock(), frozenset({"token"})
+    line = json_line_of(ex, clock, secrets)
+    assert line.endswith(b"\n") and line.count(b"\n") == 1
+    assert orjson.loads(line) == log_record(ex, clock, secrets)
+    assert b'"body":1.000}' in line  # %.3f, not orjson's "1.0": the shortcut was taken
+    ex.hints = ("fault_behind_origin",)  # anything unusual takes the general path
+    assert orjson.loads(json_line_of(ex, clock, secrets))["hints"] == ["fault_behind_origin"]
 
 
 def test_redaction_keeps_other_parameters():
