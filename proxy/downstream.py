@@ -80,6 +80,8 @@ _REQUEST_SPECIAL = {
 
 # RFC 9112 §3.2 / RFC 3986: uri-host [ ":" port ] (IP-literal, IPv4 or reg-name).
 _HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]+)(?::[0-9]{0,5})?\Z")
+_FRAGMENT_MARK = ord("#")
+_SLASH = ord("/")
 _VALID_HOSTS: set[bytes] = set()  # Host values that matched _HOST (a client repeats its own)
 
 
@@ -235,11 +237,11 @@ class RequestHead:
                 self.lines = [
                     line for line in self.lines if line.split(b":", 1)[0].lower() not in nominated
                 ]
-        # bytes.find, not `in`: on 3.11 `in` first tries the operand as an int and pays
-        # for a formatted TypeError (~2k instructions) before searching.
-        if target.find(b"#") >= 0:
+        # An int operand: `bytes in bytes` first tries the operand as an int on 3.11 and
+        # pays for a formatted TypeError (~2k instructions) before searching.
+        if _FRAGMENT_MARK in target:
             return "a request target cannot carry a fragment"
-        if target[:1] != b"/":
+        if not target or target[0] != _SLASH:
             return self._absolute_form()
         return None
 

@@ -26,7 +26,13 @@ from .classify import DeadlineExpired, UpgradeBroken, classify
 from .diagnosis import BODY_SAMPLE_BYTES, REQUEST_SAMPLE_BYTES, Evidence, diagnose
 from .exchange import AWAIT_HEAD, BODY, DONE, SEND, Exchange, Phase, perf_ns
 from .faults import STALE_CONNECTION_FAULTS, Fault, RequestProblem, Source
-from .headers import CONTENT_LENGTH_FIELDS, ResponseFields, filter_response_block
+from .headers import (
+    CONTENT_LENGTH_FIELDS,
+    MS_TABLE,
+    MS_TABLE_SIZE,
+    ResponseFields,
+    filter_response_block,
+)
 
 if TYPE_CHECKING:
     from .downstream import DownstreamProtocol, RequestHead
@@ -305,10 +311,18 @@ class Forwarder(Exchange):
                 out.append(hp.timing(self.connect_ns(), self.ttfb_ns(), self.own_ns(now)))
             else:  # a pooled connection: the proxy's own time is everything before sending
                 t_sent = self.t_sent
-                out.append(
-                    b"Server-Timing: ttfb;dur=%.3f, proxy;dur=%.3f\r\n"
-                    % ((now - t_sent) // 1000 / 1000, (t_sent - self.t_start) // 1000 / 1000)
-                )
+                ttfb_us = (now - t_sent) // 1000
+                own_us = (t_sent - self.t_start) // 1000
+                if ttfb_us < MS_TABLE_SIZE and own_us < MS_TABLE_SIZE:
+                    out += (
+                        b"Server-Timing: ttfb;dur=",
+                        MS_TABLE[ttfb_us],
+                        b", proxy;dur=",
+                        MS_TABLE[own_us],
+                        b"\r\n",
+                    )
+                else:
+                    out.append(hp.timing(0, now - t_sent, t_sent - self.t_start))
         out.append(request.request_id_line)
         if self.close_after:
             out.append(b"Connection: close\r\n\r\n")

@@ -87,9 +87,18 @@ def proxy_status_error(
     return safe_value("; ".join(parts).encode())
 
 
+# Every whole microsecond below MS_TABLE_SIZE as milliseconds with three decimals: the
+# Server-Timing of a typical exchange is two lookups instead of two float formats (those
+# were ~5% of an exchange's instructions). ~190 KB.
+MS_TABLE_SIZE = 4096
+MS_TABLE = tuple(b"%d.%03d" % divmod(us, 1000) for us in range(MS_TABLE_SIZE))
+
+
 def _ms(ns: int) -> bytes:
     """Nanoseconds as milliseconds with three decimals, by integer arithmetic."""
     us = ns // 1000
+    if us < MS_TABLE_SIZE:
+        return MS_TABLE[us]
     return b"%d.%03d" % (us // 1000, us % 1000)
 
 

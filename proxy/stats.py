@@ -35,6 +35,7 @@ BUCKETS_S: tuple[float, ...] = (
 )
 _BUCKETS_NS = tuple(int(b * 1e9) for b in BUCKETS_S)
 
+_ORIGIN = Source.ORIGIN._value_
 PHASES = ("dns", "connect", "tls", "queue", "ttfb", "body")
 WINDOWS_S = (60, 300)
 CounterKey = tuple[int, str, str | None]  # (status, source, error token or None)
@@ -146,52 +147,99 @@ class Stats:
         self.record_batch([ex])
 
     def record_batch(self, batch: list[Exchange]) -> None:
-        """Finished exchanges, already counted out of `in_flight` (`Telemetry.record`)."""
+        """Finished exchanges, already counted out of `in_flight` (`Telemetry.record`).
+
+        The common exchange (the origin answered below 400 on a pooled connection, no
+        fault) is aggregated in locals: counts per status, histogram sums and maxima,
+        merged once per batch and second. Every other one goes through `_record_one`.
+        """
         self.total += len(batch)
-        counts = self.counts
-        by_source = self.duration_by_source
+        bounds = _BUCKETS_NS
+        origin = self.duration_by_source[_ORIGIN]
         ttfb = self.ttfb
         body = self.body
-        bounds = _BUCKETS_NS
+        d_counts, t_counts, b_counts = origin.counts, ttfb.counts, body.counts
+        d_sum = t_sum = b_sum = d_max = t_max = b_max = 0
+        ok: dict[int, int] = {}  # status -> exchanges, in the current second
+        second = self._slot_second
         for ex in batch:
-            fault = ex.fault
-            error = None if fault is None else fault._value_
-            source = ex.source._value_
-            status = ex.status
-            key = (status, source, error)
-            counts[key] = counts.get(key, 0) + 1
             t_end = ex.t_end
-            # Histograms, inlined: bucket, sum, max.
-            value = t_end - ex.t_start
-            histogram = by_source[source]
-            histogram.counts[bisect_left(bounds, value)] += 1
-            histogram.sum_ns += value
-            if value > histogram.max_ns:
-                histogram.max_ns = value
-            t_response_head = ex.t_response_head
-            if t_response_head:
-                if ex.t_sent:
-                    value = t_response_head - ex.t_sent
-                    ttfb.counts[bisect_left(bounds, value)] += 1
-                    ttfb.sum_ns += value
-                    if value > ttfb.max_ns:
-                        ttfb.max_ns = value
-                value = t_end - t_response_head
-                body.counts[bisect_left(bounds, value)] += 1
-                body.sum_ns += value
-                if value > body.max_ns:
-                    body.max_ns = value
-            if ex.t_connect or ex.t_pool or ex.retried:
-                self._record_setup(ex)
-            second = t_end // 1_000_000_000
-            if second != self._slot_second:
+            if t_end // 1_000_000_000 != second:
+                self._count_ok(ok)
+                ok = {}
+                second = t_end // 1_000_000_000
                 self._new_slot(second)
-            window = self._slot_counts
-            window[key] = window.get(key, 0) + 1
-            if error is not None or status >= 400:
-                self.recent.appendleft(self._error_entry(ex, error))
-                if ex.hop is not None:
-                    self._count_hop(ex.hop, ex.upstream_status or status)
+            status = ex.status
+            t_head = ex.t_response_head
+            t_sent = ex.t_sent
+            if (
+                status >= 400
+                or not t_head
+                or not t_sent
+                or ex.fault is not None
+                or ex.t_connect
+                or ex.t_pool
+                or ex.retried
+            ):
+                self._record_one(ex)
+                continue
+            ok[status] = ok.get(status, 0) + 1
+            value = t_end - ex.t_start
+            d_counts[bisect_left(bounds, value)] += 1
+            d_sum += value
+            if value > d_max:
+                d_max = value
+            value = t_head - t_sent
+            t_counts[bisect_left(bounds, value)] += 1
+            t_sum += value
+            if value > t_max:
+                t_max = value
+            value = t_end - t_head
+            b_counts[bisect_left(bounds, value)] += 1
+            b_sum += value
+            if value > b_max:
+                b_max = value
+        self._count_ok(ok)
+        origin.sum_ns += d_sum
+        ttfb.sum_ns += t_sum
+        body.sum_ns += b_sum
+        origin.max_ns = max(origin.max_ns, d_max)
+        ttfb.max_ns = max(ttfb.max_ns, t_max)
+        body.max_ns = max(body.max_ns, b_max)
+
+    def _count_ok(self, ok: dict[int, int]) -> None:
+        """Counts of common exchanges by status into the totals and the current second."""
+        counts = self.counts
+        window = self._slot_counts
+        for status, n in ok.items():
+            key = (status, _ORIGIN, None)
+            counts[key] = counts.get(key, 0) + n
+            window[key] = window.get(key, 0) + n
+
+    def _record_one(self, ex: Exchange) -> None:
+        """Any exchange, in full (its second's slot is current)."""
+        fault = ex.fault
+        error = None if fault is None else fault._value_
+        source = ex.source._value_
+        status = ex.status
+        key = (status, source, error)
+        counts = self.counts
+        counts[key] = counts.get(key, 0) + 1
+        window = self._slot_counts
+        window[key] = window.get(key, 0) + 1
+        t_end = ex.t_end
+        self.duration_by_source[source].observe_ns(t_end - ex.t_start)
+        t_response_head = ex.t_response_head
+        if t_response_head:
+            if ex.t_sent:
+                self.ttfb.observe_ns(t_response_head - ex.t_sent)
+            self.body.observe_ns(t_end - t_response_head)
+        if ex.t_connect or ex.t_pool or ex.retried:
+            self._record_setup(ex)
+        if error is not None or status >= 400:
+            self.recent.appendleft(self._error_entry(ex, error))
+            if ex.hop is not None:
+                self._count_hop(ex.hop, ex.upstream_status or status)
 
     def _count_hop(self, hop: str, status: int) -> None:
         """Origin error responses by the hop behind the origin that made them (labels stay

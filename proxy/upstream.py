@@ -173,11 +173,6 @@ class UpstreamConnection(asyncio.Protocol):
 
     # -- httptools callbacks ---------------------------------------------------------------
 
-    def on_message_begin(self) -> None:
-        if self.message_done:
-            self.stray_bytes = True  # a second response we never asked for
-        self.interim = False
-
     def on_headers_complete(self) -> None:
         handler = self.handler
         if handler is None or self.message_done:
