@@ -403,9 +403,12 @@ class DownstreamProtocol(asyncio.Protocol):
                         f"request head over {self.ctx.max_request_header_bytes} bytes",
                     )
         try:
-            for fw in (self.current, self.receiving):
-                if fw is not None and fw.up_out:
-                    fw.flush_upstream()
+            current = self.current
+            if current is not None and current.up_out:
+                current.flush_upstream()
+            receiving = self.receiving
+            if receiving is not None and receiving.up_out:
+                receiving.flush_upstream()
         except Exception as exc:
             self._defect(exc)
 
@@ -534,7 +537,7 @@ class DownstreamProtocol(asyncio.Protocol):
             # Not called directly: a long pipeline must not recurse.
             asyncio.get_running_loop().call_soon(self._start_queued, nxt)
         else:
-            self.idle_since_ns = perf_ns()
+            self.idle_since_ns = fw.t_end
 
     def _start_queued(self, fw: Forwarder) -> None:
         if self.current is fw and not fw.done and not self.closed:

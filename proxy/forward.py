@@ -170,7 +170,7 @@ class Forwarder(Exchange):
         )
         conn = ctx.pool.acquire(self)
         if conn is not None:
-            self.on_upstream_connected(conn, reused=True)
+            self.on_upstream_connected(conn, True)  # reused (positional: the hot call)
 
     # -- request side -------------------------------------------------------------------------
 

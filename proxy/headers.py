@@ -94,9 +94,8 @@ MS_TABLE_SIZE = 4096
 MS_TABLE = tuple(b"%d.%03d" % divmod(us, 1000) for us in range(MS_TABLE_SIZE))
 
 
-def _ms(ns: int) -> bytes:
-    """Nanoseconds as milliseconds with three decimals, by integer arithmetic."""
-    us = ns // 1000
+def ms_text(us: int) -> bytes:
+    """Microseconds as milliseconds with three decimals ("0.150")."""
     if us < MS_TABLE_SIZE:
         return MS_TABLE[us]
     return b"%d.%03d" % (us // 1000, us % 1000)
@@ -104,11 +103,11 @@ def _ms(ns: int) -> bytes:
 
 def server_timing(connect_ns: int, ttfb_ns: int, proxy_ns: int) -> bytes:
     """W3C Server-Timing for the phases known when the response head goes out (ms)."""
-    proxy = b"proxy;dur=" + _ms(max(proxy_ns, 0))
+    proxy = b"proxy;dur=" + ms_text(max(proxy_ns, 0) // 1000)
     if ttfb_ns:
-        proxy = b"ttfb;dur=" + _ms(ttfb_ns) + b", " + proxy
+        proxy = b"ttfb;dur=" + ms_text(ttfb_ns // 1000) + b", " + proxy
     if connect_ns:
-        proxy = b"connect;dur=" + _ms(connect_ns) + b", " + proxy
+        proxy = b"connect;dur=" + ms_text(connect_ns // 1000) + b", " + proxy
     return proxy
 
 

@@ -167,7 +167,7 @@ class UpstreamConnection(asyncio.Protocol):
         if self.message_done:
             reusable = not self.stray_bytes and self.keep_alive
             self.stray_bytes = False
-            handler.on_upstream_complete(reusable=reusable)
+            handler.on_upstream_complete(reusable)
         else:
             handler.flush()
 
@@ -280,7 +280,7 @@ class UpstreamPool:
         if not reusable or conn.closed:
             conn.close()
             return
-        waiter = self._next_waiter()
+        waiter = self._next_waiter() if self.waiters else None
         if waiter is not None:
             self.busy += 1
             waiter.on_upstream_connected(conn, reused=True)

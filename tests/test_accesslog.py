@@ -10,7 +10,6 @@ import subprocess
 import time
 
 import aiohttp
-
 import orjson
 import pytest
 
