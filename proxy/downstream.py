@@ -80,6 +80,10 @@ _REQUEST_SPECIAL = {
 
 # RFC 9112 §3.2 / RFC 3986: uri-host [ ":" port ] (IP-literal, IPv4 or reg-name).
 _HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]+)(?::[0-9]{0,5})?\Z")
+# Reads that were exactly one bodiless request head are remembered per proxy (bounded):
+# a client that repeats one skips parsing and validation (see `_known_head`).
+KNOWN_HEAD_MAX_BYTES = 4096
+KNOWN_HEADS_MAX = 1024
 _FRAGMENT_MARK = ord("#")
 _SLASH = ord("/")
 _VALID_HOSTS: set[bytes] = set()  # Host values that matched _HOST (a client repeats its own)
@@ -111,13 +115,15 @@ class RequestHead:
         "lines",
         "loop_marker",
         "method",
+        "method_name",
         "nominated",
         "problem",
         "request_id",
-        "request_id_line",
         "target",
+        "target_text",
         "te_values",
         "upgrade",
+        "upstream_fixed",
         "via",
         "xff",
         "xfh",
@@ -141,13 +147,15 @@ class RequestHead:
         self.xfp: bytes | None = None
         self.xfh: bytes | None = None
         self.via: bytes | None = None
-        self.request_id: bytes | None = None
-        self.request_id_line = b""
+        self.request_id: bytes | None = None  # the client's own, when valid
         self.accept: bytes | None = None
         self.content_type: bytes | None = None
         self.content_encoding: bytes | None = None
         self.loop_marker = False
         self.problem: str | None = None
+        self.method_name = ""  # method and target as text, for the exchange's record
+        self.target_text = ""
+        self.upstream_fixed = b""  # HeaderPolicy.request_head's per-head part, once built
 
     def add(self, code: int, name: bytes, value: bytes) -> None:
         """A header field the proxy handles itself (`_REQUEST_SPECIAL`); RFC 9112 §3 and
@@ -295,6 +303,8 @@ class DownstreamProtocol(asyncio.Protocol):
         self.head = RequestHead()
         self.head_bytes = 0
         self.head_fed = -1
+        self.heads_in_feed = 0  # heads completed while parsing the current read
+        self.repeatable: RequestHead | None = None  # its head, if it may be remembered
 
     # -- connection life cycle --------------------------------------------------------------
 
@@ -367,6 +377,22 @@ class DownstreamProtocol(asyncio.Protocol):
                 except Exception as exc:
                     fw.on_internal_error(exc)
             return
+        at_boundary = self.parsing is None and self.receiving is None and not self.read_pauses
+        known_heads = self.ctx.known_heads
+        if at_boundary and len(data) <= KNOWN_HEAD_MAX_BYTES:
+            head = known_heads.get(data)
+            if head is not None:
+                self.in_feed = True
+                try:
+                    self._known_head(head)
+                except Exception as exc:
+                    self._defect(exc)
+                finally:
+                    self.in_feed = False
+                self._flush_upstream()
+                return
+        self.heads_in_feed = 0
+        self.repeatable = None
         self.in_feed = True
         try:
             self.parser.feed_data(data)
@@ -389,6 +415,21 @@ class DownstreamProtocol(asyncio.Protocol):
             self._broken(RequestProblem.MALFORMED, parser_error_text(exc))
         except Exception as exc:  # a defect in our callbacks outside the parser's wrapping
             self._defect(exc)
+        else:
+            if (
+                self.repeatable is not None
+                and at_boundary
+                and self.heads_in_feed == 1
+                and self.parsing is None
+                and self.receiving is None
+                and len(data) <= KNOWN_HEAD_MAX_BYTES
+                and data.endswith(b"\r\n\r\n")
+            ):
+                # Exactly one whole bodiless head, from a parser at rest to a parser at
+                # rest: the same bytes will always parse to the same head.
+                if len(known_heads) >= KNOWN_HEADS_MAX:
+                    known_heads.clear()
+                known_heads[data] = self.repeatable
         finally:
             self.in_feed = False
         if self.parsing is not None:
@@ -402,6 +443,10 @@ class DownstreamProtocol(asyncio.Protocol):
                         RequestProblem.HEADERS_TOO_LARGE,
                         f"request head over {self.ctx.max_request_header_bytes} bytes",
                     )
+        self._flush_upstream()
+
+    def _flush_upstream(self) -> None:
+        """Bytes for the upstream produced while handling one read leave in one write."""
         try:
             current = self.current
             if current is not None and current.up_out:
@@ -452,33 +497,32 @@ class DownstreamProtocol(asyncio.Protocol):
         fw = self.parsing
         assert fw is not None
         self.parsing = None
-        ctx = self.ctx
         head = self.head
         problem = head.complete(self.parser, self.url)
         method = head.method
-        fw.method = _METHOD_NAMES.get(method) or method.decode("latin-1")
-        fw.target = head.target.decode("latin-1")
-        request_id = head.request_id or ctx.new_request_id()
-        head.request_id = request_id
-        head.request_id_line = b"X-Request-Id: " + request_id + b"\r\n"
-        fw.request_id = request_id.decode("latin-1")
-        self.receiving = fw
+        head.method_name = _METHOD_NAMES.get(method) or method.decode("latin-1")
+        head.target_text = head.target.decode("latin-1")
+        ctx = self.ctx
+        if problem is None and head.via is not None:
+            head.loop_marker = ctx.headers.is_loop(head.via)
+        self.heads_in_feed += 1
+        if (
+            problem is None
+            and not head.content_length
+            and not head.chunked
+            and head.keep_alive
+            and head.upgrade is None
+        ):
+            self.repeatable = head
         if problem is None and not (
             ctx.max_request_body_bytes
             and head.content_length is not None
             and head.content_length > ctx.max_request_body_bytes
         ):
-            if head.via is not None:
-                head.loop_marker = ctx.headers.is_loop(head.via)
-            fw.attach(head)
-            if head.upgrade is not None:
-                self.upgrading = fw
-            if self.current is None:
-                self.current = fw
-                fw.start()
-            else:
-                self._enqueue(fw)
+            self._head_complete(fw, head)
             return
+        self._identify(fw, head)
+        self.receiving = fw
         if problem is not None:
             fw.attach(head, (RequestProblem.MALFORMED, problem))
         else:
@@ -493,6 +537,36 @@ class DownstreamProtocol(asyncio.Protocol):
         self.pause_reading(self.PAUSE_BROKEN)
         self._enqueue(fw)
         raise _StopParsing
+
+    def _identify(self, fw: Forwarder, head: RequestHead) -> None:
+        """The exchange's method, target and request id (the client's, or a new one)."""
+        fw.method = head.method_name
+        fw.target = head.target_text
+        request_id = head.request_id or self.ctx.new_request_id()
+        fw.request_id_line = b"X-Request-Id: " + request_id + b"\r\n"
+        fw.request_id = request_id.decode("latin-1")
+
+    def _head_complete(self, fw: Forwarder, head: RequestHead) -> None:
+        """A head that may be forwarded: the exchange is answered now or in turn."""
+        self._identify(fw, head)
+        self.receiving = fw
+        fw.attach(head)
+        if head.upgrade is not None:
+            self.upgrading = fw
+        if self.current is None:
+            self.current = fw
+            fw.start()
+        else:
+            self._enqueue(fw)
+
+    def _known_head(self, head: RequestHead) -> None:
+        """`data` repeats a bodiless request head already parsed and validated on this
+        proxy: the exchange starts from that head, as the parser would have made it."""
+        fw = Forwarder(self, perf_ns())
+        self.ctx.stats.in_flight += 1
+        self._head_complete(fw, head)
+        self.receiving = None
+        fw.on_request_complete()
 
     def on_body(self, body: bytes) -> None:
         fw = self.receiving

@@ -90,6 +90,7 @@ class Forwarder(Exchange):
         "replay",
         "replay_bytes",
         "request_complete",
+        "request_id_line",
         "request_sample",
         "tunnel",
         "up",
@@ -108,6 +109,7 @@ class Forwarder(Exchange):
         self.done = False
         self.tunnel = False
         self.request_complete = False
+        self.request_id_line = b""
         self.chunked_in = False
         self.close_after = True
         self.replay: list[bytes] | None = None  # an idempotent request's body, for one replay
@@ -166,7 +168,7 @@ class Forwarder(Exchange):
             self.fail(Fault.CONNECTION_LIMIT_REACHED, "limits.max_in_flight reached")
             return
         self.upstream_head = ctx.headers.request_head(
-            head, self.down.client_ip_b, self.down.trusted
+            head, self.down.client_ip_b, self.down.trusted, self.request_id_line
         )
         conn = ctx.pool.acquire(self)
         if conn is not None:
@@ -323,7 +325,7 @@ class Forwarder(Exchange):
                     )
                 else:
                     out.append(hp.timing(0, now - t_sent, t_sent - self.t_start))
-        out.append(request.request_id_line)
+        out.append(self.request_id_line)
         if self.close_after:
             out.append(b"Connection: close\r\n\r\n")
         elif not request.http11:

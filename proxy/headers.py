@@ -267,15 +267,37 @@ class HeaderPolicy:
 
     # -- request to the upstream ----------------------------------------------------------
 
-    def request_head(self, head: RequestHead, client_ip: bytes, trusted: bool) -> bytes:
+    def request_head(
+        self, head: RequestHead, client_ip: bytes, trusted: bool, request_id_line: bytes
+    ) -> bytes:
         """The request head sent upstream (always HTTP/1.1, keep-alive)."""
+        fixed = head.upstream_fixed
+        if not fixed:  # once per head: a head the client repeats is shared (`known_heads`)
+            fixed = head.upstream_fixed = self._fixed_lines(head)
+        if not self.forwarded:
+            return b"".join((fixed, request_id_line, b"\r\n"))
+        host = head.host or self.upstream_authority
+        if trusted:
+            return b"".join(
+                (fixed, *self._trusted_forwarded(head, client_ip, host), request_id_line, b"\r\n")
+            )
+        return b"".join(
+            (
+                fixed,
+                b"X-Forwarded-For: ",
+                client_ip,
+                self._xfp_xfh,
+                host,
+                b"\r\n",
+                request_id_line,
+                b"\r\n",
+            )
+        )
+
+    def _fixed_lines(self, head: RequestHead) -> bytes:
+        """The part of the upstream head that depends on the request head alone."""
         host = head.host or self.upstream_authority
         parts = [head.method, b" ", head.target, b" HTTP/1.1\r\nHost: ", host, b"\r\n", *head.lines]
-        if self.forwarded:
-            if trusted:
-                parts += self._trusted_forwarded(head, client_ip, host)
-            else:
-                parts += (b"X-Forwarded-For: ", client_ip, self._xfp_xfh, host, b"\r\n")
         if self.via:
             via = head.via
             parts.append(
@@ -283,14 +305,12 @@ class HeaderPolicy:
                 if via is None
                 else b"Via: " + via + b", " + self.via_request + b"\r\n"
             )
-        parts.append(head.request_id_line)
         if head.chunked:
             parts.append(b"Transfer-Encoding: chunked\r\n")
         elif head.content_length is not None:
             parts.append(b"Content-Length: %d\r\n" % head.content_length)
         if head.upgrade is not None:
             parts += (b"Connection: upgrade\r\nUpgrade: ", head.upgrade, b"\r\n")
-        parts.append(b"\r\n")
         return b"".join(parts)
 
     @staticmethod

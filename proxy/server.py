@@ -27,7 +27,7 @@ from . import __version__
 from .accesslog import AccessLog, json_line_of
 from .config import Config, format_address
 from .console import pretty_line_of
-from .downstream import DownstreamProtocol, client_is_trusted
+from .downstream import DownstreamProtocol, RequestHead, client_is_trusted
 from .exchange import Exchange, perf_ns
 from .headers import HeaderPolicy
 from .stats import Stats
@@ -133,6 +133,9 @@ class ProxyContext:
         self.upstream_wait_ns = _ns(config.upstream_wait)
         self.upstream_wait = config.upstream_wait > 0
         self._trusted = [ipaddress.ip_network(n, strict=False) for n in config.trusted_proxies]
+        # Reads that were one whole bodiless request head -> that head, parsed and
+        # validated under this configuration (DownstreamProtocol.data_received).
+        self.known_heads: dict[bytes, RequestHead] = {}
         self._id_prefix = instance_id[:8].encode()
         self._id_counter = 0
 
