@@ -47,15 +47,10 @@ class Clock:
     """Turns perf_counter_ns marks into wall-clock times (one anchor, taken at start)."""
 
     def __init__(self) -> None:
-        self.wall = time.time()
-        self.mono_ns = time.perf_counter_ns()
-        self.offset_ns = int(self.wall * 1e9) - self.mono_ns  # mark + offset = wall time
+        self.offset_ns = time.time_ns() - time.perf_counter_ns()  # mark + offset = wall time
         self.second = -1
         self.prefix = ""
         self.prefix_bytes = b""
-
-    def at(self, mark_ns: int) -> float:
-        return self.wall + (mark_ns - self.mono_ns) / 1e9
 
     def roll(self, second: int) -> None:
         """The part of the time up to the second is formatted once per second."""
