@@ -166,7 +166,7 @@ class RequestHead:
             if value not in _VALID_HOSTS:
                 if _HOST.match(value) is None:
                     self.problem = self.problem or "invalid Host header (expected host[:port])"
-                elif len(_VALID_HOSTS) < 1024:
+                elif len(_VALID_HOSTS) < 1024 and len(value) <= 262:  # a DNS name and a port
                     _VALID_HOSTS.add(value)
         elif code == _Q_CL:
             value = value.strip(b" \t")  # llhttp allows optional whitespace around it
