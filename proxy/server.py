@@ -21,6 +21,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from . import __version__
@@ -75,12 +76,20 @@ class Telemetry:
         if not batch:
             return
         self.pending = []
-        self.stats.record_batch(batch)
+        sinks: list[Callable[[list[Exchange]], None]] = [self.stats.record_batch]
         if self.access_log is not None:
-            self.access_log.write(batch)
-        for observer in self.observers:
-            for ex in batch:
-                observer(ex)
+            sinks.append(self.access_log.write)
+        sinks += (partial(_each, observer) for observer in self.observers)
+        for sink in sinks:
+            try:
+                sink(batch)
+            except Exception:  # a defect in one sink must not stop the others or the sweep
+                log.exception("internal error while recording %d exchanges", len(batch))
+
+
+def _each(observer: Callable[[Exchange], None], batch: list[Exchange]) -> None:
+    for ex in batch:
+        observer(ex)
 
 
 def _ns(seconds: float) -> int:

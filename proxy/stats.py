@@ -44,8 +44,8 @@ CounterKey = tuple[int, str, str | None]  # (status, source, error token or None
 class Histogram:
     """Counts per fixed bucket (the last bucket is +Inf), plus sum and max, in seconds.
 
-    `Stats.record` updates `counts`, `sum_ns` and `max_ns` in place (inlined there for
-    speed); the number of observations is derived when read.
+    `Stats.record_batch` updates `counts`, `sum_ns` and `max_ns` in place (inlined there
+    for speed); the number of observations is derived when read.
     """
 
     __slots__ = ("counts", "max_ns", "sum_ns")

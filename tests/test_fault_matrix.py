@@ -600,6 +600,30 @@ async def test_internal_defect_is_a_500_with_the_traceback_only_in_the_log(
     assert parse_responses(again)[0][0].status == 200
 
 
+async def test_a_defect_in_one_sink_spares_the_others_and_the_proxy(
+    origin_factory, monkeypatch, caplog
+):
+    """Finished exchanges are settled into stats, log and observers in batches: a defect in
+    the stats must not cost the access log its lines, nor stop the proxy serving."""
+    from proxy.stats import Stats
+
+    def defect(self, batch):
+        raise RuntimeError("deliberate defect in the stats")
+
+    monkeypatch.setattr(Stats, "record_batch", defect)
+    origin = await origin_factory(send_then(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"))
+    proxy = await start_proxy(origin.url)
+    try:
+        data, _ = await exchange(proxy.port, GET)
+        record = await proxy.last_log()  # settles: the stats sink fails, the log still writes
+        again, _ = await exchange(proxy.port, GET)
+    finally:
+        await proxy.server.close()
+    assert parse_responses(data)[0][0].status == 200 and record["status"] == 200
+    assert parse_responses(again)[0][0].status == 200
+    assert any("deliberate defect in the stats" in str(r.exc_info) for r in caplog.records)
+
+
 async def test_slow_client_headers_get_408(origin_factory):
     origin = await origin_factory(send_then(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"))
     proxy = await start_proxy(origin.url, **{"timeouts.client_headers": "300ms"})
