@@ -10,9 +10,10 @@ the hot path; use `bench.py` for the figures that matter to users.
     python3 bench/hotpath.py                # µs per exchange, best of 3, three configurations
     python3 bench/hotpath.py --profile      # cProfile of the PS/ST configuration
     valgrind --tool=callgrind PYTHON bench/hotpath.py --only pst -n 2000
-        # instructions: run twice with different -n and divide the difference (deterministic,
-        # the steadier figure on a noisy machine); PYTHON is the interpreter itself, not a
-        # pyenv shim (valgrind would measure the shim)
+        # instructions per exchange: run it with -n 1000 and -n 3000 and divide the
+        # difference of callgrind's totals by 3 x 2000 (three repetitions per run);
+        # deterministic, the steadier figure on a noisy machine. PYTHON is the interpreter
+        # itself, not a pyenv shim (valgrind would measure the shim).
 """
 
 from __future__ import annotations

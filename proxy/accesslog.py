@@ -22,6 +22,7 @@ import orjson
 from .exchange import Exchange
 from .faults import TAXONOMY
 from .headers import MS_TABLE, MS_TABLE_SIZE, ms_text
+from .memo import Memo
 
 LAYERS = {fault: row.layer._value_ for fault, row in TAXONOMY.items()}
 
@@ -107,16 +108,15 @@ _POOLED_OK_LINE = (
     b'"retried":false,"hop":null,"hints":[]}\n'
 )
 _dumps = orjson.dumps
-_JSON_STRINGS: dict[str, bytes] = {}
+_JSON_STRINGS: Memo[str, bytes] = Memo(64, 1024)
 
 
 def _json_string(text: str) -> bytes:
-    """A JSON string literal for a value that repeats (the upstream), cached."""
+    """A JSON string literal for a value that repeats (the upstream)."""
     literal = _JSON_STRINGS.get(text)
     if literal is None:
         literal = _dumps(text)
-        if len(_JSON_STRINGS) < 64:
-            _JSON_STRINGS[text] = literal
+        _JSON_STRINGS.remember(text, literal)
     return literal
 
 

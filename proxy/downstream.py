@@ -32,6 +32,7 @@ from .exchange import Phase, perf_ns
 from .faults import RequestProblem
 from .forward import Forwarder
 from .headers import CONNECTION_OPTIONS, HOP_BY_HOP, connection_tokens, valid_request_id
+from .memo import Memo
 from .upstream import parser_error_text
 
 if TYPE_CHECKING:
@@ -80,13 +81,10 @@ _REQUEST_SPECIAL = {
 
 # RFC 9112 §3.2 / RFC 3986: uri-host [ ":" port ] (IP-literal, IPv4 or reg-name).
 _HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]+)(?::[0-9]{0,5})?\Z")
-# Reads that were exactly one bodiless request head are remembered per proxy (bounded):
-# a client that repeats one skips parsing and validation (see `_known_head`).
-KNOWN_HEAD_MAX_BYTES = 4096
-KNOWN_HEADS_MAX = 1024
 _FRAGMENT_MARK = ord("#")
 _SLASH = ord("/")
-_VALID_HOSTS: set[bytes] = set()  # Host values that matched _HOST (a client repeats its own)
+# Host values that matched _HOST (a client repeats its own); at most a DNS name and a port.
+_VALID_HOSTS: Memo[bytes, bool] = Memo(1024, 262)
 
 
 class RequestRejected(Exception):
@@ -166,8 +164,8 @@ class RequestHead:
             if value not in _VALID_HOSTS:
                 if _HOST.match(value) is None:
                     self.problem = self.problem or "invalid Host header (expected host[:port])"
-                elif len(_VALID_HOSTS) < 1024 and len(value) <= 262:  # a DNS name and a port
-                    _VALID_HOSTS.add(value)
+                else:
+                    _VALID_HOSTS.remember(value, True)
         elif code == _Q_CL:
             value = value.strip(b" \t")  # llhttp allows optional whitespace around it
             if self.content_length is not None:
@@ -379,7 +377,7 @@ class DownstreamProtocol(asyncio.Protocol):
             return
         at_boundary = self.parsing is None and self.receiving is None and not self.read_pauses
         known_heads = self.ctx.known_heads
-        if at_boundary and len(data) <= KNOWN_HEAD_MAX_BYTES:
+        if at_boundary and len(data) <= known_heads.max_key_len:  # no hashing a long read
             head = known_heads.get(data)
             if head is not None:
                 self.in_feed = True
@@ -422,14 +420,11 @@ class DownstreamProtocol(asyncio.Protocol):
                 and self.heads_in_feed == 1
                 and self.parsing is None
                 and self.receiving is None
-                and len(data) <= KNOWN_HEAD_MAX_BYTES
                 and data.endswith(b"\r\n\r\n")
             ):
                 # Exactly one whole bodiless head, from a parser at rest to a parser at
                 # rest: the same bytes will always parse to the same head.
-                if len(known_heads) >= KNOWN_HEADS_MAX:
-                    known_heads.clear()
-                known_heads[data] = self.repeatable
+                known_heads.remember(data, self.repeatable)
         finally:
             self.in_feed = False
         if self.parsing is not None:

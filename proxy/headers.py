@@ -11,6 +11,8 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING
 
+from .memo import Memo
+
 if TYPE_CHECKING:
     from .downstream import RequestHead
 
@@ -132,9 +134,6 @@ _RESPONSE_SPECIAL = re.compile(
     + rb")[ \t]*:[ \t]*([^\r\n]*?)[ \t]*(?=\r\n)"
 )
 _PLAIN_CONNECTION = frozenset({b"keep-alive", b"close"})
-# Bounds of the memo of response heads: at most 256 heads of at most 2 KiB (512 KiB).
-_PREFIX_CACHE_ENTRIES = 256
-_PREFIX_CACHE_HEAD_BYTES = 2048
 
 
 class ResponseFields:
@@ -263,7 +262,8 @@ class HeaderPolicy:
         self._ps_prefix, self._ps_suffix = proxy_status_received(proxy_name, upstream_authority)
         self._received_lines: dict[int, bytes] = {}
         # Raw origin head -> (what to send for it, its fields): see `response_prefix`.
-        self.response_prefixes: dict[bytes, tuple[bytes, ResponseFields]] = {}
+        # At most 256 heads of at most 2 KiB.
+        self.response_prefixes: Memo[bytes, tuple[bytes, ResponseFields]] = Memo(256, 2048)
 
     # -- request to the upstream ----------------------------------------------------------
 
@@ -350,11 +350,7 @@ class HeaderPolicy:
             parts.extend(b"Proxy-Status: " + v + b"\r\n" for v in fields.proxy_status)
         parts.append(self.via_response_line(fields.via))
         entry = (b"".join(parts), fields)
-        if len(head) <= _PREFIX_CACHE_HEAD_BYTES:
-            prefixes = self.response_prefixes
-            if len(prefixes) >= _PREFIX_CACHE_ENTRIES:
-                prefixes.clear()
-            prefixes[head] = entry
+        self.response_prefixes.remember(head, entry)
         return entry
 
     def received_status(self, status: int, upstream: list[bytes] | None) -> bytes:

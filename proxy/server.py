@@ -31,6 +31,7 @@ from .console import pretty_line_of
 from .downstream import DownstreamProtocol, RequestHead, client_is_trusted
 from .exchange import Exchange, perf_ns
 from .headers import HeaderPolicy
+from .memo import Memo
 from .stats import Stats
 from .upstream import UpstreamPool
 
@@ -143,8 +144,9 @@ class ProxyContext:
         self.upstream_wait = config.upstream_wait > 0
         self._trusted = [ipaddress.ip_network(n, strict=False) for n in config.trusted_proxies]
         # Reads that were one whole bodiless request head -> that head, parsed and
-        # validated under this configuration (DownstreamProtocol.data_received).
-        self.known_heads: dict[bytes, RequestHead] = {}
+        # validated under this configuration (DownstreamProtocol.data_received): a client
+        # that repeats a head skips parsing it. At most 1024 heads of at most 4 KiB.
+        self.known_heads: Memo[bytes, RequestHead] = Memo(1024, 4096)
         self._id_prefix = instance_id[:8].encode()
         self._id_counter = 0
 

@@ -141,11 +141,6 @@ class Stats:
 
     # -- hot path ------------------------------------------------------------------------------
 
-    def record(self, ex: Exchange) -> None:
-        """One finished exchange (tests; the proxy hands them over in batches)."""
-        self.in_flight -= 1
-        self.record_batch([ex])
-
     def record_batch(self, batch: list[Exchange]) -> None:
         """Finished exchanges, already counted out of `in_flight` (`Telemetry.record`).
 

@@ -9,9 +9,26 @@ import asyncio
 import pytest
 from hostile_support import RecordingOrigin
 
+from proxy.downstream import DownstreamProtocol
+from proxy.memo import Memo
+
 from support import LOOPBACK, parse_responses, start_proxy
 
 GET = b"GET /items?page=2 HTTP/1.1\r\nHost: shop.example\r\nAccept: application/json\r\n\r\n"
+
+
+@pytest.fixture
+def remembered(monkeypatch) -> list[bytes]:
+    """The targets of exchanges started from a remembered head (the parser skipped)."""
+    started: list[bytes] = []
+    original = DownstreamProtocol._known_head
+
+    def counting(self, head):
+        started.append(head.target)
+        return original(self, head)
+
+    monkeypatch.setattr(DownstreamProtocol, "_known_head", counting)
+    return started
 
 
 @pytest.fixture
@@ -40,7 +57,7 @@ async def one_by_one(port: int, requests: list[bytes]) -> list:
     return responses
 
 
-async def test_a_repeated_head_is_forwarded_exactly_as_the_first(origin):
+async def test_a_repeated_head_is_forwarded_exactly_as_the_first(origin, remembered):
     proxy = await start_proxy(origin.url)
     try:
         responses = await one_by_one(proxy.port, [GET] * 5)
@@ -49,6 +66,7 @@ async def test_a_repeated_head_is_forwarded_exactly_as_the_first(origin):
     finally:
         await proxy.server.close()
     assert GET in known  # remembered after the first parse
+    assert remembered == [b"/items?page=2"] * 4  # and the next four skipped the parser
     assert [r.status for r in responses] == [200] * 5
     first, *rest = origin.requests
     assert len(rest) == 4
@@ -66,13 +84,15 @@ async def test_a_repeated_head_is_forwarded_exactly_as_the_first(origin):
 @pytest.mark.parametrize(
     "request_bytes",
     [
-        b"POST /p HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabc",  # a body
+        # Bodies that end like a head: only the framing check keeps them out.
+        b"POST /p HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\n\r\n\r\n\r\n",
+        b"POST /p HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
         b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",  # closes the connection
         b"GET / HTTP/1.1\r\nHost: a\r\n\r\nGET /2 HTTP/1.1\r\nHost: a\r\n\r\n",  # two heads
         b"GET / HTTP/1.1\r\nHost: a b\r\n\r\n",  # refused
         b"GET / HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
     ],
-    ids=["body", "close", "pipelined", "refused", "upgrade"],
+    ids=["length-body", "chunked-body", "close", "pipelined", "refused", "upgrade"],
 )
 async def test_only_one_whole_bodiless_keep_alive_head_is_remembered(origin, request_bytes):
     proxy = await start_proxy(origin.url)
@@ -105,7 +125,7 @@ async def test_a_refused_head_stays_refused_every_time(origin):
     assert known == {} and origin.requests == []
 
 
-async def test_a_remembered_head_still_meets_the_in_flight_limit():
+async def test_a_remembered_head_still_meets_the_in_flight_limit(remembered):
     """Per-exchange checks run for remembered heads too: with one exchange in flight (the
     origin holds it), the same head from another client is over limits.max_in_flight."""
     holding = await RecordingOrigin(hold=True).start()
@@ -126,4 +146,15 @@ async def test_a_remembered_head_still_meets_the_in_flight_limit():
     (response,), _ = parse_responses(data)
     assert response.status == 503
     assert "error=connection_limit_reached" in response.header("Proxy-Status")
+    assert remembered == [b"/items?page=2"]  # the refused one started from the memo
     assert holding.max_open == 1  # only the first exchange reached the origin
+
+
+def test_a_memo_forgets_everything_when_full_and_never_keeps_long_keys():
+    memo: Memo[bytes, int] = Memo(max_entries=2, max_key_len=4)
+    memo.remember(b"a", 1)
+    memo.remember(b"toolong", 2)
+    memo.remember(b"b", 3)
+    assert memo == {b"a": 1, b"b": 3}
+    memo.remember(b"c", 4)
+    assert memo == {b"c": 4}
