@@ -311,11 +311,14 @@ async def test_admin_listens_on_loopback_by_default():
     assert defaults.admin.listen == ("127.0.0.1", 9901)
     assert defaults.admin.token is None
     # Run with the default host (only the port changed to one the kernel picks).
-    config = defaults.model_copy(
-        update={
-            "listen": (LOOPBACK, 0),
-            "admin": defaults.admin.model_copy(update={"listen": (defaults.admin.listen[0], 0)}),
-        }
+    config = load_config(
+        env={},
+        flags={
+            ("upstream",): f"http://{LOOPBACK}:9",
+            ("log", "format"): "json",
+            ("listen",): (LOOPBACK, 0),
+            ("admin", "listen"): (defaults.admin.listen[0], 0),
+        },
     )
     server = ProxyServer(config, access_stream=LogCapture())
     await server.start()
