@@ -4,10 +4,16 @@ Rules: precedence is flag > environment > file > built-in default. Every leaf ke
 environment twin, `FAULTLINE_` + the upper-cased key path joined by `_`. The tree is frozen
 and built once at start-up; nothing reads the environment at request time. A bad value
 raises `ConfigError` whose message names the key (and where the value came from).
+
+Each leaf type is declared once below: its parser (a `Parse` marker in `Annotated[...]`)
+turns what a file, the environment or a flag gives into the plain value; msgspec then checks
+the structure (unknown keys), the types (numbers from strings) and the `Meta` constraints.
+msgspec rather than pydantic: the same job for ~1.4 MB of RSS instead of ~9 MB (issue #6).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import re
@@ -16,8 +22,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
 from urllib.parse import urlsplit
 
+import msgspec
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 ENV_PREFIX = "FAULTLINE_"
 
@@ -117,18 +123,57 @@ def parse_networks(value: Any) -> list[str]:
     return items
 
 
-Duration = Annotated[float, BeforeValidator(parse_duration)]
-Address = Annotated[tuple[str, int], BeforeValidator(parse_address)]
-UpstreamURL = Annotated[str, BeforeValidator(parse_upstream)]
-ProxyName = Annotated[str, BeforeValidator(parse_token)]
-StrList = Annotated[list[str], BeforeValidator(parse_list)]
-Networks = Annotated[list[str], BeforeValidator(parse_networks)]
-PositiveInt = Annotated[int, Field(ge=1)]
-NonNegativeInt = Annotated[int, Field(ge=0)]
+_TRUE = frozenset({"1", "true", "t", "yes", "y", "on"})
+_FALSE = frozenset({"0", "false", "f", "no", "n", "off"})
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+def parse_bool(value: Any) -> bool:
+    """true/false, yes/no, on/off, 1/0 in any case (environment values are strings)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int | float) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in _TRUE or text in _FALSE:
+            return text in _TRUE
+    raise ValueError(f"invalid boolean {value!r} (use true or false)")
+
+
+def _integer_text(value: Any) -> Any:
+    """Number text as a number (`' 10 '`, `+5`, `1_000`); msgspec checks everything else."""
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            return int(value)
+    return value
+
+
+class Parse:
+    """`Annotated[...]` marker: the leaf's given value passes through `fn` first."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+
+
+Duration = Annotated[float, Parse(parse_duration)]
+Address = Annotated[tuple[str, int], Parse(parse_address)]
+UpstreamURL = Annotated[str, Parse(parse_upstream)]
+ProxyName = Annotated[str, Parse(parse_token)]
+Flag = Annotated[bool, Parse(parse_bool)]
+StrList = Annotated[list[str], Parse(parse_list)]
+Networks = Annotated[list[str], Parse(parse_networks)]
+PositiveInt = Annotated[int, Parse(_integer_text), msgspec.Meta(ge=1)]
+NonNegativeInt = Annotated[int, Parse(_integer_text), msgspec.Meta(ge=0)]
+
+
+class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    pass
+
+
+def _section(cls: type) -> Any:
+    return msgspec.field(default_factory=cls)
 
 
 class AdminConfig(_Section):
@@ -164,23 +209,23 @@ class PoolConfig(_Section):
 
 
 class TLSConfig(_Section):
-    verify: bool = True
+    verify: Flag = True
     ca_file: str | None = None
     server_name: str | None = None
 
 
 class HeadersConfig(_Section):
-    proxy_status: bool = True
-    server_timing: bool = True
-    forwarded: bool = True
-    via: bool = True
+    proxy_status: Flag = True
+    server_timing: Flag = True
+    forwarded: Flag = True
+    via: Flag = True
 
 
 class LogConfig(_Section):
     format: Literal["auto", "json", "pretty"] = "auto"
-    access: bool = True
-    quiet: bool = False
-    redact_query: StrList = Field(
+    access: Flag = True
+    quiet: Flag = False
+    redact_query: StrList = msgspec.field(
         default_factory=lambda: [
             "token",
             "access_token",
@@ -205,16 +250,16 @@ class Config(_Section):
     upstream: UpstreamURL = "http://127.0.0.1:3000"
     proxy_name: ProxyName = "faultline"
     upstream_wait: Duration = 0.0
-    diagnostics: bool = True
-    trusted_proxies: Networks = Field(default_factory=list)
-    admin: AdminConfig = AdminConfig()
-    timeouts: TimeoutsConfig = TimeoutsConfig()
-    limits: LimitsConfig = LimitsConfig()
-    pool: PoolConfig = PoolConfig()
-    tls: TLSConfig = TLSConfig()
-    headers: HeadersConfig = HeadersConfig()
-    log: LogConfig = LogConfig()
-    stats: StatsConfig = StatsConfig()
+    diagnostics: Flag = True
+    trusted_proxies: Networks = msgspec.field(default_factory=list)
+    admin: AdminConfig = _section(AdminConfig)
+    timeouts: TimeoutsConfig = _section(TimeoutsConfig)
+    limits: LimitsConfig = _section(LimitsConfig)
+    pool: PoolConfig = _section(PoolConfig)
+    tls: TLSConfig = _section(TLSConfig)
+    headers: HeadersConfig = _section(HeadersConfig)
+    log: LogConfig = _section(LogConfig)
+    stats: StatsConfig = _section(StatsConfig)
 
     # -- derived facts -------------------------------------------------------------------
 
@@ -241,7 +286,7 @@ class Config(_Section):
 
     def effective(self) -> dict[str, Any]:
         """The configuration as plain data, addresses as HOST:PORT, the admin token hidden."""
-        data = self.model_dump()
+        data = msgspec.to_builtins(self)
         data["listen"] = format_address(self.listen)
         data["admin"]["listen"] = format_address(self.admin.listen)
         if data["admin"]["token"]:
@@ -257,19 +302,24 @@ def format_address(address: tuple[str, int]) -> str:
 # -- loading -----------------------------------------------------------------------------------
 
 
-def _leaves(model: type[BaseModel], prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+def _leaves(struct: type, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
     """Every leaf key path of the tree -> its annotation."""
     out: dict[tuple[str, ...], Any] = {}
-    for name, field in model.model_fields.items():
-        annotation = field.annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            out.update(_leaves(annotation, (*prefix, name)))
+    for field in msgspec.structs.fields(struct):
+        if isinstance(field.type, type) and issubclass(field.type, msgspec.Struct):
+            out.update(_leaves(field.type, (*prefix, field.name)))
         else:
-            out[(*prefix, name)] = annotation
+            out[(*prefix, field.name)] = field.type
     return out
 
 
 LEAF_KEYS = _leaves(Config)
+_PARSERS = {
+    path: mark.fn
+    for path, annotation in LEAF_KEYS.items()
+    for mark in getattr(annotation, "__metadata__", ())
+    if isinstance(mark, Parse)
+}
 
 # Flags whose environment twin is not the key path (CONTRACT: FAULTLINE_ADMIN for --admin).
 FLAG_TWINS: dict[str, tuple[str, ...]] = {
@@ -279,11 +329,6 @@ FLAG_TWINS: dict[str, tuple[str, ...]] = {
 
 def env_name(path: tuple[str, ...]) -> str:
     return ENV_PREFIX + "_".join(path).upper()
-
-
-def _is_list(annotation: Any) -> bool:
-    base = get_args(annotation)[0] if get_origin(annotation) is Annotated else annotation
-    return get_origin(base) is list
 
 
 def _set(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
@@ -337,22 +382,28 @@ def load_config(
         if name in env:
             _set(raw, path, env[name])
             origin[path] = f"from {name}"
-    for path, annotation in LEAF_KEYS.items():
+    for path in LEAF_KEYS:
         name = env_name(path)
         if name in env:
-            value: Any = env[name]
-            if _is_list(annotation):
-                value = parse_list(value)
-            _set(raw, path, value)
+            _set(raw, path, env[name])
             origin[path] = f"from {name}"
     for path, value in (flags or {}).items():
         if value is not None:
             _set(raw, path, value)
             origin[path] = "from the command line"
+    return build_config(raw, origin)
+
+
+def build_config(
+    raw: Mapping[str, Any], origin: Mapping[tuple[str, ...], str] | None = None
+) -> Config:
+    """The validated tree from plain nested mappings; `origin` says where each leaf came from."""
+    origin = origin or {}
+    data = _parse_leaves(raw, (), origin)
     try:
-        return Config.model_validate(raw)
-    except ValidationError as exc:
-        raise ConfigError(_first_error(exc, origin)) from None
+        return msgspec.convert(data, Config, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(_explain(str(exc), data, origin)) from None
 
 
 def _merge(into: dict[str, Any], data: dict[str, Any]) -> None:
@@ -371,15 +422,57 @@ def _mark_origin(tree: Any, prefix: tuple[str, ...], where: str, out: dict) -> N
         out[prefix] = where
 
 
-def _first_error(exc: ValidationError, origin: Mapping[tuple[str, ...], str]) -> str:
-    error = exc.errors()[0]
-    path = tuple(str(p) for p in error["loc"])
+def _parse_leaves(tree: Mapping[str, Any], prefix: tuple[str, ...], origin: Mapping) -> dict:
+    """A copy of the tree with every leaf that has a parser parsed (the given tree is kept)."""
+    out: dict[str, Any] = {}
+    for given, value in tree.items():
+        key = str(given)  # a YAML key such as `1:` or `yes:` is an unknown key, not a crash
+        path = (*prefix, key)
+        parser = _PARSERS.get(path)
+        if parser is not None:
+            try:
+                value = parser(value)
+            except ValueError as exc:
+                raise ConfigError(_line(path, str(exc), origin)) from None
+        elif isinstance(value, dict):
+            value = _parse_leaves(value, path, origin)
+        out[key] = value
+    return out
+
+
+def _line(path: tuple[str, ...], message: str, origin: Mapping[tuple[str, ...], str]) -> str:
+    """`config error: KEY: MESSAGE (where the value came from)`; no message: an unknown key."""
     key = ".".join(path) or "(top level)"
-    where = origin.get(path, "")
-    if error["type"] == "extra_forbidden":
-        return f"config error: unknown key {key!r}" + (f" ({where})" if where else "")
-    message = error["msg"].removeprefix("Value error, ")
-    if error["type"] == "missing":
-        message = "required"
-    suffix = f" ({where})" if where else ""
-    return f"config error: {key}: {message}{suffix}"
+    where = origin.get(path)
+    text = f"{key}: {message}" if message else f"unknown key {key!r}"
+    return f"config error: {text}" + (f" ({where})" if where else "")
+
+
+_KINDS = {
+    "int": "an integer",
+    "str": "a string",
+    "str | null": "a string",
+    "object": "a mapping of keys",
+    "array": "a list",
+}
+_EXPECTED = re.compile(r"Expected `([^`]+)`(.*?)(?:, got `[^`]+`)?")
+_UNKNOWN = re.compile(r"Object contains unknown field `(.+)`")
+
+
+def _explain(text: str, data: Any, origin: Mapping[tuple[str, ...], str]) -> str:
+    """msgspec's `<message> - at `$.a.b`` as one line in our words, naming key and source."""
+    message, _, at = text.partition(" - at `$")
+    path = tuple(at.rstrip("`").split(".")[1:]) if at else ()
+    if unknown := _UNKNOWN.fullmatch(message):
+        path = (*path, unknown.group(1))
+        return _line(path, "", origin)
+    value = data
+    for key in path:
+        value = value.get(key) if isinstance(value, dict) else None
+    if get_origin(LEAF_KEYS.get(path)) is Literal:
+        message = f"expected one of {', '.join(map(repr, get_args(LEAF_KEYS[path])))}"
+        message += f", got {value!r}"
+    elif expected := _EXPECTED.fullmatch(message):
+        kind, constraint = expected.groups()
+        message = f"expected {_KINDS.get(kind, kind)}{constraint}, got {value!r}"
+    return _line(path, message.replace("`", ""), origin)
