@@ -339,6 +339,7 @@ class DownstreamProtocol(asyncio.Protocol):
 
     def close(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
+            self.ctx.outbox.flush()  # bytes queued for this client go out before the FIN
             self.transport.close()
 
     def pause_reading(self, reason: int) -> None:

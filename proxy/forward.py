@@ -43,7 +43,6 @@ log = logging.getLogger("faultline")
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 REPLAY_MAX_BYTES = 64 * 1024  # request bodies up to this size are kept for a replay
 PENDING_HIGH_BYTES = 256 * 1024  # request body buffered before the upstream is ready
-COALESCE_MAX_BYTES = 16 * 1024  # join small writes into one buffer (one syscall)
 _LINGER_RST = struct.pack("ii", 1, 0)
 
 _NO_BODY_STATUSES = frozenset({204, 304})
@@ -252,13 +251,8 @@ class Forwarder(Exchange):
         up_out = self.up_out
         if up_out and self.up is not None:
             self.up_out = []
-            transport = self.up.transport
-            if len(up_out) == 1:
-                transport.write(up_out[0])
-            elif sum(map(len, up_out)) <= COALESCE_MAX_BYTES:
-                transport.write(b"".join(up_out))
-            else:
-                transport.writelines(up_out)
+            size = len(up_out[0]) if len(up_out) == 1 else sum(map(len, up_out))
+            self.ctx.outbox.send(self.up.transport, up_out, size)
 
     def on_request_error(self, problem: RequestProblem, detail: str) -> None:
         """The client's request turned out bad after its head (body framing, size)."""
@@ -400,13 +394,7 @@ class Forwarder(Exchange):
         out = self.out
         if out:
             self.out = []
-            transport = self.down.transport
-            if len(out) == 1:
-                transport.write(out[0])
-            elif self.out_bytes <= COALESCE_MAX_BYTES:
-                transport.write(b"".join(out))
-            else:
-                transport.writelines(out)
+            self.ctx.outbox.send(self.down.transport, out, self.out_bytes)
             self.out_bytes = 0
 
     # -- tunnel (Upgrade) -----------------------------------------------------------------------
@@ -418,7 +406,7 @@ class Forwarder(Exchange):
         held = self.held
         if held:
             self.held = None
-            self.up.transport.writelines(held)  # type: ignore[union-attr]
+            self.ctx.outbox.send(self.up.transport, held, sum(map(len, held)))  # type: ignore[union-attr]
             self.down.resume_reading(self.down.PAUSE_BUFFER)
         if rest:
             self.on_upstream_tunnel_data(rest)
@@ -427,7 +415,7 @@ class Forwarder(Exchange):
         """Client bytes after an Upgrade request: held until the upstream answers 101."""
         self.body_bytes_in += len(data)
         if self.tunnel and self.up is not None:
-            self.up.transport.write(data)
+            self.ctx.outbox.send(self.up.transport, [data], len(data))
             return
         if self.done or self.phase is Phase.BODY:
             return  # the upgrade was refused: these bytes are never forwarded
@@ -440,7 +428,7 @@ class Forwarder(Exchange):
 
     def on_upstream_tunnel_data(self, data: bytes) -> None:
         self.body_bytes_out += len(data)
-        self.down.transport.write(data)
+        self.ctx.outbox.send(self.down.transport, [data], len(data))
 
     def on_upstream_tunnel_closed(self, exc: BaseException | None) -> None:
         self.up = None
@@ -540,7 +528,7 @@ class Forwarder(Exchange):
         self.source = Source.PROXY
         self.response_started = True
         self.out = []
-        self.down.transport.write(reply)
+        self.ctx.outbox.send(self.down.transport, [reply], len(reply))
         self.finish()
 
     def client_gone(self) -> None:

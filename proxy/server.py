@@ -32,6 +32,7 @@ from .downstream import DownstreamProtocol, RequestHead, client_is_trusted
 from .exchange import Exchange, perf_ns
 from .headers import HeaderPolicy
 from .memo import Memo
+from .outbox import Outbox
 from .stats import Stats
 from .upstream import UpstreamPool
 
@@ -111,7 +112,8 @@ class ProxyContext:
         self.config = config
         self.telemetry = telemetry
         self.stats = telemetry.stats
-        self.pool = UpstreamPool(config, loop)
+        self.outbox = Outbox(loop)
+        self.pool = UpstreamPool(config, loop, self.outbox)
         self.connections: set[DownstreamProtocol] = set()
         self.draining = False
         self.instance_id = instance_id

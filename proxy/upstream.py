@@ -35,6 +35,7 @@ from .exchange import Phase, perf_ns
 if TYPE_CHECKING:
     from .config import Config
     from .forward import Forwarder
+    from .outbox import Outbox
 
 # Connect failures that mean "nothing is listening yet" (a dev server restarting).
 _NOT_LISTENING = (ConnectionRefusedError,)
@@ -98,6 +99,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def close(self) -> None:
         if self.transport is not None and not self.closed:
+            self.pool.outbox.flush()  # bytes queued for this connection go out before the FIN
             self.transport.close()
 
     def abort(self) -> None:
@@ -230,8 +232,9 @@ class UpstreamConnection(asyncio.Protocol):
 class UpstreamPool:
     """A bounded set of connections to the one origin: idle ones reused newest first."""
 
-    def __init__(self, config: Config, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, config: Config, loop: asyncio.AbstractEventLoop, outbox: Outbox) -> None:
         self.loop = loop
+        self.outbox = outbox
         self.host = config.upstream_host
         self.port = config.upstream_port
         self.max_connections = config.pool.max_connections
