@@ -1,5 +1,6 @@
-"""The admin server (aiohttp, its own port, 127.0.0.1 by default): health, stats, metrics,
-the fault taxonomy and the live dashboard.
+"""The admin server (its own port, 127.0.0.1 by default): health, stats, metrics, the fault
+taxonomy and the live dashboard. HTTP/1.1 itself is `adminhttp`'s job; this module routes a
+request to its handler.
 
 Endpoints (CONTRACT.md, "Admin server"):
   GET /healthz    200 while the process serves                       (never needs the token)
@@ -30,14 +31,13 @@ import hashlib
 import hmac
 import html
 import re
-from collections.abc import Awaitable, Callable
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 import orjson
-from aiohttp import web
 
 from . import __version__
+from .adminhttp import AdminListener, AdminRequest, AdminResponse, Handler, problem, reason
 from .faults import REQUEST_PROBLEMS, TAXONOMY, Fault, FaultInfo, Source
 from .metrics import make_registry, render
 from .stats import WINDOWS_S
@@ -46,39 +46,17 @@ if TYPE_CHECKING:
     from .config import Config
     from .server import ProxyServer
 
-PROBLEM_JSON = "application/problem+json"
-PROBLEM_TYPE_BASE = "urn:faultline:admin:"
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 DASHBOARD_PATH = "/dashboard"
 MAX_LIMIT = 1_000_000
+ALLOWED_METHODS = ("GET", "HEAD")
+TEXT = "text/plain; charset=utf-8"
+JSON = "application/json"
+HTML = "text/html; charset=utf-8"
+NO_STORE = (("Cache-Control", "no-store"),)
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-
-# -- problems ---------------------------------------------------------------------------------
-
-
-def problem(
-    status: int,
-    kind: str,
-    title: str,
-    detail: str,
-    headers: dict[str, str] | None = None,
-    **extensions: Any,
-) -> web.Response:
-    """An RFC 9457 problem document."""
-    doc = {
-        "type": PROBLEM_TYPE_BASE + kind,
-        "title": title,
-        "status": status,
-        "detail": detail,
-        **extensions,
-    }
-    return web.Response(
-        status=status,
-        body=orjson.dumps(doc),
-        headers={"Content-Type": PROBLEM_JSON, "Cache-Control": "no-store", **(headers or {})},
-    )
+# -- query parameters ----------------------------------------------------------------------
 
 
 class BadQuery(Exception):
@@ -89,28 +67,28 @@ class BadQuery(Exception):
         self.allowed = allowed
 
 
-def _one(request: web.Request, name: str) -> str | None:
-    values = request.query.getall(name, [])
+def _one(request: AdminRequest, name: str) -> str | None:
+    values = request.query.get(name, [])
     if len(values) > 1:
         raise BadQuery(name, f"{name} is given {len(values)} times; give it once")
     return values[0] if values else None
 
 
-def _check_names(request: web.Request, known: tuple[str, ...]) -> None:
+def _check_names(request: AdminRequest, known: tuple[str, ...]) -> None:
     for name in request.query:
         if name not in known:
             shown = ", ".join(known) if known else "none"
             raise BadQuery(name, f"unknown query parameter {name!r} (this endpoint takes: {shown})")
 
 
-def _choice(request: web.Request, name: str, allowed: list[str]) -> str | None:
+def _choice(request: AdminRequest, name: str, allowed: list[str]) -> str | None:
     value = _one(request, name)
     if value is not None and value not in allowed:
         raise BadQuery(name, f"{name}={value!r} is not one of: {', '.join(allowed)}", allowed)
     return value
 
 
-def _integer(request: web.Request, name: str, low: int, high: int) -> int | None:
+def _integer(request: AdminRequest, name: str, low: int, high: int) -> int | None:
     value = _one(request, name)
     if value is None:
         return None
@@ -190,7 +168,8 @@ configuration) once in its address and then sends it as a bearer header on every
 # -- the application ----------------------------------------------------------------------------
 
 
-def build_app(server: ProxyServer, config: Config) -> web.Application:
+def build_app(server: ProxyServer, config: Config) -> Handler:
+    """The admin app: one synchronous function from a request to its response."""
     ctx = server.ctx
     assert ctx is not None
     stats = ctx.stats
@@ -202,10 +181,10 @@ def build_app(server: ProxyServer, config: Config) -> web.Application:
     tokens = [f.value for f in Fault]
     proxy_info = {"name": config.proxy_name, "version": __version__, "upstream": config.upstream}
 
-    def refusal(request: web.Request) -> tuple[str, bool] | None:
+    def refusal(request: AdminRequest) -> tuple[str, bool] | None:
         """None when the request may pass; else why not, and whether a token was given."""
         assert token is not None
-        header = request.headers.get("Authorization")
+        header = request.headers.get("authorization")
         given: str | None = None
         if header is not None:
             scheme, _, credentials = header.partition(" ")
@@ -213,23 +192,132 @@ def build_app(server: ProxyServer, config: Config) -> web.Application:
                 return "the Authorization header does not carry a bearer token", True
             given = credentials.strip()
         elif request.path == DASHBOARD_PATH:
-            given = request.query.get("token")
+            given = next(iter(request.query.get("token", ())), None)
         if given is None:
             return "no admin token was given", False
         if not hmac.compare_digest(given.encode("utf-8", "surrogateescape"), token):
             return "the admin token is wrong", True
         return None
 
-    @web.middleware
-    async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+    def unauthorised(request: AdminRequest, why: str, invalid: bool) -> AdminResponse:
+        challenge = 'Bearer realm="faultline admin"'
+        if invalid:
+            challenge += ', error="invalid_token"'
+        if request.path == DASHBOARD_PATH and "text/html" in request.headers.get("accept", ""):
+            body = _DASHBOARD_LOGIN.format(detail=html.escape(why[0].upper() + why[1:]))
+            return AdminResponse(
+                401,
+                HTML,
+                body.encode(),
+                (
+                    ("WWW-Authenticate", challenge),
+                    ("Cache-Control", "no-store"),
+                    ("Referrer-Policy", "no-referrer"),
+                ),
+            )
+        return problem(
+            401,
+            "unauthorised",
+            "Admin token required",
+            f"{why}: send Authorization: Bearer <admin.token>",
+            headers={"WWW-Authenticate": challenge},
+        )
+
+    def healthz(request: AdminRequest) -> AdminResponse:
+        return AdminResponse(200, TEXT, b"ok\n")
+
+    def readyz(request: AdminRequest) -> AdminResponse:
+        if server.ready:
+            return AdminResponse(200, TEXT, b"ready\n")
+        return AdminResponse(503, TEXT, b"draining\n")
+
+    def json(doc: Any) -> AdminResponse:
+        return AdminResponse(200, JSON, orjson.dumps(doc), NO_STORE)
+
+    def stats_handler(request: AdminRequest) -> AdminResponse:
+        _check_names(request, ("source", "error", "limit"))
+        source = _choice(request, "source", sources)
+        error = _choice(request, "error", tokens)
+        limit = _integer(request, "limit", 0, MAX_LIMIT)
+        ctx.telemetry.settle()
+        return json(stats.snapshot(proxy=proxy_info, source=source, error=error, limit=limit))
+
+    def metrics_handler(request: AdminRequest) -> AdminResponse:
+        body, content_type = render(registry, request.headers.get("accept"))
+        return AdminResponse(200, content_type, body)
+
+    def faults_handler(request: AdminRequest) -> AdminResponse:
+        _check_names(request, ())
+        return AdminResponse(200, JSON, faults_body)
+
+    def series_handler(request: AdminRequest) -> AdminResponse:
+        _check_names(request, ("seconds",))
+        seconds = _integer(request, "seconds", 1, WINDOWS_S[-1])
+        ctx.telemetry.settle()
+        return json(stats.series(seconds or WINDOWS_S[-1]))
+
+    def latency_handler(request: AdminRequest) -> AdminResponse:
+        _check_names(request, ())
+        ctx.telemetry.settle()
+        return json(stats.latency())
+
+    def dashboard(request: AdminRequest) -> AdminResponse:
+        _check_names(request, ("token",))
+        return AdminResponse(
+            200,
+            HTML,
+            dashboard_page,
+            (
+                ("Content-Security-Policy", dashboard_csp),
+                ("Referrer-Policy", "no-referrer"),
+                ("Cache-Control", "no-store"),
+                ("X-Content-Type-Options", "nosniff"),
+                ("X-Frame-Options", "DENY"),
+            ),
+        )
+
+    def index(request: AdminRequest) -> AdminResponse:
+        return AdminResponse(302, TEXT, b"302: Found", (("Location", DASHBOARD_PATH),))
+
+    routes: dict[str, Handler] = {
+        "/": index,
+        "/healthz": healthz,
+        "/readyz": readyz,
+        "/stats": stats_handler,
+        "/metrics": metrics_handler,
+        "/faults": faults_handler,
+        "/series": series_handler,
+        "/latency": latency_handler,
+        DASHBOARD_PATH: dashboard,
+    }
+    endpoints = sorted(routes)
+
+    def not_routed(request: AdminRequest, status: int, headers: dict[str, str]) -> AdminResponse:
+        title = reason(status)
+        return problem(
+            status,
+            f"http-{status}",
+            title,
+            f"{request.method} {request.path}: {title.lower()}",
+            headers=headers,
+            endpoints=endpoints,
+        )
+
+    def app(request: AdminRequest) -> AdminResponse:
+        # The token is checked first: without it, not even which paths exist is told.
         if token is not None and request.path not in OPEN_PATHS:
             refused = refusal(request)
             if refused is not None:
-                return _unauthorised(request, *refused)
+                return unauthorised(request, *refused)
+        handler = routes.get(request.path)
+        if handler is None:
+            return not_routed(request, 404, {})
+        if request.method not in ALLOWED_METHODS:
+            return not_routed(request, 405, {"Allow": ", ".join(ALLOWED_METHODS)})
         try:
-            return await handler(request)
+            return handler(request)
         except BadQuery as exc:
-            extra = {"allowed": exc.allowed} if exc.allowed else {}
+            extra: dict[str, Any] = {"allowed": exc.allowed} if exc.allowed else {}
             return problem(
                 400,
                 "bad-query",
@@ -238,124 +326,14 @@ def build_app(server: ProxyServer, config: Config) -> web.Application:
                 parameter=exc.parameter,
                 **extra,
             )
-        except web.HTTPException as exc:
-            if exc.status < 400:
-                raise
-            routes = sorted(r.resource.canonical for r in request.app.router.routes() if r.resource)
-            return problem(
-                exc.status,
-                f"http-{exc.status}",
-                exc.reason,
-                f"{request.method} {request.path}: {exc.reason.lower()}",
-                headers={k: v for k, v in exc.headers.items() if k == "Allow"},
-                endpoints=sorted(set(routes)),
-            )
 
-    def _unauthorised(request: web.Request, why: str, invalid: bool) -> web.Response:
-        challenge = 'Bearer realm="faultline admin"'
-        if invalid:
-            challenge += ', error="invalid_token"'
-        headers = {"WWW-Authenticate": challenge}
-        if request.path == DASHBOARD_PATH and "text/html" in request.headers.get("Accept", ""):
-            body = _DASHBOARD_LOGIN.format(detail=html.escape(why[0].upper() + why[1:]))
-            return web.Response(
-                status=401,
-                text=body,
-                content_type="text/html",
-                headers={**headers, "Cache-Control": "no-store", "Referrer-Policy": "no-referrer"},
-            )
-        return problem(
-            401,
-            "unauthorised",
-            "Admin token required",
-            f"{why}: send Authorization: Bearer <admin.token>",
-            headers=headers,
-        )
-
-    async def healthz(request: web.Request) -> web.Response:
-        return web.Response(text="ok\n")
-
-    async def readyz(request: web.Request) -> web.Response:
-        if server.ready:
-            return web.Response(text="ready\n")
-        return web.Response(status=503, text="draining\n")
-
-    def json(doc: Any) -> web.Response:
-        return web.Response(
-            body=orjson.dumps(doc),
-            content_type="application/json",
-            headers={"Cache-Control": "no-store"},
-        )
-
-    async def stats_handler(request: web.Request) -> web.Response:
-        _check_names(request, ("source", "error", "limit"))
-        source = _choice(request, "source", sources)
-        error = _choice(request, "error", tokens)
-        limit = _integer(request, "limit", 0, MAX_LIMIT)
-        ctx.telemetry.settle()
-        return json(stats.snapshot(proxy=proxy_info, source=source, error=error, limit=limit))
-
-    async def metrics_handler(request: web.Request) -> web.Response:
-        body, content_type = render(registry, request.headers.get("Accept"))
-        return web.Response(body=body, headers={"Content-Type": content_type})
-
-    async def faults_handler(request: web.Request) -> web.Response:
-        _check_names(request, ())
-        return web.Response(body=faults_body, content_type="application/json")
-
-    async def series_handler(request: web.Request) -> web.Response:
-        _check_names(request, ("seconds",))
-        seconds = _integer(request, "seconds", 1, WINDOWS_S[-1])
-        ctx.telemetry.settle()
-        return json(stats.series(seconds or WINDOWS_S[-1]))
-
-    async def latency_handler(request: web.Request) -> web.Response:
-        _check_names(request, ())
-        ctx.telemetry.settle()
-        return json(stats.latency())
-
-    async def dashboard(request: web.Request) -> web.Response:
-        _check_names(request, ("token",))
-        return web.Response(
-            body=dashboard_page,
-            content_type="text/html",
-            charset="utf-8",
-            headers={
-                "Content-Security-Policy": dashboard_csp,
-                "Referrer-Policy": "no-referrer",
-                "Cache-Control": "no-store",
-                "X-Content-Type-Options": "nosniff",
-                "X-Frame-Options": "DENY",
-            },
-        )
-
-    async def index(request: web.Request) -> web.Response:
-        raise web.HTTPFound(DASHBOARD_PATH)
-
-    app = web.Application(middlewares=[guard])
-    add = app.router.add_get
-    add("/", index)
-    add("/healthz", healthz)
-    add("/readyz", readyz)
-    add("/stats", stats_handler)
-    add("/metrics", metrics_handler)
-    add("/faults", faults_handler)
-    add("/series", series_handler)
-    add("/latency", latency_handler)
-    add(DASHBOARD_PATH, dashboard)
     return app
 
 
-async def start_admin(server: ProxyServer, config: Config) -> tuple[Any, tuple[str, int]]:
-    runner = web.AppRunner(build_app(server, config), access_log=None, shutdown_timeout=2.0)
-    await runner.setup()
+async def start_admin(server: ProxyServer, config: Config) -> tuple[AdminListener, tuple[str, int]]:
+    """Listen on `admin.listen` (OSError when the address is busy or unusable): the
+    listener, whose `cleanup()` closes it and every admin connection, and its address."""
+    timeouts = config.timeouts
+    listener = AdminListener(build_app(server, config), timeouts.client_headers, timeouts.keepalive)
     host, port = config.admin.listen
-    site = web.TCPSite(runner, host, port, reuse_address=True)
-    try:
-        await site.start()
-    except OSError:
-        await runner.cleanup()
-        raise
-    sockets = site._server.sockets if site._server is not None else []  # type: ignore[union-attr]
-    address = sockets[0].getsockname()[:2] if sockets else (host, port)
-    return runner, address
+    return listener, await listener.listen(host, port)

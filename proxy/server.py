@@ -214,7 +214,7 @@ class ProxyServer:
         except OSError as exc:
             raise StartupError(_bind_error("listen", config.listen, exc)) from None
         self.listen_address = self._server.sockets[0].getsockname()[:2]
-        from .admin import start_admin  # aiohttp is imported only when the proxy starts
+        from .admin import start_admin  # prometheus_client only when the proxy starts
 
         try:
             self._admin, self.admin_address = await start_admin(self, config)
