@@ -133,6 +133,30 @@ def test_the_common_line_is_the_contract_object(target):
     assert orjson.loads(json_line_of(ex, clock, secrets))["hints"] == ["fault_behind_origin"]
 
 
+def test_the_remembered_middle_of_the_common_line_changes_with_what_it_depends_on():
+    """The middle of the common line (method to client) is remembered per request: a repeat
+    must still log its own id, bytes and times, and another redaction list, status, client
+    or upstream must not reuse a line made for different ones. Over-long targets are not
+    remembered but logged the same."""
+    clock = Clock()
+    for target in ("/m?token=one&page=2", "/long?" + "a=1&" * 400 + "token=x"):
+        first, again = pooled_ok_exchange(target), pooled_ok_exchange(target)
+        again.request_id, again.body_bytes_in, again.body_bytes_out = "abcd-00000002", 7, 99
+        again.t_end += 2_000_000
+        variants = [first, again]
+        for field, value in (("status", 201), ("client", "10.0.0.9"), ("upstream", "up:81")):
+            other = pooled_ok_exchange(target)
+            setattr(other, field, value)
+            variants.append(other)
+        for secrets in (frozenset({"token"}), frozenset(), frozenset({"page"})):
+            for ex in variants * 2:  # the second round is served from the memo
+                line = json_line_of(ex, clock, secrets)
+                assert orjson.loads(line) == log_record(ex, clock, secrets), (target, secrets)
+    assert b"one" not in json_line_of(
+        pooled_ok_exchange("/m?token=one"), clock, frozenset({"token"})
+    )
+
+
 def test_redaction_keeps_other_parameters():
     secrets = frozenset({"token", "api_key"})
     assert redact_target("/a?x=1&API_KEY=k&y=2", secrets) == "/a?x=1&API_KEY=REDACTED&y=2"
