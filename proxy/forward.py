@@ -251,7 +251,7 @@ class Forwarder(Exchange):
         up_out = self.up_out
         if up_out and self.up is not None:
             self.up_out = []
-            size = len(up_out[0]) if len(up_out) == 1 else sum(map(len, up_out))
+            size = 0 if len(up_out) == 1 else sum(map(len, up_out))
             self.ctx.outbox.send(self.up.transport, up_out, size)
 
     def on_request_error(self, problem: RequestProblem, detail: str) -> None:
@@ -353,18 +353,19 @@ class Forwarder(Exchange):
                 self.close_after = True
 
     def on_upstream_body(self, data: bytes) -> None:
-        self.body_bytes_out += len(data)
+        size = len(data)
+        self.body_bytes_out += size
         evidence = self.evidence
         if evidence is not None and len(evidence.body) < BODY_SAMPLE_BYTES:
             evidence.body += data[: BODY_SAMPLE_BYTES - len(evidence.body)]
         out = self.out
         if self.chunked_out:
-            out.append(b"%x\r\n" % len(data))
+            out.append(b"%x\r\n" % size)
             out.append(data)
             out.append(b"\r\n")
         else:
             out.append(data)
-        self.out_bytes += len(data)
+        self.out_bytes += size
 
     def on_upstream_complete(self, reusable: bool) -> None:
         if self.done:

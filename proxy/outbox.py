@@ -32,11 +32,12 @@ class Outbox:
         self.entries: list[tuple[Any, list[bytes], int]] = []
 
     def send(self, transport: Any, chunks: list[bytes], size: int) -> None:
-        """Queue `chunks` (`size` bytes in all) for `transport`, written this loop turn."""
+        """Queue `chunks` (`size` bytes in all; unused for one chunk) for `transport`,
+        written this loop turn."""
         entries = self.entries
-        entries.append((transport, chunks, size))
-        if len(entries) == 1:
+        if not entries:
             self.loop.call_soon(self.flush)
+        entries.append((transport, chunks, size))
 
     def flush(self) -> None:
         entries = self.entries
