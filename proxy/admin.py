@@ -37,9 +37,10 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from . import __version__
-from .adminhttp import AdminListener, AdminRequest, AdminResponse, Handler, problem, reason
+from .adminhttp import AdminListener, AdminRequest, AdminResponse, Handler, problem
 from .faults import REQUEST_PROBLEMS, TAXONOMY, Fault, FaultInfo, Source
 from .metrics import make_registry, render
+from .replies import reason
 from .stats import WINDOWS_S
 
 if TYPE_CHECKING:

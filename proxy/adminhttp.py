@@ -24,7 +24,6 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import Callable
-from http import HTTPStatus
 from typing import Any, NamedTuple
 from urllib.parse import parse_qs, unquote
 
@@ -38,7 +37,7 @@ from httptools import (
     parse_url,
 )
 
-from .replies import http_date
+from .replies import http_date, reason
 from .upstream import parser_error_text
 
 log = logging.getLogger("faultline")
@@ -47,7 +46,6 @@ MAX_HEAD_BYTES = 16 * 1024
 MAX_CONNECTIONS = 128
 PROBLEM_JSON = "application/problem+json"
 PROBLEM_TYPE_BASE = "urn:faultline:admin:"
-_REASONS = {status.value: status.phrase for status in HTTPStatus}
 
 
 class AdminRequest(NamedTuple):
@@ -70,10 +68,6 @@ class AdminResponse(NamedTuple):
 
 
 Handler = Callable[[AdminRequest], AdminResponse]
-
-
-def reason(status: int) -> str:
-    return _REASONS.get(status, "Unknown")
 
 
 def problem(

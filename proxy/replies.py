@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import html
 from email.utils import formatdate
+from http import HTTPStatus
 from time import time
 from typing import TYPE_CHECKING
 
@@ -26,16 +27,16 @@ if TYPE_CHECKING:
 __all__ = ["CLIENT_CLOSED_STATUS", "http_date", "render"]
 
 PROBLEM_TYPE_BASE = "urn:faultline:fault:"
-_REASONS = {
-    400: b"Bad Request",
-    408: b"Request Timeout",
-    413: b"Content Too Large",
-    431: b"Request Header Fields Too Large",
-    500: b"Internal Server Error",
-    502: b"Bad Gateway",
-    503: b"Service Unavailable",
-    504: b"Gateway Timeout",
-}
+# Reason phrases for every reply the proxy and its admin port make: RFC 9110's names where
+# Python 3.11's http.HTTPStatus still has older ones.
+_RFC9110_NAMES = {413: "Content Too Large", 422: "Unprocessable Content"}
+REASONS = {s.value: _RFC9110_NAMES.get(s.value, s.phrase) for s in HTTPStatus}
+
+
+def reason(status: int) -> str:
+    return REASONS.get(status, "Error")
+
+
 RETRY_AFTER_S = 1
 
 _date_cache: tuple[int, bytes] = (0, b"")
@@ -119,7 +120,7 @@ def render(
         body, content_type = orjson.dumps(doc), b"application/problem+json"
     hp = ctx.headers
     lines = [
-        b"HTTP/1.1 %d %s\r\n" % (row.status, _REASONS.get(row.status, b"Error")),
+        b"HTTP/1.1 %d %s\r\n" % (row.status, reason(row.status).encode()),
         b"Date: " + http_date() + b"\r\n",
         b"Content-Type: " + content_type + b"\r\n",
         b"Content-Length: %d\r\n" % len(body),
