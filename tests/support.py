@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import io
 import os
+import select
 import signal
 import socket
 import struct
@@ -363,6 +364,17 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind((LOOPBACK, 0))
         return s.getsockname()[1]
+
+
+def read_terminal(master: int, done: Callable[[bytes], bool], timeout_s: float) -> bytes:
+    """What a process wrote to a pseudo-terminal, read until `done(output)` or the timeout."""
+    output = b""
+    deadline = time.monotonic() + timeout_s
+    while not done(output) and time.monotonic() < deadline:
+        ready, _, _ = select.select([master], [], [], 0.2)
+        if ready:
+            output += os.read(master, 65536)
+    return output
 
 
 @dataclass

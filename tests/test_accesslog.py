@@ -5,9 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import pty
-import select
 import subprocess
-import time
 
 import aiohttp
 import orjson
@@ -16,7 +14,7 @@ import pytest
 from proxy.accesslog import Clock, json_line_of, log_record, redact_target
 from proxy.exchange import Exchange
 
-from support import LOOPBACK, OriginConnection, free_port, spawn_proxy
+from support import LOOPBACK, OriginConnection, free_port, read_terminal, spawn_proxy
 
 FIELDS = {
     "time",
@@ -174,17 +172,9 @@ def test_terminal_gets_one_readable_coloured_line_with_the_fault_and_its_hint():
         subprocess.run(
             ["curl", "-s", "-o", "/dev/null", f"{proxy.url}/dev/page"], timeout=10, check=False
         )
-        output = b""
-        deadline = time.monotonic() + 5
-        while (
-            b"connection_refused" not in output
-            or b"\n" not in output.split(b"connection_refused", 1)[1]
-        ):
-            if time.monotonic() > deadline:
-                break
-            ready, _, _ = select.select([master], [], [], 0.2)
-            if ready:
-                output += os.read(master, 65536)
+        output = read_terminal(
+            master, lambda out: b"\n" in out.partition(b"connection_refused")[2], 5
+        )
     finally:
         proxy.stop()
         os.close(master)

@@ -6,9 +6,7 @@ from __future__ import annotations
 import os
 import pty
 import re
-import select
 import socket
-import time
 
 from proxy import console
 from proxy.console import TIMES, BurstSummary, install_summary, pretty_line
@@ -16,7 +14,7 @@ from proxy.diagnosis import FAULT_BEHIND_ORIGIN, HINT_TEXT, ORIGIN_5XX_FOR_CLIEN
 from proxy.exchange import Exchange
 from proxy.faults import REQUEST_PROBLEMS, TAXONOMY, Fault, Source
 
-from support import LOOPBACK, free_port, spawn_proxy
+from support import LOOPBACK, free_port, read_terminal, spawn_proxy
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 UPSTREAM = "127.0.0.1:3000"
@@ -252,13 +250,7 @@ def test_terminal_lines_and_the_summary_after_the_burst():
     try:
         for path in ("/", "/app.js", "/favicon.ico"):
             _get(proxy.port, path)
-        deadline = time.monotonic() + 10
-        while b"last " not in output or not output.endswith(b"\n"):
-            if time.monotonic() > deadline:
-                break
-            ready, _, _ = select.select([master], [], [], 0.2)
-            if ready:
-                output += os.read(master, 65536)
+        output = read_terminal(master, lambda out: b"last " in out and out.endswith(b"\n"), 10)
     finally:
         proxy.stop()
         os.close(master)
