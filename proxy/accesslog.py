@@ -112,7 +112,7 @@ _POOLED_OK_MIDDLE = (
     b'","method":"%s","path":%s,"status":%d,"source":"origin","layer":"origin","error":null,'
     b'"details":null,"upstream":%s,"client":"%s","bytes_in":'
 )
-_MIDDLES: Memo[tuple[Any, ...], bytes] = Memo(1024, 6)
+_MIDDLES: Memo[tuple[Any, ...], bytes] = Memo(1024, 6)  # keys are 6-tuples: bounded by count
 _MIDDLE_MAX_TARGET = 1024
 _MILLIS = tuple(b"%03d" % ms for ms in range(1000))
 _dumps = orjson.dumps
