@@ -194,11 +194,14 @@ class UpstreamConnection(asyncio.Protocol):
             )
         head = buf[start : end + 2]
         status = self.parser.get_status_code()
-        if 100 <= status < 200 and status != 101:
-            self.interim = True
-            self.head_start = end + 4
-            handler.on_upstream_interim(status, head)
-            return
+        if status < 200:
+            if status < 100:  # llhttp takes any three digits; RFC 9110 §15 starts at 100
+                raise UpstreamProtocolError(f"invalid status code {status:03d}")
+            if status != 101:
+                self.interim = True
+                self.head_start = end + 4
+                handler.on_upstream_interim(status, head)
+                return
         self.in_head = False
         self.head_buf = b""
         self.head_start = 0

@@ -174,6 +174,14 @@ ROWS = [
         send_then(b"HTTP/1.1 2x0 OK\r\nContent-Length: 0\r\n\r\n"),
     ),
     Row(
+        "status-below-100",  # three digits, so llhttp takes it; RFC 9110 §15: 100..599
+        502,
+        "http_protocol_error",
+        "proxy",
+        "upstream",
+        send_then(b"HTTP/1.1 099 OK\r\nContent-Length: 2\r\n\r\nok"),
+    ),
+    Row(
         "nul-in-header",
         502,
         "http_protocol_error",
