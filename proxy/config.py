@@ -176,12 +176,12 @@ def _section(cls: type) -> Any:
     return msgspec.field(default_factory=cls)
 
 
-class AdminConfig(_Section):
+class AdminConfig(_Section, frozen=True):
     listen: Address = ("127.0.0.1", 9901)
     token: str | None = None
 
 
-class TimeoutsConfig(_Section):
+class TimeoutsConfig(_Section, frozen=True):
     connect: Duration = 5.0
     response_headers: Duration = 60.0
     upstream_read: Duration = 60.0
@@ -194,7 +194,7 @@ class TimeoutsConfig(_Section):
     pool_wait: Duration = 5.0
 
 
-class LimitsConfig(_Section):
+class LimitsConfig(_Section, frozen=True):
     max_in_flight: PositiveInt = 1024
     max_connections: PositiveInt = 10000
     max_request_header_bytes: PositiveInt = 32768
@@ -202,26 +202,26 @@ class LimitsConfig(_Section):
     max_response_header_bytes: PositiveInt = 65536
 
 
-class PoolConfig(_Section):
+class PoolConfig(_Section, frozen=True):
     max_connections: PositiveInt = 512
     max_idle: NonNegativeInt = 128
     idle_timeout: Duration = 30.0
 
 
-class TLSConfig(_Section):
+class TLSConfig(_Section, frozen=True):
     verify: Flag = True
     ca_file: str | None = None
     server_name: str | None = None
 
 
-class HeadersConfig(_Section):
+class HeadersConfig(_Section, frozen=True):
     proxy_status: Flag = True
     server_timing: Flag = True
     forwarded: Flag = True
     via: Flag = True
 
 
-class LogConfig(_Section):
+class LogConfig(_Section, frozen=True):
     format: Literal["auto", "json", "pretty"] = "auto"
     access: Flag = True
     quiet: Flag = False
@@ -241,11 +241,11 @@ class LogConfig(_Section):
     )
 
 
-class StatsConfig(_Section):
+class StatsConfig(_Section, frozen=True):
     recent_errors: PositiveInt = 100
 
 
-class Config(_Section):
+class Config(_Section, frozen=True):
     listen: Address = ("0.0.0.0", 8080)
     upstream: UpstreamURL = "http://127.0.0.1:3000"
     proxy_name: ProxyName = "faultline"

@@ -280,6 +280,7 @@ def _body_text(body: bytes, encodings: Sequence[str]) -> str | None:
 
 def _decompress(body: bytes, coding: str) -> bytes | None:
     """The start of a gzip or deflate body (the sample may be cut: that is fine)."""
+    attempts: tuple[int, ...]
     if coding in ("gzip", "x-gzip"):
         attempts = (zlib.MAX_WBITS | 16,)
     elif coding == "deflate":

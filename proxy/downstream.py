@@ -302,7 +302,10 @@ class DownstreamProtocol(asyncio.Protocol):
         self.head_bytes = 0
         self.head_fed = -1
         self.heads_in_feed = 0  # heads completed while parsing the current read
-        self.repeatable: RequestHead | None = None  # its head, if it may be remembered
+        # The last head parsed, when it may be remembered; set by every head, so that with
+        # heads_in_feed == 1 it is this read's head (never reset around feed_data: mypyc
+        # would take the reset as the type of the value read after the callbacks ran).
+        self.repeatable: RequestHead | None = None
 
     # -- connection life cycle --------------------------------------------------------------
 
@@ -391,7 +394,6 @@ class DownstreamProtocol(asyncio.Protocol):
                 self._flush_upstream()
                 return
         self.heads_in_feed = 0
-        self.repeatable = None
         self.in_feed = True
         try:
             self.parser.feed_data(data)
@@ -502,14 +504,15 @@ class DownstreamProtocol(asyncio.Protocol):
         if problem is None and head.via is not None:
             head.loop_marker = ctx.headers.is_loop(head.via)
         self.heads_in_feed += 1
-        if (
-            problem is None
+        self.repeatable = (
+            head
+            if problem is None
             and not head.content_length
             and not head.chunked
             and head.keep_alive
             and head.upgrade is None
-        ):
-            self.repeatable = head
+            else None
+        )
         if problem is None and not (
             ctx.max_request_body_bytes
             and head.content_length is not None
@@ -686,7 +689,9 @@ class _Discard:
     """Parser sink for a connection whose request stream is broken."""
 
 
-def client_is_trusted(address: str, networks: list[ipaddress._BaseNetwork]) -> bool:
+def client_is_trusted(
+    address: str, networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network]
+) -> bool:
     if not networks or not address:
         return False
     try:

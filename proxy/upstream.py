@@ -375,7 +375,7 @@ class UpstreamPool:
             ex.phase = Phase.DNS
             ex.t_dns = perf_ns()
             infos = await loop.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)
-            addresses = list(dict.fromkeys(info[4][0] for info in infos))
+            addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
         ex.phase = Phase.CONNECT
         ex.t_connect = perf_ns()
         wait_until = ex.t_start + int(self.upstream_wait_s * 1e9) if forwarder.may_wait else 0
@@ -407,7 +407,8 @@ class UpstreamPool:
         for address in addresses:
             conn = UpstreamConnection(self)
             try:
-                await self.loop.create_connection(lambda c=conn: c, address, self.port)
+                # The factory runs inside this call, before the loop moves on.
+                await self.loop.create_connection(lambda: conn, address, self.port)  # noqa: B023
                 return conn
             except OSError as exc:
                 error = exc
