@@ -567,6 +567,11 @@ try:
     r["faultline"] = version("faultline")
 except Exception:
     r["faultline"] = None
+try:
+    import proxy
+    r["faultline_build"] = "compiled" if proxy.compiled() else "interpreted"
+except Exception:
+    r["faultline_build"] = None
 print(json.dumps(r))
 """
 
@@ -605,7 +610,7 @@ def machine_and_versions(fl_template: str) -> dict:
         p = subprocess.run([py, "-c", PROBE], capture_output=True, text=True, timeout=20, cwd=REPO)
         info.update(json.loads(p.stdout))
     except (OSError, ValueError, subprocess.TimeoutExpired):
-        info.update(python=None, uvloop=None, httptools=None, faultline=None)
+        info.update(python=None, uvloop=None, httptools=None, faultline=None, faultline_build=None)
     rev = first_line(["git", "-C", REPO, "rev-parse", "--short", "HEAD"])
     if rev and re.fullmatch(r"[0-9a-f]+", rev):
         dirty = subprocess.run(
@@ -866,7 +871,8 @@ def report(
         f"{a.proxy_cpu}, origin + wrk on CPU {a.load_cpu}"
     )
     vers = (
-        f"versions: faultline {v['faultline'] or '(not installed)'} (git {v['git']}), "
+        f"versions: faultline {v['faultline'] or '(not installed)'} "
+        f"({v.get('faultline_build') or 'build unknown'}, git {v['git']}), "
         f"python {v['python']}, "
         f"uvloop {v['uvloop']}, httptools {v['httptools']}; nginx {v['nginx']}, "
         f"haproxy {v['haproxy']}, wrk {v['wrk']}"

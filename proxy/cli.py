@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from . import __version__
+from . import __version__, compiled
 from .config import Config, ConfigError, format_address, load_config
 
 EXIT_USAGE = 2
@@ -163,9 +163,11 @@ def _serve_banner(server: Any) -> None:
 
     install_summary(server)  # on a terminal: a summary line after each burst
     config = server.config
+    build = "compiled" if compiled() else "interpreted"
     print(
-        f"faultline {__version__}: proxy http://{format_address(server.listen_address)} -> "
-        f"{config.upstream} · admin http://{format_address(server.admin_address)} "
+        f"faultline {__version__} ({build}): "
+        f"proxy http://{format_address(server.listen_address)} -> {config.upstream} · "
+        f"admin http://{format_address(server.admin_address)} "
         f"(/stats, /metrics, /dashboard)",
         file=sys.stderr,
         flush=True,

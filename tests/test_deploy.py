@@ -171,7 +171,7 @@ def dockerfile_stages() -> list[list[tuple[str, str]]]:
 # The build stage's install steps, as tests/test_deploy.py replays them outside Docker
 # ({dist} = the wheel directory, {venv} = the virtual environment).
 INSTALL_STEPS = [
-    "pip wheel --no-cache-dir --no-deps --wheel-dir {dist} .",
+    "FAULTLINE_COMPILE=1 pip wheel --no-cache-dir --no-deps --wheel-dir {dist} .",
     "python -m venv {venv}",
     "{venv}/bin/pip install --no-cache-dir {dist}/faultline-*.whl",
     "{venv}/bin/faultline --help > /dev/null",
@@ -253,8 +253,8 @@ def test_dockerignore_keeps_only_the_build_inputs():
     for instr, args in dockerfile_stages()[0]:
         if instr == "COPY" and "--from" not in args:
             copied += args.split()[:-1]
-    assert set(copied) == {"pyproject.toml", "README.md", "proxy"}, copied
-    for path in ("pyproject.toml", "README.md", "proxy/__init__.py", "proxy/cli.py"):
+    assert set(copied) == {"pyproject.toml", "setup.py", "README.md", "proxy"}, copied
+    for path in ("pyproject.toml", "setup.py", "README.md", "proxy/__init__.py", "proxy/cli.py"):
         assert not dockerignore_excludes(path), f"{path} is excluded from the build context"
     for path in (
         ".git/HEAD",
@@ -262,6 +262,7 @@ def test_dockerignore_keeps_only_the_build_inputs():
         "k8s/deployment.yaml",
         "bench/x.py",
         "proxy/__pycache__/cli.cpython-312.pyc",
+        "proxy/forward.cpython-311-x86_64-linux-gnu.so",  # a compiled work tree
         "build/lib/x.py",
         ".ci/run",
     ):
@@ -269,7 +270,7 @@ def test_dockerignore_keeps_only_the_build_inputs():
 
 
 def test_dockerfile_copy_sources_exist():
-    missing = [p for p in ("pyproject.toml", "proxy", "README.md") if not (ROOT / p).exists()]
+    missing = [p for p in ("pyproject.toml", "setup.py", "proxy", "README.md") if not (ROOT / p).exists()]
     if missing == ["README.md"]:
         pytest.skip("README.md is not written yet; the Docker build COPYs it (project metadata)")
     assert not missing, f"the Dockerfile COPYs files that do not exist: {missing}"
@@ -286,11 +287,13 @@ def faultline_venv(tmp_path_factory) -> Path:
     base = tmp_path_factory.mktemp("image")
     ctx, dist, venv = base / "src", base / "dist", base / "opt-faultline"
     ctx.mkdir()
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "setup.py", "README.md"):
         if (ROOT / name).exists():
             shutil.copy2(ROOT / name, ctx / name)
     shutil.copytree(
-        ROOT / "proxy", ctx / "proxy", ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
+        ROOT / "proxy",
+        ctx / "proxy",
+        ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.so"),
     )
     env = dict(
         os.environ,
@@ -325,6 +328,12 @@ def test_wheel_installs_into_fresh_venv(faultline_venv):
         cwd="/",
     )
     assert res.returncode == 0 and "site-packages" in res.stdout, res.stdout + res.stderr
+    # The image's build: the per-exchange modules compiled (setup.py, FAULTLINE_COMPILE=1).
+    res = run(
+        [str(faultline_venv / "bin" / "python"), "-c", "import proxy; print(proxy.compiled())"],
+        cwd="/",
+    )
+    assert res.stdout.strip() == "True", res.stdout + res.stderr
 
 
 @NEEDS_CLI

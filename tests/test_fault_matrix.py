@@ -20,6 +20,7 @@ from support import (
     OriginConnection,
     ScriptedOrigin,
     free_port,
+    interpreted_only,
     parse_responses,
     proxy_status_members,
     read_until_reset,
@@ -578,6 +579,7 @@ async def test_waiting_for_a_pool_slot_has_its_own_timeout(origin_factory):
     assert "error=connection_limit_reached" in response.header("Proxy-Status")
 
 
+@interpreted_only
 async def test_internal_defect_is_a_500_with_the_traceback_only_in_the_log(
     origin_factory, monkeypatch, caplog
 ):

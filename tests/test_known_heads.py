@@ -12,7 +12,7 @@ from hostile_support import RecordingOrigin
 from proxy.downstream import DownstreamProtocol
 from proxy.memo import Memo
 
-from support import LOOPBACK, parse_responses, start_proxy
+from support import LOOPBACK, interpreted_only, parse_responses, start_proxy
 
 GET = b"GET /items?page=2 HTTP/1.1\r\nHost: shop.example\r\nAccept: application/json\r\n\r\n"
 
@@ -57,6 +57,7 @@ async def one_by_one(port: int, requests: list[bytes]) -> list:
     return responses
 
 
+@interpreted_only
 async def test_a_repeated_head_is_forwarded_exactly_as_the_first(origin, remembered):
     proxy = await start_proxy(origin.url)
     try:
@@ -125,6 +126,7 @@ async def test_a_refused_head_stays_refused_every_time(origin):
     assert known == {} and origin.requests == []
 
 
+@interpreted_only
 async def test_a_remembered_head_still_meets_the_in_flight_limit(remembered):
     """Per-exchange checks run for remembered heads too: with one exchange in flight (the
     origin holds it), the same head from another client is over limits.max_in_flight."""
