@@ -37,7 +37,7 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /src
-COPY pyproject.toml setup.py README.md ./
+COPY pyproject.toml build_backend.py setup.py README.md ./
 COPY proxy ./proxy
 
 RUN FAULTLINE_COMPILE=1 pip wheel --no-cache-dir --no-deps --wheel-dir /dist . \

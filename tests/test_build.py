@@ -39,3 +39,14 @@ def test_every_listed_module_is_one_build_or_the_other():
         module = importlib.import_module(source.removesuffix(".py").replace("/", "."))
         is_extension = not module.__file__.endswith(".py")
         assert is_extension is compiled(), f"{source}: a mix of builds"
+
+
+def test_the_compiler_is_the_mypy_that_lints():
+    """mypyc's output depends on its version: the build pins the one .ci/run lints with."""
+    import tomllib
+
+    import build_backend
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    lint = [r.split("#")[0].strip() for r in extras["optional-dependencies"]["test"]]
+    assert [r for r in lint if r.startswith("mypy")] == build_backend.MYPYC

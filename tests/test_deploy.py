@@ -253,8 +253,9 @@ def test_dockerignore_keeps_only_the_build_inputs():
     for instr, args in dockerfile_stages()[0]:
         if instr == "COPY" and "--from" not in args:
             copied += args.split()[:-1]
-    assert set(copied) == {"pyproject.toml", "setup.py", "README.md", "proxy"}, copied
-    for path in ("pyproject.toml", "setup.py", "README.md", "proxy/__init__.py", "proxy/cli.py"):
+    inputs = {"pyproject.toml", "build_backend.py", "setup.py", "README.md", "proxy"}
+    assert set(copied) == inputs, copied
+    for path in (*inputs - {"proxy"}, "proxy/__init__.py", "proxy/cli.py"):
         assert not dockerignore_excludes(path), f"{path} is excluded from the build context"
     for path in (
         ".git/HEAD",
@@ -270,7 +271,11 @@ def test_dockerignore_keeps_only_the_build_inputs():
 
 
 def test_dockerfile_copy_sources_exist():
-    missing = [p for p in ("pyproject.toml", "setup.py", "proxy", "README.md") if not (ROOT / p).exists()]
+    missing = [
+        p
+        for p in ("pyproject.toml", "build_backend.py", "setup.py", "proxy", "README.md")
+        if not (ROOT / p).exists()
+    ]
     if missing == ["README.md"]:
         pytest.skip("README.md is not written yet; the Docker build COPYs it (project metadata)")
     assert not missing, f"the Dockerfile COPYs files that do not exist: {missing}"
@@ -287,7 +292,7 @@ def faultline_venv(tmp_path_factory) -> Path:
     base = tmp_path_factory.mktemp("image")
     ctx, dist, venv = base / "src", base / "dist", base / "opt-faultline"
     ctx.mkdir()
-    for name in ("pyproject.toml", "setup.py", "README.md"):
+    for name in ("pyproject.toml", "build_backend.py", "setup.py", "README.md"):
         if (ROOT / name).exists():
             shutil.copy2(ROOT / name, ctx / name)
     shutil.copytree(
