@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import io
 import os
+import random
 import select
 import signal
 import socket
@@ -370,10 +371,35 @@ async def read_until_reset(
 # -- the proxy as a process --------------------------------------------------------------------
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+# Ports below the ephemeral range: the kernel never gives one to an outgoing connection (a
+# proxy's upstream, pip, a browser) between the moment a test picks it and the moment its
+# server binds it, as it can with a port from bind(("127.0.0.1", 0)).
+_PORTS = range(max(1024, _ephemeral_low() - 12000), _ephemeral_low())
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((LOOPBACK, 0))
-        return s.getsockname()[1]
+    """A port free on 127.0.0.1 now, and never handed out before in this test run (two
+    calls in a row cannot return the same port)."""
+    for _ in range(500):
+        port = random.choice(_PORTS)
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind((LOOPBACK, port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError(f"no free port on {LOOPBACK} in {_PORTS.start}-{_PORTS.stop - 1}")
 
 
 def read_terminal(master: int, done: Callable[[bytes], bool], timeout_s: float) -> bytes:

@@ -27,7 +27,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -38,6 +37,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from support import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "Dockerfile"
@@ -124,12 +125,6 @@ def seconds(duration: str | float | int) -> float:
     m = re.fullmatch(r"\s*([0-9.]+)\s*(ms|s|m)?\s*", str(duration))
     assert m, f"not a duration: {duration!r}"
     return float(m.group(1)) * {"ms": 0.001, "s": 1, "m": 60, None: 1}[m.group(2)]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def sidecar_config() -> dict:
