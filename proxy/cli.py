@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from . import __version__, compiled
+from . import __version__, compiled, stale_compiled
 from .config import Config, ConfigError, format_address, load_config
 
 EXIT_USAGE = 2
@@ -164,6 +164,14 @@ def _serve_banner(server: Any) -> None:
     install_summary(server)  # on a terminal: a summary line after each burst
     config = server.config
     build = "compiled" if compiled() else "interpreted"
+    stale = stale_compiled()
+    if stale:
+        print(
+            f"faultline: WARNING: {', '.join(stale)} changed after being compiled: the old "
+            "compiled code runs. Rebuild (FAULTLINE_COMPILE=1 pip install -e .) or remove "
+            "proxy/*.so.",
+            file=sys.stderr,
+        )
     print(
         f"faultline {__version__} ({build}): "
         f"proxy http://{format_address(server.listen_address)} -> {config.upstream} · "

@@ -7,22 +7,31 @@ from __future__ import annotations
 import ast
 import importlib
 import os
+import shutil
+import subprocess
+import sys
+import tomllib
 from pathlib import Path
 
 import pytest
 
-from proxy import compiled
+from proxy import compiled, stale_compiled
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def compiled_sources() -> list[str]:
-    """setup.py's COMPILED list, read without running setup.py."""
-    tree = ast.parse((ROOT / "setup.py").read_text())
+def constant(file: str, name: str) -> list[str]:
+    """A list assigned at the top of a build file, read without running it (neither needs
+    to be importable where the tests run: setuptools may be missing)."""
+    tree = ast.parse((ROOT / file).read_text())
     for node in tree.body:
-        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "COMPILED":
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == name:
             return ast.literal_eval(node.value)
-    raise AssertionError("setup.py has no COMPILED list")
+    raise AssertionError(f"{file} has no {name}")
+
+
+def compiled_sources() -> list[str]:
+    return constant("setup.py", "COMPILED")
 
 
 def test_the_build_under_test_is_the_one_expected():
@@ -30,6 +39,11 @@ def test_the_build_under_test_is_the_one_expected():
     if expected is None:
         pytest.skip("FAULTLINE_EXPECT_COMPILED is not set (.ci/run sets it)")
     assert compiled() is (expected == "1")
+
+
+def test_no_compiled_module_is_older_than_its_source():
+    """A compiled copy built in place shadows its source: tests would pass on old code."""
+    assert stale_compiled() == [], "rebuild (FAULTLINE_COMPILE=1 pip install -e .) or rm *.so"
 
 
 def test_every_listed_module_is_one_build_or_the_other():
@@ -43,10 +57,27 @@ def test_every_listed_module_is_one_build_or_the_other():
 
 def test_the_compiler_is_the_mypy_that_lints():
     """mypyc's output depends on its version: the build pins the one .ci/run lints with."""
-    import tomllib
-
-    import build_backend
-
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     lint = [r.split("#")[0].strip() for r in extras["optional-dependencies"]["test"]]
-    assert [r for r in lint if r.startswith("mypy")] == build_backend.MYPYC
+    assert [r for r in lint if r.startswith("mypy")] == constant("build_backend.py", "MYPYC")
+
+
+def test_a_source_edited_after_compiling_is_named(tmp_path):
+    """stale_compiled() on a work tree: a module whose .py is newer than its .so."""
+    package = tmp_path / "proxy"
+    package.mkdir()
+    shutil.copy2(ROOT / "proxy" / "__init__.py", package / "__init__.py")
+    for name, when in (("forward", 1_000), ("upstream", 3_000)):
+        (package / f"{name}.py").write_text("")
+        os.utime(package / f"{name}.py", (2_000, 2_000))
+        library = package / f"{name}.cpython-311-x86_64-linux-gnu.so"
+        library.write_bytes(b"")
+        os.utime(library, (when, when))  # forward compiled before its edit, upstream after
+    res = subprocess.run(
+        [sys.executable, "-c", "import proxy; print(proxy.stale_compiled())"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert res.stdout.strip() == "['forward.py']", res.stdout + res.stderr
