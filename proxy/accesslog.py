@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
-from typing import IO, Any
+from typing import IO, Any, Final
 from urllib.parse import parse_qsl, quote
 
 import orjson
@@ -24,9 +24,9 @@ from .faults import TAXONOMY
 from .headers import MS_TABLE, MS_TABLE_SIZE, ms_text
 from .memo import Memo
 
-LAYERS = {fault: row.layer._value_ for fault, row in TAXONOMY.items()}
+LAYERS: Final = {fault: row.layer._value_ for fault, row in TAXONOMY.items()}
 
-REDACTED = "REDACTED"
+REDACTED: Final = "REDACTED"
 
 
 def redact_target(target: str, secret_params: frozenset[str]) -> str:
@@ -100,7 +100,7 @@ def log_record(ex: Exchange, clock: Clock, secret_params: frozenset[str]) -> dic
 # The line of the common exchange: the origin answered on a pooled connection, nothing
 # failed, nothing was diagnosed. It is `log_record`'s object formatted directly as bytes
 # (a test holds the two equal): building the dict for orjson costs twice as much.
-_POOLED_OK_LINE = (
+_POOLED_OK_LINE: Final = (
     b'{"time":"%s.%sZ","request_id":"%s%s%d,"bytes_out":%d,"duration_ms":%s,"phases_ms":'
     b'{"dns":null,"connect":null,"tls":null,"queue":null,"ttfb":%s,"body":%s},"reused":true,'
     b'"retried":false,"hop":null,"hints":[]}\n'
@@ -108,14 +108,14 @@ _POOLED_OK_LINE = (
 # Its middle, from the method to the client, repeats for a client that asks for the same
 # thing again: formatted once per (method, target, status, client, upstream, redaction)
 # and remembered (targets up to 1 KiB; 1024 of them), a third of the line's cost.
-_POOLED_OK_MIDDLE = (
+_POOLED_OK_MIDDLE: Final = (
     b'","method":"%s","path":%s,"status":%d,"source":"origin","layer":"origin","error":null,'
     b'"details":null,"upstream":%s,"client":"%s","bytes_in":'
 )
-_MIDDLES: Memo[tuple[Any, ...], bytes] = Memo(1024, 6)  # keys are 6-tuples: bounded by count
-_MIDDLE_MAX_TARGET = 1024
-_MILLIS = tuple(b"%03d" % ms for ms in range(1000))
-_dumps = orjson.dumps
+_MIDDLES: Final[Memo[tuple[Any, ...], bytes]] = Memo(1024, 6)  # keys are 6-tuples: bounded by count
+_MIDDLE_MAX_TARGET: Final = 1024
+_MILLIS: Final = tuple(b"%03d" % ms for ms in range(1000))
+_dumps: Final = orjson.dumps
 
 
 def _middle_of(key: tuple[Any, ...]) -> bytes:

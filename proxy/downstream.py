@@ -18,7 +18,7 @@ import ipaddress
 import logging
 import re
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import urlsplit
 
 from httptools import (
@@ -38,29 +38,28 @@ from .upstream import parser_error_text
 if TYPE_CHECKING:
     from .server import ProxyContext
 
-log = logging.getLogger("faultline")
+log: Final = logging.getLogger("faultline")
 
-# Request header names handled specially (anything else passes through as is).
-(
-    _Q_DROP,
-    _Q_HOST,
-    _Q_CONNECTION,
-    _Q_CL,
-    _Q_TE,
-    _Q_UPGRADE,
-    _Q_XFF,
-    _Q_XFP,
-    _Q_XFH,
-    _Q_VIA,
-    _Q_RID,
-    _Q_ACCEPT,
-    _Q_CONTENT_TYPE,
-    _Q_CONTENT_ENCODING,
-) = range(14)
-_METHOD_NAMES = {
+# Request header names handled specially (anything else passes through as is); Final
+# ints are constants in compiled code.
+_Q_DROP: Final = 0
+_Q_HOST: Final = 1
+_Q_CONNECTION: Final = 2
+_Q_CL: Final = 3
+_Q_TE: Final = 4
+_Q_UPGRADE: Final = 5
+_Q_XFF: Final = 6
+_Q_XFP: Final = 7
+_Q_XFH: Final = 8
+_Q_VIA: Final = 9
+_Q_RID: Final = 10
+_Q_ACCEPT: Final = 11
+_Q_CONTENT_TYPE: Final = 12
+_Q_CONTENT_ENCODING: Final = 13
+_METHOD_NAMES: Final = {
     m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")
 }
-_REQUEST_SPECIAL = {
+_REQUEST_SPECIAL: Final = {
     **dict.fromkeys(HOP_BY_HOP, _Q_DROP),
     b"forwarded": _Q_DROP,  # rewritten as X-Forwarded-*; a client's own is not trusted
     b"host": _Q_HOST,
@@ -80,11 +79,13 @@ _REQUEST_SPECIAL = {
 
 
 # RFC 9112 §3.2 / RFC 3986: uri-host [ ":" port ] (IP-literal, IPv4 or reg-name).
-_HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]+)(?::[0-9]{0,5})?\Z")
-_FRAGMENT_MARK = ord("#")
-_SLASH = ord("/")
+_HOST: Final = re.compile(
+    rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]+)(?::[0-9]{0,5})?\Z"
+)
+_FRAGMENT_MARK: Final = ord("#")
+_SLASH: Final = ord("/")
 # Host values that matched _HOST (a client repeats its own); at most a DNS name and a port.
-_VALID_HOSTS: Memo[bytes, bool] = Memo(1024, 262)
+_VALID_HOSTS: Final[Memo[bytes, bool]] = Memo(1024, 262)
 
 
 class RequestRejected(Exception):

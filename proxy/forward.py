@@ -19,7 +19,7 @@ import contextlib
 import logging
 import socket
 import struct
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from . import replies
 from .classify import DeadlineExpired, UpgradeBroken, classify
@@ -38,14 +38,14 @@ if TYPE_CHECKING:
     from .downstream import DownstreamProtocol, RequestHead
     from .upstream import UpstreamConnection
 
-log = logging.getLogger("faultline")
+log: Final = logging.getLogger("faultline")
 
-IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
-REPLAY_MAX_BYTES = 64 * 1024  # request bodies up to this size are kept for a replay
-PENDING_HIGH_BYTES = 256 * 1024  # request body buffered before the upstream is ready
-_LINGER_RST = struct.pack("ii", 1, 0)
+IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+REPLAY_MAX_BYTES: Final = 64 * 1024  # request bodies up to this size are kept for a replay
+PENDING_HIGH_BYTES: Final = 256 * 1024  # request body buffered before the upstream is ready
+_LINGER_RST: Final = struct.pack("ii", 1, 0)
 
-_NO_BODY_STATUSES = frozenset({204, 304})
+_NO_BODY_STATUSES: Final = frozenset({204, 304})
 
 
 def abort_with_rst(transport: Any) -> None:

@@ -9,7 +9,7 @@ the wire: header injection is impossible by construction).
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from .memo import Memo
 
@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 # RFC 9110 §7.6.1: connection-specific fields never forwarded; plus the fields that only
 # make sense for one hop (Proxy-Authorization is addressed to a proxy, Trailer/TE describe
 # the framing of this connection).
-HOP_BY_HOP = frozenset(
+HOP_BY_HOP: Final = frozenset(
     {
         b"connection",
         b"keep-alive",
@@ -34,12 +34,12 @@ HOP_BY_HOP = frozenset(
 )
 
 # Tokens of Connection that are not header names (they are dropped with Connection itself).
-CONNECTION_OPTIONS = frozenset({b"close", b"keep-alive", b"upgrade"})
+CONNECTION_OPTIONS: Final = frozenset({b"close", b"keep-alive", b"upgrade"})
 
-_UNSAFE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+_UNSAFE: Final = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 # llhttp lets control bytes through in a reason phrase: they are never passed on.
-_STATUS_CONTROL = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
-_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:@/+=\-]{1,200}$")
+_STATUS_CONTROL: Final = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+_REQUEST_ID: Final = re.compile(rb"^[A-Za-z0-9._:@/+=\-]{1,200}$")
 
 
 def safe_value(value: bytes) -> bytes:
@@ -92,8 +92,8 @@ def proxy_status_error(
 # Every whole microsecond below MS_TABLE_SIZE as milliseconds with three decimals: the
 # Server-Timing of a typical exchange is two lookups instead of two float formats (those
 # were ~5% of an exchange's instructions). ~190 KB.
-MS_TABLE_SIZE = 4096
-MS_TABLE = tuple(b"%d.%03d" % divmod(us, 1000) for us in range(MS_TABLE_SIZE))
+MS_TABLE_SIZE: Final = 4096
+MS_TABLE: Final = tuple(b"%d.%03d" % divmod(us, 1000) for us in range(MS_TABLE_SIZE))
 
 
 def ms_text(us: int) -> bytes:
@@ -128,12 +128,12 @@ def prefers_html(accept: bytes | None) -> bool:
 # Response header lines Faultline must see or drop; everything else passes through as the
 # origin wrote it. The scan runs on a lower-cased copy of the head (same offsets), and each
 # match starts at the CRLF that ends the previous line, a literal the regex engine finds fast.
-_RESPONSE_SPECIAL = re.compile(
+_RESPONSE_SPECIAL: Final = re.compile(
     rb"\r\n("
     + b"|".join(sorted(HOP_BY_HOP | {b"proxy-status", b"via", b"x-request-id", b"content-length"}))
     + rb")[ \t]*:[ \t]*([^\r\n]*?)[ \t]*(?=\r\n)"
 )
-_PLAIN_CONNECTION = frozenset({b"keep-alive", b"close"})
+_PLAIN_CONNECTION: Final = frozenset({b"keep-alive", b"close"})
 
 
 class ResponseFields:
@@ -150,15 +150,15 @@ class ResponseFields:
         self.proxy_status: list[bytes] | None = None
 
 
-CONTENT_LENGTH_FIELDS = ResponseFields(content_length=True)  # shared: the common head
+CONTENT_LENGTH_FIELDS: Final = ResponseFields(content_length=True)  # shared: the common head
 
 # Names that send a head down the full scan; most responses carry none of them.
-_RARE_RESPONSE_FIELD = re.compile(
+_RARE_RESPONSE_FIELD: Final = re.compile(
     rb"\r\n(?:"
     + b"|".join(sorted(HOP_BY_HOP - {b"connection"} | {b"proxy-status", b"via", b"x-request-id"}))
     + rb")[ \t]*:"
 )
-_PLAIN_FIELDS = ResponseFields()
+_PLAIN_FIELDS: Final = ResponseFields()
 
 
 def filter_response_block(head: bytes, line_end: int) -> tuple[bytes, ResponseFields]:

@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import Any, Final
 
-log = logging.getLogger("faultline")
+log: Final = logging.getLogger("faultline")
 
-COALESCE_MAX_BYTES = 16 * 1024  # join small writes into one buffer (one syscall)
+COALESCE_MAX_BYTES: Final = 16 * 1024  # join small writes into one buffer (one syscall)
 
 
 class Outbox:

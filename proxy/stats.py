@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from bisect import bisect_left
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from .diagnosis import HOP_NAMES_MAX, HOP_OTHER, HOPS
 from .faults import TAXONOMY, Fault, Layer, Source
@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from .exchange import Exchange
 
 # Bucket upper bounds in seconds: 1-1.5-2-3-5-7 per decade, 50 µs .. 300 s.
-BUCKETS_S: tuple[float, ...] = (
+BUCKETS_S: Final[tuple[float, ...]] = (
     *(
         round(m * 10.0**e, 9)
         for e in range(-5, 3)
@@ -33,11 +33,11 @@ BUCKETS_S: tuple[float, ...] = (
     ),
     300.0,
 )
-_BUCKETS_NS = tuple(int(b * 1e9) for b in BUCKETS_S)
+_BUCKETS_NS: Final = tuple(int(b * 1e9) for b in BUCKETS_S)
 
-_ORIGIN = Source.ORIGIN._value_
-PHASES = ("dns", "connect", "tls", "queue", "ttfb", "body")
-WINDOWS_S = (60, 300)
+_ORIGIN: Final = Source.ORIGIN._value_
+PHASES: Final = ("dns", "connect", "tls", "queue", "ttfb", "body")
+WINDOWS_S: Final = (60, 300)
 CounterKey = tuple[int, str, str | None]  # (status, source, error token or None)
 
 

@@ -20,7 +20,7 @@ import ipaddress
 import socket
 import ssl
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from httptools import (
     HttpParserCallbackError,
@@ -38,8 +38,8 @@ if TYPE_CHECKING:
     from .outbox import Outbox
 
 # Connect failures that mean "nothing is listening yet" (a dev server restarting).
-_NOT_LISTENING = (ConnectionRefusedError,)
-_RETRY_WAIT_S = 0.1
+_NOT_LISTENING: Final = (ConnectionRefusedError,)
+_RETRY_WAIT_S: Final = 0.1
 
 
 def parser_error_text(exc: BaseException) -> str:
