@@ -4,9 +4,10 @@ Everything else about the package is declared in pyproject.toml. The sources sta
 type-checked Python and run as they are when not compiled (an editable install for
 development, `pip install .`); the container image builds the compiled modules
 (Dockerfile) and .ci/run tests both builds. Measured with bench/hotpath.py under callgrind:
-an exchange costs 42.3k instructions compiled against 77.1k interpreted (Proxy-Status and
-Server-Timing on), 49.9k against 88.9k with the access log; bench/RESULTS.md has what that
-is worth against nginx.
+an exchange costs 39.3k instructions compiled against 77.1k interpreted (Proxy-Status and
+Server-Timing on), 45.4k against 88.9k with the access log; bench/RESULTS.md has what that
+is worth against nginx. Module-level constants are `Final` in these modules: compiled, a
+name that is not is looked up in the module's dict at every use.
 """
 
 import os

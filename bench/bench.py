@@ -607,7 +607,10 @@ def machine_and_versions(fl_template: str) -> dict:
     py = command_python(fl_template)
     info["faultline_python_path"] = py
     try:
-        p = subprocess.run([py, "-c", PROBE], capture_output=True, text=True, timeout=20, cwd=REPO)
+        # Not from the repository: there `import proxy` would find the work tree, while the
+        # faultline command imports whatever is installed (an editable install may point
+        # at another checkout).
+        p = subprocess.run([py, "-c", PROBE], capture_output=True, text=True, timeout=20, cwd="/")
         info.update(json.loads(p.stdout))
     except (OSError, ValueError, subprocess.TimeoutExpired):
         info.update(python=None, uvloop=None, httptools=None, faultline=None, faultline_build=None)
