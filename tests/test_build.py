@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import json
 import os
 import shutil
 import subprocess
@@ -56,10 +57,38 @@ def test_every_listed_module_is_one_build_or_the_other():
 
 
 def test_the_compiler_is_the_mypy_that_lints():
-    """mypyc's output depends on its version: the build pins the one .ci/run lints with."""
-    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    lint = [r.split("#")[0].strip() for r in extras["optional-dependencies"]["test"]]
-    assert [r for r in lint if r.startswith("mypy")] == constant("build_backend.py", "MYPYC")
+    """mypyc's output depends on its version: the build compiles with the `compile` extra,
+    and the test extra (what .ci/run lints with) takes that same extra, not a copy."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    pins = [r for r in extras["compile"] if r.startswith("mypy")]
+    assert len(pins) == 1 and "==" in pins[0], extras["compile"]
+    test = [r.split("#")[0].strip() for r in extras["test"]]
+    assert "faultline[compile]" in test
+    assert not [r for r in test if r.startswith("mypy")], "a second mypy pin in the test extra"
+
+
+def test_compiling_needs_what_the_code_imports_and_nothing_kept_twice():
+    """In pip's isolated build environment mypyc type-checks against the packages the code
+    imports: the build asks for the runtime dependencies plus the `compile` extra, read from
+    pyproject.toml. A plain build asks for neither."""
+    setuptools = pytest.importorskip("setuptools")
+    if int(setuptools.__version__.split(".")[0]) < 77:  # pyproject.toml's build requirement
+        pytest.skip(f"setuptools {setuptools.__version__} here; the build asks for >= 77")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    code = (
+        "import build_backend as b, json;"
+        "print(json.dumps([b.compile_requirements(), b.get_requires_for_build_wheel()]))"
+    )
+    for flag, expect_extra in (("1", True), ("0", False)):
+        env = {**os.environ, "FAULTLINE_COMPILE": flag}
+        res = subprocess.run(
+            [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True
+        )
+        assert res.returncode == 0, res.stderr
+        needed, asked = json.loads(res.stdout.splitlines()[-1])
+        assert needed == [*project["dependencies"], *project["optional-dependencies"]["compile"]]
+        assert all(r in asked for r in needed) is expect_extra, (flag, asked)
 
 
 def test_a_source_edited_after_compiling_is_named(tmp_path):

@@ -282,10 +282,14 @@ def test_dockerfile_copy_sources_exist():
 @pytest.fixture(scope="module")
 def faultline_venv(tmp_path_factory) -> Path:
     """Replays the Dockerfile's build stage outside Docker: the COPYs into a clean context,
-    then INSTALL_STEPS (but the last, `faultline --help`, which needs the CLI) with the
-    interpreter running the tests as `python` and `pip`."""
+    then INSTALL_STEPS (but the last, `faultline --help`, which needs the CLI) with `python`
+    and `pip` from a fresh virtual environment with nothing installed, as on the image's
+    base: the compiled build must not lean on packages the test run happens to have."""
     base = tmp_path_factory.mktemp("image")
     ctx, dist, venv = base / "src", base / "dist", base / "opt-faultline"
+    clean = base / "clean-python"
+    res = run([sys.executable, "-m", "venv", str(clean)], timeout=120)
+    assert res.returncode == 0, res.stderr
     ctx.mkdir()
     for name in ("pyproject.toml", "build_backend.py", "setup.py", "README.md"):
         if (ROOT / name).exists():
@@ -297,7 +301,7 @@ def faultline_venv(tmp_path_factory) -> Path:
     )
     env = dict(
         os.environ,
-        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        PATH=f"{clean / 'bin'}{os.pathsep}{os.environ['PATH']}",
         PIP_DISABLE_PIP_VERSION_CHECK="1",
         PIP_NO_INPUT="1",
     )
@@ -352,6 +356,27 @@ def test_sidecar_config_passes_check_config(faultline_venv):
         env={k: v for k, v in os.environ.items() if not k.startswith("FAULTLINE_")},
     )
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_python_build_makes_an_sdist_and_a_wheel_that_install_in_clean_venvs(tmp_path):
+    """`python -m build`: an sdist (carrying the in-tree build backend) and a wheel built
+    from it; each installs into its own clean venv and runs `faultline check-config`."""
+    pytest.importorskip("build", reason="the `build` package (test extra) is not installed")
+    dist = tmp_path / "dist"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FAULTLINE_")}
+    res = run([sys.executable, "-m", "build", "--outdir", str(dist), str(ROOT)], 300, env=env)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    sdists, wheels = sorted(dist.glob("faultline-*.tar.gz")), sorted(dist.glob("faultline-*.whl"))
+    assert len(sdists) == 1 and len(wheels) == 1, sorted(p.name for p in dist.iterdir())
+    for artefact in (sdists[0], wheels[0]):
+        venv = tmp_path / f"venv-{artefact.suffix.lstrip('.')}"
+        assert run([sys.executable, "-m", "venv", str(venv)], 120).returncode == 0
+        res = run([str(venv / "bin" / "pip"), "install", "-q", str(artefact)], 300, env=env)
+        assert res.returncode == 0, f"{artefact.name}: {res.stdout[-2000:]}{res.stderr[-2000:]}"
+        res = run(
+            [str(venv / "bin" / "faultline"), "check-config", str(SIDECAR_CONFIG)], env=env, cwd="/"
+        )
+        assert res.returncode == 0, f"{artefact.name}: {res.stdout}{res.stderr}"
 
 
 class _Origin(http.server.BaseHTTPRequestHandler):
