@@ -33,7 +33,8 @@ What it does, in order:
     ConfigMap's proxy name, Server-Timing), a proxy-made 502 connection_refused with the app
     stopped, the image's HEALTHCHECK, and SIGTERM: readyz 503 and still serving during
     shutdown_delay, an in-flight request finished, exit 0 within the drain time, the log
-    says it drained. Then the image size and the times.
+    says it drained; the start-up line says the compiled build runs with the ConfigMap's
+    upstream. Then the image size and the times.
 
 Every container and pod it makes carries this run's unique name and is removed on the way
 out, pass or fail. Images (the stand-in base, faultline:ci, build layers) are kept as the
@@ -57,8 +58,9 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 IMAGE = "faultline:ci"
@@ -107,7 +109,11 @@ def say(msg: str) -> None:
     print(msg, flush=True)
 
 
+PHASE = ["start"]  # the step under way, named in a failure that stops the stage
+
+
 def step(title: str) -> None:
+    PHASE[0] = title.split()[0]
     say(f"::: container: {title}")
 
 
@@ -116,28 +122,15 @@ def run(
     *,
     check: bool = True,
     timeout: float = 120,
-    input: bytes | None = None,
     env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Run a command, capture its output as text; on failure with check, raise StageError."""
     try:
         proc = subprocess.run(
-            list(cmd),
-            capture_output=True,
-            text=input is None,
-            input=input,
-            timeout=timeout,
-            env=env,
+            list(cmd), capture_output=True, text=True, errors="replace", timeout=timeout, env=env
         )
     except subprocess.TimeoutExpired as exc:
         raise StageError(f"timed out after {timeout:.0f}s: {shlex.join(cmd)}") from exc
-    if input is not None:  # binary in: decode what came out
-        proc = subprocess.CompletedProcess(
-            proc.args,
-            proc.returncode,
-            proc.stdout.decode(errors="replace"),
-            proc.stderr.decode(errors="replace"),
-        )
     if check and proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip()[-2000:]
         raise StageError(f"exit {proc.returncode}: {shlex.join(cmd)}\n{tail}")
@@ -198,18 +191,18 @@ def ensure_tools() -> None:
             "must run as root: the stage uses rootful podman, debootstrap and chroot "
             "(sudo python3 tests/container/run.py)"
         )
+    # runc: the runtime (crun refuses hybrid cgroups); catatonit: podman builds its pod infra
+    # ("pause") image from it; iptables: netavark publishes the pod's ports with it;
+    # debootstrap: the stand-in base. Each tool is its Debian package's name.
+    helpers = ["runc", "catatonit", "iptables", "debootstrap"]
     if shutil.which("podman") is None:
-        apt_install(["podman", "runc", "catatonit", "iptables", "debootstrap"])
+        apt_install(["podman", *helpers])
         if shutil.which("podman") is None:
             raise Skip("podman is not installed and could not be installed with apt-get")
-    # runc: the runtime (crun refuses hybrid cgroups); catatonit: podman builds its pod infra
-    # ("pause") image from it; iptables: netavark publishes the pod's ports with it.
-    wanted = {"runc": "runc", "catatonit": "catatonit", "iptables": "iptables"}
-    wanted["debootstrap"] = "debootstrap"
-    missing = [pkg for tool, pkg in wanted.items() if not on_path(tool)]
+    missing = [tool for tool in helpers if not on_path(tool)]
     if missing and not apt_install(missing):
         raise StageError(f"missing and not installable with apt-get: {' '.join(missing)}")
-    still = [pkg for tool, pkg in wanted.items() if not on_path(tool)]
+    still = [tool for tool in helpers if not on_path(tool)]
     if still:
         raise StageError(f"still missing after apt-get install: {' '.join(still)}")
 
@@ -225,6 +218,8 @@ def configure_podman(work: Path) -> None:
     conf.write_text(
         "# Written by tests/container/run.py for this run only.\n"
         "[containers]\n"
+        "# podman's default nofile (1048576) is refused here: runc create fails with\n"
+        "# 'error setting rlimit type 7: operation not permitted'.\n"
         'default_ulimits = ["nofile=20000:20000", "nproc=32768:32768"]\n'
         "\n"
         "[engine]\n"
@@ -313,11 +308,12 @@ def host_apt_mirrors() -> tuple[str, str]:
 def host_pip_settings() -> tuple[dict[str, list[str]], list[str]]:
     """The host pip's settings that carry over into a container: network ones only."""
     proc = run([sys.executable, "-m", "pip", "config", "list"], check=False, timeout=60)
-    if proc.returncode != 0:
-        proc = run(["pip3", "config", "list"], check=False) if shutil.which("pip3") else proc
+    if proc.returncode != 0 and shutil.which("pip3"):
+        proc = run(["pip3", "config", "list"], check=False, timeout=60)
+    listed = proc.stdout.splitlines() if proc.returncode == 0 else pip_settings_without_pip()
     keep: dict[str, list[str]] = {}
     notes: list[str] = []
-    for line in proc.stdout.splitlines():
+    for line in listed:
         key, _, value = line.partition("=")
         option = key.rpartition(".")[2]
         values = value.strip().strip("'\"").split()
@@ -335,6 +331,28 @@ def host_pip_settings() -> tuple[dict[str, list[str]], list[str]]:
         elif option in ("find-links", "constraint"):
             notes.append(f"{option} {' '.join(values)}: left out (local files, not in the image)")
     return keep, list(dict.fromkeys(notes))
+
+
+def pip_settings_without_pip() -> list[str]:
+    """`pip config list`'s lines when no pip runs here: the config files' [global] sections
+    and the PIP_* environment (later ones win, as in pip)."""
+    import configparser
+
+    files = ["/etc/xdg/pip/pip.conf", "/etc/pip.conf", "~/.pip/pip.conf", "~/.config/pip/pip.conf"]
+    files.append(os.environ.get("PIP_CONFIG_FILE", ""))
+    lines = []
+    for name in filter(None, files):
+        parser = configparser.ConfigParser(interpolation=None)
+        try:
+            parser.read(os.path.expanduser(name))
+        except configparser.Error:
+            continue
+        if parser.has_section("global"):
+            lines += [f"global.{k}='{v}'" for k, v in parser.items("global")]
+    for var, value in os.environ.items():
+        if var.startswith("PIP_"):
+            lines.append(f":env:.{var[4:].lower().replace('_', '-')}='{value}'")
+    return lines
 
 
 def umount_under(root: Path) -> None:
@@ -370,7 +388,7 @@ def make_standin(name: str, work: Path, rebuild: bool) -> float:
             what = (
                 f"the stand-in made {label}"
                 if label and label != "<no value>"
-                else ("NOT a stand-in made by this script: used as it is")
+                else "NOT a stand-in made by this script: used as it is"
             )
             say(f"reusing the existing image {tagged} ({what}); --rebuild-base makes it anew")
             return 0.0
@@ -406,7 +424,7 @@ def make_standin(name: str, work: Path, rebuild: bool) -> float:
         marker.unlink()
 
     # The host's locally added CAs (this host reaches the package indexes through a proxy
-    # with its own CA): the builds' pip and apt must trust what the host's trust.
+    # with its own CA): pip and apt in the build must trust what the host trusts.
     added = []
     if HOST_CA_DIR.is_dir():
         dest = root / HOST_CA_DIR.relative_to("/")
@@ -475,7 +493,7 @@ def make_standin(name: str, work: Path, rebuild: bool) -> float:
 # --------------------------------------------------------------------------- 3. build
 
 
-def build(dockerfile: Path, work: Path) -> float:
+def build(dockerfile: Path, work: Path, times: dict[str, float]) -> None:
     log_path = work / "build.log"
     cmd = [
         "podman", "build", "--format", "docker", "--network=host",
@@ -491,17 +509,16 @@ def build(dockerfile: Path, work: Path) -> float:
         assert proc.stdout is not None
         for line in proc.stdout:
             log.write(line)
-            if line.startswith("STEP "):
+            if re.match(r"(\[\d+/\d+\] )?STEP \d+/\d+: ", line):
                 say(f"  [{time.monotonic() - t0:5.1f}s] {line.rstrip()[:150]}")
         rc = proc.wait()
-    spent = time.monotonic() - t0
+    spent = times["build"] = time.monotonic() - t0
     text = log_path.read_text(errors="replace")
     if rc != 0:
         tail = "\n".join(text.splitlines()[-40:])
         raise StageError(f"podman build failed (exit {rc}) after {spent:.0f}s; log tail:\n{tail}")
     cached = text.count("Using cache")
     say(f"build time: {spent:.1f}s" + (f" ({cached} steps from the layer cache)" if cached else ""))
-    return spent
 
 
 # --------------------------------------------------------------------------- 4. the pod
@@ -510,7 +527,8 @@ def build(dockerfile: Path, work: Path) -> float:
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
 class Reply:
@@ -532,7 +550,9 @@ def get(port: int, path: str, timeout: float = 5) -> Reply:
         conn.close()
 
 
-def wait_for(what: str, probe, timeout: float, container: str | None = None) -> None:
+def wait_for(
+    what: str, probe: Callable[[], bool], timeout: float, container: str | None = None
+) -> None:
     """Poll probe() until it returns True; fail early if the container exits."""
     deadline = time.monotonic() + timeout
     last = ""
@@ -607,8 +627,11 @@ class Pod:
         wait_for("the app through the proxy", lambda: get(proxied, "/").status == 200, 30, self.app)
 
     def logs(self, container: str, lines: int = 20) -> str:
-        proc = podman("logs", "--tail", str(lines), container, check=False)
-        return (proc.stdout + proc.stderr).rstrip()
+        """The container's last lines, stdout's then stderr's (podman 4.3's --tail drops
+        stderr lines, so the tail is cut here)."""
+        proc = podman("logs", container, check=False)
+        out, err = proc.stdout.splitlines(), proc.stderr.splitlines()
+        return "\n".join(out[-lines:] + err[-lines:])
 
     def remove(self) -> None:
         for name in (self.proxy, self.app):
@@ -629,6 +652,17 @@ def check_image(r: Results) -> None:
         describe_healthcheck(hc),
     )
     r.check("image USER", config.get("User") == "10001:10001", f"User={config.get('User')!r}")
+
+
+def check_banner(r: Results, pod: Pod) -> None:
+    """The start-up line: the compiled build (as the Dockerfile builds it), the upstream."""
+    lines = [ln for ln in pod.logs(pod.proxy, 200).splitlines() if ln.startswith("faultline ")]
+    banner = lines[0].strip() if lines else ""
+    r.check(
+        "compiled build, configured by the ConfigMap",
+        "(compiled)" in banner and "-> http://127.0.0.1:3000" in banner,
+        banner or "no start-up line in `podman logs`",
+    )
 
 
 def check_non_root(r: Results, pod: Pod) -> None:
@@ -668,7 +702,7 @@ def check_read_only(r: Results, pod: Pod) -> None:
     ]
     for user, path in attempts:
         proc = podman("exec", *user, pod.proxy, "touch", path, check=False)
-        who = "root" if user else "10001"
+        who = "root" if user else "the image's user"
         msg = proc.stderr.strip().rpartition(": ")[2] or "(no error)"
         outcomes.append(f"{who} touch {path}: {msg}")
         ok &= proc.returncode != 0 and (not user or "Read-only file system" in proc.stderr)
@@ -729,7 +763,7 @@ def check_healthcheck(r: Results, pod: Pod) -> None:
     )
 
 
-def describe_healthcheck(hc: dict) -> str:
+def describe_healthcheck(hc: dict[str, Any]) -> str:
     """One line: what the health check probes and how often (durations are in ns)."""
     if not hc.get("Test"):
         return "no Healthcheck in the config"
@@ -764,11 +798,11 @@ def check_sigterm(r: Results, pod: Pod) -> None:
     t0 = time.monotonic()
     podman("kill", "--signal", "TERM", pod.proxy)
     time.sleep(min(0.3, delay / 4))
-    during = []
+    during: list[object] = []
     try:
         rz = get(pod.admin_port, "/readyz", timeout=2)
         px = get(pod.http_port, "/", timeout=2)
-        during: list[object] = [rz.status, px.status]
+        during = [rz.status, px.status]
     except OSError as exc:
         during = [repr(exc), "-"]
     seen_at = time.monotonic() - t0
@@ -873,7 +907,7 @@ def main(argv: Sequence[str]) -> int:
 
         shown = dockerfile.relative_to(REPO) if dockerfile.is_relative_to(REPO) else dockerfile
         step(f"build {IMAGE} from {shown}")
-        times["build"] = build(dockerfile, work)
+        build(dockerfile, work, times)
 
         step("checks")
         t0 = time.monotonic()
@@ -881,6 +915,7 @@ def main(argv: Sequence[str]) -> int:
         pod = Pod(run_id, work, base, env)
         say(f"sidecar env: {' '.join(f'{k}={v}' for k, v in env.items())}")
         pod.start()
+        check_banner(results, pod)
         check_non_root(results, pod)
         check_read_only(results, pod)
         check_probes(results, pod)
@@ -897,9 +932,9 @@ def main(argv: Sequence[str]) -> int:
         say(f"SKIP  container stage: {exc}")
         return 0
     except StageError as exc:
-        results.check("stage", False, str(exc))
+        results.check(PHASE[0], False, str(exc))
     except KeyboardInterrupt as exc:
-        results.check("stage", False, f"interrupted ({exc or 'SIGINT'})")
+        results.check(PHASE[0], False, f"interrupted ({exc or 'SIGINT'})")
     finally:
         if pod is not None:
             if results.failed:
