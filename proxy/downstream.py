@@ -88,6 +88,10 @@ _SLASH: Final = ord("/")
 _VALID_HOSTS: Final[Memo[bytes, bool]] = Memo(1024, 262)
 
 
+# The start of a refusal's detail for a transfer coding the proxy does not implement (501).
+NOT_IMPLEMENTED_CODING: Final = "the request's transfer coding is not implemented here: "
+
+
 class RequestRejected(Exception):
     """Raised inside a parser callback to stop parsing a request we will not forward."""
 
@@ -223,9 +227,15 @@ class RequestHead:
                 c.strip().lower() for v in self.te_values for c in v.split(b",") if c.strip()
             ]
             if codings != [b"chunked"]:
-                # Only chunked is understood here: any other coding would be passed on
-                # unannounced, and the origin would take coded bytes for the content.
-                return "Transfer-Encoding other than a single chunked is not supported"
+                if codings.count(b"chunked") == 1 and codings[-1] == b"chunked":
+                    # Framed (chunked last), but with a coding the proxy does not apply:
+                    # RFC 9112 §6.1 says 501. Passed on unannounced, the origin would take
+                    # coded bytes for the content.
+                    other = b", ".join(codings[:-1]).decode("latin-1")
+                    return f"{NOT_IMPLEMENTED_CODING}{other} (only chunked is)"
+                # chunked not last, twice, or missing: the body's length cannot be known
+                # (§6.3: 400, then close).
+                return "Transfer-Encoding whose final coding is not a single chunked"
             if not self.http11:
                 return "Transfer-Encoding in an HTTP/1.0 request"
             if self.content_length is not None:
@@ -414,7 +424,7 @@ class DownstreamProtocol(asyncio.Protocol):
             else:
                 self._defect(cause or exc)
         except HttpParserError as exc:
-            self._broken(RequestProblem.MALFORMED, parser_error_text(exc))
+            self._broken(RequestProblem.MALFORMED, self._parse_error_detail(exc))
         except Exception as exc:  # a defect in our callbacks outside the parser's wrapping
             self._defect(exc)
         else:
@@ -524,7 +534,12 @@ class DownstreamProtocol(asyncio.Protocol):
         self._identify(fw, head)
         self.receiving = fw
         if problem is not None:
-            fw.attach(head, (RequestProblem.MALFORMED, problem))
+            kind = (
+                RequestProblem.NOT_IMPLEMENTED
+                if problem.startswith(NOT_IMPLEMENTED_CODING)
+                else RequestProblem.MALFORMED
+            )
+            fw.attach(head, (kind, problem))
         else:
             fw.attach(
                 head,
@@ -618,6 +633,22 @@ class DownstreamProtocol(asyncio.Protocol):
             fw.start()
 
     # -- bad input ---------------------------------------------------------------------------
+
+    def _parse_error_detail(self, exc: HttpParserError) -> str:
+        """llhttp's words for a parse error, unless they would mislead: a Content-Length
+        among the trailer fields of a chunked body is reported by llhttp as one beside
+        Transfer-Encoding, as if it were in the head."""
+        text = parser_error_text(exc)
+        receiving = self.receiving
+        if (
+            self.parsing is None
+            and receiving is not None
+            and receiving.head is not None
+            and receiving.head.chunked
+            and "Content-Length" in text
+        ):
+            return "Content-Length in the trailer section of a chunked body (RFC 9112 §7.1.2)"
+        return text
 
     def _broken(self, problem: RequestProblem, detail: str) -> None:
         """The request stream cannot be parsed any further: answer in turn, then close."""

@@ -61,6 +61,7 @@ class RequestProblem(Enum):
     TIMEOUT = "timeout"
     BODY_TOO_LARGE = "body_too_large"
     HEADERS_TOO_LARGE = "headers_too_large"
+    NOT_IMPLEMENTED = "not_implemented"  # a transfer coding the proxy does not apply (501)
 
 
 @dataclass(frozen=True, slots=True)
@@ -346,6 +347,18 @@ REQUEST_PROBLEMS: dict[RequestProblem, FaultInfo] = {
         "Check the client's cookies and headers for growth (too many or too long "
         "cookies are the usual cause).",
         hint="request headers too large — too many or too long cookies?",
+        hop="between the client and Faultline",
+    ),
+    RequestProblem.NOT_IMPLEMENTED: _row(
+        Fault.HTTP_REQUEST_ERROR,
+        501,
+        Layer.CLIENT,
+        "Transfer coding not implemented",
+        "The request body is sent with a transfer coding other than chunked (RFC 9112 "
+        "§6.1), which the proxy does not apply, so it was not forwarded.",
+        "Send the body with only `Transfer-Encoding: chunked` (compress it with "
+        "Content-Encoding instead), or with a Content-Length.",
+        hint="request transfer coding not implemented — send plain chunked",
         hop="between the client and Faultline",
     ),
 }

@@ -9,6 +9,8 @@ the wire: header injection is impossible by construction).
 from __future__ import annotations
 
 import re
+from email.utils import formatdate
+from time import time
 from typing import TYPE_CHECKING, Final
 
 from .memo import Memo
@@ -103,14 +105,32 @@ def ms_text(us: int) -> bytes:
     return b"%d.%03d" % (us // 1000, us % 1000)
 
 
+# Each Server-Timing metric carries a short `desc` (what DevTools shows as its label).
+ST_CONNECT_DESC: Final = b';desc="upstream connect"'
+ST_TTFB_DESC: Final = b';desc="upstream first byte"'
+ST_PROXY_DESC: Final = b';desc="in proxy"'
+
+
 def server_timing(connect_ns: int, ttfb_ns: int, proxy_ns: int) -> bytes:
     """W3C Server-Timing for the phases known when the response head goes out (ms)."""
-    proxy = b"proxy;dur=" + ms_text(max(proxy_ns, 0) // 1000)
+    proxy = b"proxy;dur=" + ms_text(max(proxy_ns, 0) // 1000) + ST_PROXY_DESC
     if ttfb_ns:
-        proxy = b"ttfb;dur=" + ms_text(ttfb_ns // 1000) + b", " + proxy
+        proxy = b"ttfb;dur=" + ms_text(ttfb_ns // 1000) + ST_TTFB_DESC + b", " + proxy
     if connect_ns:
-        proxy = b"connect;dur=" + ms_text(connect_ns // 1000) + b", " + proxy
+        proxy = b"connect;dur=" + ms_text(connect_ns // 1000) + ST_CONNECT_DESC + b", " + proxy
     return proxy
+
+
+_date_cache: tuple[int, bytes] = (-1, b"")
+
+
+def http_date() -> bytes:
+    """The IMF-fixdate for now (RFC 9110 §5.6.7), recomputed at most once a second."""
+    global _date_cache
+    now = int(time())
+    if _date_cache[0] != now:
+        _date_cache = (now, formatdate(now, usegmt=True).encode())
+    return _date_cache[1]
 
 
 def prefers_html(accept: bytes | None) -> bool:
@@ -349,6 +369,11 @@ class HeaderPolicy:
         elif fields.proxy_status:
             parts.extend(b"Proxy-Status: " + v + b"\r\n" for v in fields.proxy_status)
         parts.append(self.via_response_line(fields.via))
+        if head.lower().find(b"\r\ndate:", line_end - 2) < 0:
+            # RFC 9110 §6.6.1: a recipient with a clock adds the Date an origin left out.
+            # Such a head is not remembered: its Date line would go stale.
+            parts.append(b"Date: " + http_date() + b"\r\n")
+            return b"".join(parts), fields
         entry = (b"".join(parts), fields)
         self.response_prefixes.remember(head, entry)
         return entry

@@ -9,15 +9,13 @@ configuration.
 from __future__ import annotations
 
 import html
-from email.utils import formatdate
 from http import HTTPStatus
-from time import time
 from typing import TYPE_CHECKING
 
 import orjson
 
 from .faults import CLIENT_CLOSED_STATUS, Fault, FaultInfo, RequestProblem, info
-from .headers import prefers_html
+from .headers import http_date, prefers_html
 
 if TYPE_CHECKING:
     from .downstream import RequestHead
@@ -38,17 +36,6 @@ def reason(status: int) -> str:
 
 
 RETRY_AFTER_S = 1
-
-_date_cache: tuple[int, bytes] = (0, b"")
-
-
-def http_date() -> bytes:
-    """The IMF-fixdate for now, recomputed at most once a second."""
-    global _date_cache
-    now = int(time())
-    if _date_cache[0] != now:
-        _date_cache = (now, formatdate(now, usegmt=True).encode())
-    return _date_cache[1]
 
 
 def problem_document(row: FaultInfo, ex: Exchange, detail: str | None, upstream: str) -> dict:
