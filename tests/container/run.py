@@ -9,8 +9,8 @@ registry needed):
 
 What it does, in order:
 
- 1. Tools. podman, runc, catatonit (podman's pod infra), iptables (netavark's port
-    publishing) and debootstrap; missing ones are apt-get installed. If podman cannot run at
+ 1. Tools. podman, runc, catatonit (podman's pod infra), netavark and iptables (the pod
+    network, its published ports) and debootstrap; missing ones are apt-get installed. If podman cannot run at
     all (missing and not installable, or `podman info` fails) the stage is SKIPPED (exit 0).
     Every other problem is a failure (exit 1).
  2. podman configuration in a private work dir (CONTAINERS_CONF; the user's global
@@ -192,9 +192,9 @@ def ensure_tools() -> None:
             "(sudo python3 tests/container/run.py)"
         )
     # runc: the runtime (crun refuses hybrid cgroups); catatonit: podman builds its pod infra
-    # ("pause") image from it; iptables: netavark publishes the pod's ports with it;
-    # debootstrap: the stand-in base. Each tool is its Debian package's name.
-    helpers = ["runc", "catatonit", "iptables", "debootstrap"]
+    # ("pause") image from it; netavark: the pod network, which publishes the pod's ports
+    # with iptables; debootstrap: the stand-in base. Each tool is its Debian package's name.
+    helpers = ["runc", "catatonit", "netavark", "iptables", "debootstrap"]
     if shutil.which("podman") is None:
         apt_install(["podman", *helpers])
         if shutil.which("podman") is None:
