@@ -10,9 +10,9 @@ registry needed):
 What it does, in order:
 
  1. Tools. podman, runc, catatonit (podman's pod infra), netavark and iptables (the pod
-    network, its published ports) and debootstrap; missing ones are apt-get installed. If podman cannot run at
-    all (missing and not installable, or `podman info` fails) the stage is SKIPPED (exit 0).
-    Every other problem is a failure (exit 1).
+    network, its published ports) and debootstrap; missing ones are apt-get installed.
+    If podman cannot run at all (missing and not installable, or `podman info` fails) the
+    stage is SKIPPED (exit 0). Every other problem is a failure (exit 1).
  2. podman configuration in a private work dir (CONTAINERS_CONF; the user's global
     configuration is not read): runtime runc (crun refuses hybrid cgroups), nofile/nproc ulimits.
  3. A stand-in for the Dockerfile's FROM image (its `ARG PYTHON_IMAGE` default, e.g.
