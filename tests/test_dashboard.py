@@ -1,7 +1,8 @@
 """The dashboard in a real headless Chromium (Debian's /usr/bin/chromium through Playwright):
 after injected faults the page shows them in words from the taxonomy, its numbers match
 /stats, it updates without a reload, it handles the admin token, and it loads nothing from
-outside the admin server. A screenshot is saved to test-artifacts/dashboard.png."""
+outside the admin server, and every panel's tables fit their panel at the usual screen sizes.
+A screenshot is saved to test-artifacts/dashboard.png."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from admin_support import (
 
 from proxy.demo import start_demo_origin
 from proxy.faults import TAXONOMY, Fault
+from proxy.stats import BUCKETS_S, PHASES
 
 from support import LOOPBACK, ROOT, raw_request
 
@@ -261,3 +263,136 @@ async def test_dashboard_without_a_token_and_a_lost_admin(origin_factory, proxy_
 
     await wait_for(says_disconnected, timeout=10, interval=0.1)
     assert "Lost contact" in await page.inner_text("#banner")
+
+
+# -- layout: every table fits its panel ----------------------------------------------------------
+
+# One unbroken word each: the worst case for a table cell.
+LONG_PATH = "/" + "a-very-long-path-segment-" * 16  # the demo origin answers 404
+LONG_CODING = b"x-" + b"long-transfer-coding-" * 12  # echoed in the 501's details
+
+# Per table inside a .card: its width and where its last column's cells end, against the
+# panel's content box (client width less padding). `scroller` is the box that may scroll
+# the table on a narrow screen (the table itself when nothing wraps it).
+MEASURE = """() => [...document.querySelectorAll('.card table')].map((table) => {
+  const card = table.closest('.card');
+  const cs = getComputedStyle(card);
+  const padL = parseFloat(cs.paddingLeft), padR = parseFloat(cs.paddingRight);
+  const box = card.getBoundingClientRect();
+  const inner = { left: box.left + card.clientLeft + padL,
+                  right: box.left + card.clientLeft + card.clientWidth - padR };
+  const wrapped = table.parentElement.classList.contains('table-scroll');
+  const scroller = wrapped ? table.parentElement : table;
+  const cells = [...table.rows].map((r) => r.cells[r.cells.length - 1]).filter((c) => c);
+  const last = table.rows.length ? table.rows[0].cells[table.rows[0].cells.length - 1] : null;
+  const clipped = [...table.querySelectorAll('td.num, th.num')]
+    .filter((c) => c.scrollWidth > c.clientWidth + 1).map((c) => c.textContent);
+  return {
+    id: table.querySelector('tbody').id,
+    rows: table.rows.length,
+    lastHeader: last ? last.textContent.trim() : '',
+    tableWidth: Math.max(table.scrollWidth, table.getBoundingClientRect().width),
+    panelWidth: card.clientWidth - padL - padR,
+    left: table.getBoundingClientRect().left, right: table.getBoundingClientRect().right,
+    lastRight: Math.max(...cells.map((c) => c.getBoundingClientRect().right)),
+    scrollerLeft: scroller.getBoundingClientRect().left,
+    scrollerRight: scroller.getBoundingClientRect().right,
+    scrollerScrolls: scroller.scrollWidth > scroller.clientWidth + 1,
+    clipped,
+    inner,
+  };
+})"""
+
+
+def _bounds_text() -> str:
+    """BUCKETS_S as the note on the page says them: mantissas per decade, lowest, highest."""
+    lowest, highest = BUCKETS_S[0], BUCKETS_S[-1]
+    decade = [b for b in BUCKETS_S if 1e-3 <= b < 1e-2]
+    mantissas = ", ".join(f"{b * 1e3:g}" for b in decade)
+    return f"{mantissas} \u00d7 10\u207f, {lowest * 1e6:g} \u00b5s to {highest:g} s"
+
+
+@pytest.mark.parametrize(
+    ("width", "height"), [(1280, 900), (1920, 1080), (700, 900)], ids=lambda v: str(v)
+)
+async def test_every_table_fits_its_panel(demo_proxy, browser, width, height):
+    """At 1280x900 and 1920x1080 each panel's table is no wider than the panel and its
+    last column (the latency table's MAX) ends inside it, with long paths and long error
+    details among the recent errors; on a narrow screen a table may scroll inside its panel
+    but the page never scrolls sideways. The latency panel shows every phase /latency
+    carries, each with a label, and says that its percentiles are estimates from buckets."""
+    proxy = demo_proxy
+    await traffic(proxy.url, proxy.port, seconds=0.5)
+    async with aiohttp.ClientSession() as session:
+        await _get(session, proxy.url + LONG_PATH)
+    await raw_request(
+        proxy.port,
+        b"POST /upload HTTP/1.1\r\nHost: demo\r\nTransfer-Encoding: "
+        + LONG_CODING
+        + b", chunked\r\n\r\n0\r\n\r\n",
+        timeout=5,
+    )
+    await proxy.settle(timeout=10)
+    async with aiohttp.ClientSession() as session:
+        _, _, stats = await admin_get(session, proxy.admin_url + "/stats?limit=20", token=TOKEN)
+        _, _, latency = await admin_get(session, proxy.admin_url + "/latency", token=TOKEN)
+    assert any(e["path"] == LONG_PATH for e in stats["recent_errors"])
+    assert any(LONG_CODING.decode() in (e["details"] or "") for e in stats["recent_errors"])
+
+    page = await browser.new_page(viewport={"width": width, "height": height})
+    await page.goto(f"{proxy.admin_url}/dashboard?token={TOKEN}")
+    total = stats["requests"]["total"]
+    await page.wait_for_function(
+        f"() => document.body.dataset.total === '{total}'", timeout=10_000, polling=100
+    )
+    tables = {t["id"]: t for t in await page.evaluate(MEASURE)}
+    assert set(tables) == {"latency", "by-source", "by-layer", "by-status", "by-error", "recent"}
+    assert tables["latency"]["lastHeader"].lower().startswith("max")
+    assert tables["recent"]["rows"] > 5 and tables["latency"]["rows"] > 5
+    page_width = await page.evaluate("document.documentElement.scrollWidth")
+    wide = await page.evaluate(
+        f"() => [...document.querySelectorAll('body *')]"
+        f".filter((e) => e.getBoundingClientRect().right > {width} + 0.5)"
+        ".map((e) => e.tagName + '.' + e.className)"
+    )
+    assert page_width <= width, f"the page scrolls sideways: {page_width} > {width}: {wide}"
+    for table in tables.values():
+        inner = table["inner"]
+        if width >= 1280:
+            # scrollWidth is a whole number of pixels: one of rounding is allowed.
+            assert table["tableWidth"] <= table["panelWidth"] + 1, table
+            assert inner["left"] - 0.5 <= table["left"] and table["right"] <= inner["right"] + 0.5
+            assert table["lastRight"] <= inner["right"] + 0.5, table
+            assert not table["scrollerScrolls"], table
+            assert table["clipped"] == [], table
+        else:  # narrow: the table may scroll, inside its panel
+            assert inner["left"] - 0.5 <= table["scrollerLeft"], table
+            assert table["scrollerRight"] <= inner["right"] + 0.5, table
+
+    # Every phase /latency carries is a row, with a label of its own for the known ones.
+    keys = await page.eval_on_selector_all(
+        "#latency tr[data-key]", "rows => rows.map(r => r.dataset.key)"
+    )
+    assert keys == ["total", *latency["phases"]]
+    assert set(PHASES) <= set(latency["phases"])
+    labels = dict(
+        zip(
+            keys,
+            await page.eval_on_selector_all(
+                "#latency tr[data-key] .phase-name", "cells => cells.map(c => c.textContent)"
+            ),
+            strict=True,
+        )
+    )
+    assert labels["connect"] == "TCP connect" and labels["ttfb"] == "first byte"
+    if "wait" in labels:
+        assert labels["wait"] == "held (upstream_wait)"
+    for key in PHASES:
+        assert labels[key] and labels[key] != "undefined", labels
+
+    # Percentiles come from fixed buckets: the panel says so, with the bounds.
+    note = page.locator("#latency-note")
+    assert await note.is_visible()
+    text = await note.inner_text()
+    assert "estimated from histogram buckets" in text and _bounds_text() in text, text
+    assert "≈" in await page.inner_text("#latency-head")
