@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from . import __version__, compiled, stale_compiled
-from .config import Config, ConfigError, format_address, load_config
+from .config import Config, ConfigError, describe_interface, format_address, load_config
 
 EXIT_USAGE = 2
 
@@ -34,13 +34,15 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--upstream", help="http:// or https:// origin (FAULTLINE_UPSTREAM)")
     serve.add_argument(
         "--listen",
-        metavar="HOST:PORT",
-        help="proxy address, default 0.0.0.0:8080 (FAULTLINE_LISTEN)",
+        metavar="[HOST:]PORT",
+        help="proxy address, default 0.0.0.0:8080; a bare port (--listen 8080) binds all "
+        "interfaces, 0.0.0.0; 127.0.0.1:8080 is this machine only (FAULTLINE_LISTEN)",
     )
     serve.add_argument(
         "--admin",
-        metavar="HOST:PORT",
-        help="admin address, default 127.0.0.1:9901 (FAULTLINE_ADMIN)",
+        metavar="[HOST:]PORT",
+        help="admin address, default 127.0.0.1:9901; a bare port (--admin 9901) binds "
+        "127.0.0.1, this machine only (FAULTLINE_ADMIN)",
     )
     _add_common(serve)
 
@@ -49,21 +51,22 @@ def _parser() -> argparse.ArgumentParser:
     )
     demo.add_argument(
         "--listen",
-        metavar="HOST:PORT",
+        metavar="[HOST:]PORT",
         default="127.0.0.1:8080",
-        help="proxy address (default 127.0.0.1:8080)",
+        help="proxy address (default 127.0.0.1:8080; a bare port binds 127.0.0.1, this "
+        "machine only)",
     )
     demo.add_argument(
         "--admin",
-        metavar="HOST:PORT",
+        metavar="[HOST:]PORT",
         default="127.0.0.1:9901",
-        help="admin address (default 127.0.0.1:9901)",
+        help="admin address (default 127.0.0.1:9901; a bare port binds 127.0.0.1)",
     )
     demo.add_argument(
         "--origin",
-        metavar="HOST:PORT",
+        metavar="[HOST:]PORT",
         default="127.0.0.1:0",
-        help="demo origin address (default: a free port on 127.0.0.1)",
+        help="demo origin address (default: a free port on 127.0.0.1; a bare port binds 127.0.0.1)",
     )
     _add_common(demo)
 
@@ -174,12 +177,21 @@ def _serve_banner(server: Any) -> None:
         )
     print(
         f"faultline {__version__} ({build}): "
-        f"proxy http://{format_address(server.listen_address)} -> {config.upstream} · "
-        f"admin http://{format_address(server.admin_address)} "
-        f"(/stats, /metrics, /dashboard)",
+        f"proxy listening on {_bound(server.listen_address)} -> {config.upstream} · "
+        f"admin on {_bound(server.admin_address)}: /stats, /metrics, /dashboard",
         file=sys.stderr,
         flush=True,
     )
+
+
+def _bound(address: tuple[str, int]) -> str:
+    """`0.0.0.0:8080 (all interfaces)`: the address a listener bound, and who can reach it."""
+    return f"{format_address(address)} ({describe_interface(address[0])})"
+
+
+def _this_machine(address: str) -> str:
+    """The demo binds this machine only: a bare port (`8080`) is 127.0.0.1's."""
+    return f"127.0.0.1:{address.strip()}" if address.strip().isdigit() else address
 
 
 def _run_demo(args: argparse.Namespace) -> int:
@@ -191,8 +203,9 @@ def _run_demo(args: argparse.Namespace) -> int:
     from .demo import start_demo_origin
     from .server import ProxyServer, StartupError
 
+    args.listen, args.admin = _this_machine(args.listen), _this_machine(args.admin)
     try:
-        origin_host, origin_port = parse_address(args.origin)
+        origin_host, origin_port = parse_address(args.origin, "127.0.0.1")
     except ValueError as exc:
         return _fail(f"config error: --origin: {exc}")
 
@@ -228,7 +241,7 @@ def _demo_banner(server: Any, origin_url: str) -> None:
     proxy_url = f"http://{format_address(server.listen_address)}"
     admin_url = f"http://{format_address(server.admin_address)}"
     print(
-        f"\nFaultline {__version__} demo\n"
+        f"\nFaultline {__version__} demo, listening on {_bound(server.listen_address)}\n"
         f"  proxy      {proxy_url}/   <- open this: the demo app, through the proxy\n"
         f"  origin     {origin_url}/   (the demo app itself, no proxy)\n"
         f"  dashboard  {admin_url}/dashboard\n"

@@ -3,7 +3,9 @@
 Rules: precedence is flag > environment > file > built-in default. Every leaf key has an
 environment twin, `FAULTLINE_` + the upper-cased key path joined by `_`. The tree is frozen
 and built once at start-up; nothing reads the environment at request time. A bad value
-raises `ConfigError` whose message names the key (and where the value came from).
+raises `ConfigError` whose message names the key (and where the value came from); an unknown
+key, or a FAULTLINE_* variable that is no key's twin, names the nearest known one. An
+address may be a bare port: `listen` then binds 0.0.0.0, `admin.listen` 127.0.0.1.
 
 Each leaf type is declared once below: its parser (a `Parse` marker in `Annotated[...]`)
 turns what a file, the environment or a flag gives into the plain value; msgspec then checks
@@ -14,10 +16,11 @@ msgspec rather than pydantic: the same job for ~1.4 MB of RSS instead of ~9 MB (
 from __future__ import annotations
 
 import contextlib
+import difflib
 import ipaddress
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
 from urllib.parse import urlsplit
@@ -53,20 +56,47 @@ def parse_duration(value: Any) -> float:
     raise ValueError(f"invalid duration {value!r} (use 250ms, 5s, 2m or a number of seconds)")
 
 
-def parse_address(value: Any) -> tuple[str, int]:
-    """`host:port`, `[v6]:port` or `:port` -> (host, port)."""
-    if isinstance(value, tuple | list) and len(value) == 2:
+ALL_INTERFACES = "0.0.0.0"
+THIS_MACHINE = "127.0.0.1"
+
+
+def parse_address(value: Any, default_host: str = ALL_INTERFACES) -> tuple[str, int]:
+    """`host:port`, `[v6]:port`, `:port` (all interfaces) or a bare port (`8080`, which
+    binds `default_host`: each address option has its own) -> (host, port)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        host, port = default_host, value
+    elif isinstance(value, tuple | list) and len(value) == 2:
         host, port = str(value[0]), value[1]
+    elif isinstance(value, str) and value.strip().isdigit():
+        host, port = default_host, int(value.strip())
     elif isinstance(value, str):
         host, sep, port_text = value.strip().rpartition(":")
         if not sep or not port_text.isdigit():
-            raise ValueError(f"invalid address {value!r} (use HOST:PORT)")
-        host, port = host.strip("[]") or "0.0.0.0", int(port_text)
+            raise ValueError(f"invalid address {value!r} (use HOST:PORT or a port)")
+        host, port = host.strip("[]") or ALL_INTERFACES, int(port_text)
     else:
-        raise ValueError(f"invalid address {value!r} (use HOST:PORT)")
+        raise ValueError(f"invalid address {value!r} (use HOST:PORT or a port)")
     if not 0 <= int(port) <= 65535:
         raise ValueError(f"invalid port in {value!r}")
     return host, int(port)
+
+
+def parse_admin_address(value: Any) -> tuple[str, int]:
+    """As `parse_address`; a bare port binds this machine only (the admin default)."""
+    return parse_address(value, THIS_MACHINE)
+
+
+def describe_interface(host: str) -> str:
+    """Who can reach an address bound on `host`, in a few words for the start-up line."""
+    try:
+        ip = ipaddress.ip_address(host.strip("[]").split("%", 1)[0])
+    except ValueError:
+        return "this name's addresses only"
+    if ip.is_unspecified:
+        return "all interfaces"
+    if ip.is_loopback:
+        return "this machine only"
+    return "this address only"
 
 
 def parse_upstream(value: Any) -> str:
@@ -159,6 +189,7 @@ class Parse:
 
 Duration = Annotated[float, Parse(parse_duration)]
 Address = Annotated[tuple[str, int], Parse(parse_address)]
+AdminAddress = Annotated[tuple[str, int], Parse(parse_admin_address)]
 UpstreamURL = Annotated[str, Parse(parse_upstream)]
 ProxyName = Annotated[str, Parse(parse_token)]
 Flag = Annotated[bool, Parse(parse_bool)]
@@ -177,7 +208,7 @@ def _section(cls: type) -> Any:
 
 
 class AdminConfig(_Section, frozen=True):
-    listen: Address = ("127.0.0.1", 9901)
+    listen: AdminAddress = (THIS_MACHINE, 9901)
     token: str | None = None
 
 
@@ -246,7 +277,7 @@ class StatsConfig(_Section, frozen=True):
 
 
 class Config(_Section, frozen=True):
-    listen: Address = ("0.0.0.0", 8080)
+    listen: Address = (ALL_INTERFACES, 8080)
     upstream: UpstreamURL = "http://127.0.0.1:3000"
     proxy_name: ProxyName = "faultline"
     upstream_wait: Duration = 0.0
@@ -331,6 +362,79 @@ def env_name(path: tuple[str, ...]) -> str:
     return ENV_PREFIX + "_".join(path).upper()
 
 
+# FAULTLINE_* variables that are not configuration: the build's and the test suite's, and
+# those Kubernetes makes for a Service named `faultline` (FAULTLINE_SERVICE_HOST,
+# FAULTLINE_PORT_8080_TCP_ADDR, ...). Any other unknown FAULTLINE_* variable is a mistake.
+NOT_CONFIG_ENV = frozenset(
+    {
+        "FAULTLINE_CONFIG",
+        "FAULTLINE_COMPILE",
+        "FAULTLINE_EXPECT_COMPILED",
+        "FAULTLINE_REQUIRE_TOOLS",
+    }
+)
+_SERVICE_LINK = re.compile(
+    r"FAULTLINE_(SERVICE_HOST|SERVICE_PORT(_\w+)?|PORT(_\d+_(TCP|UDP|SCTP)(_(PROTO|PORT|ADDR))?)?)"
+)
+KNOWN_ENV: dict[str, tuple[str, ...]] = {
+    **{env_name(path): path for path in LEAF_KEYS},
+    **FLAG_TWINS,
+}
+
+
+def _sections(struct: type, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    out = []
+    for field in msgspec.structs.fields(struct):
+        if isinstance(field.type, type) and issubclass(field.type, msgspec.Struct):
+            out.append((*prefix, field.name))
+            out.extend(_sections(field.type, (*prefix, field.name)))
+    return out
+
+
+KNOWN_KEYS: tuple[str, ...] = tuple(".".join(path) for path in (*LEAF_KEYS, *_sections(Config)))
+
+
+def nearest(name: str, known: Iterable[str]) -> str | None:
+    """The known name closest to a mistyped one (`upstram` -> `upstream`), if any is close;
+    a key given at the wrong level (`drain` for `timeouts.drain`) is found by its last part."""
+    known = list(known)
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.75)
+    if close:
+        return close[0]
+    by_last: dict[str, str | None] = {}
+    for key in known:
+        last = key.rpartition(".")[2]
+        by_last[last] = None if last in by_last else key  # ambiguous: no guess
+    close = difflib.get_close_matches(name.rpartition(".")[2], list(by_last), n=1, cutoff=0.75)
+    return by_last[close[0]] if close else None
+
+
+def _env_as_key(name: str) -> str:
+    """FAULTLINE_TIMEOUTS_CONNECT -> timeouts.connect (`_` inside a key becomes `.` too:
+    names are compared this way, both sides alike)."""
+    return name.removeprefix(ENV_PREFIX).lower().replace("_", ".")
+
+
+def _unknown_env(env: Mapping[str, str]) -> str | None:
+    """The first FAULTLINE_* variable that configures nothing, as an error line."""
+    for name in sorted(env):
+        if (
+            not name.startswith(ENV_PREFIX)
+            or name in KNOWN_ENV
+            or name in NOT_CONFIG_ENV
+            or _SERVICE_LINK.fullmatch(name)
+        ):
+            continue
+        text = f"config error: unknown environment variable {name!r}"
+        as_keys = {_env_as_key(known): known for known in KNOWN_ENV}
+        near = nearest(_env_as_key(name), as_keys)
+        guess = None if near is None else as_keys[near]
+        if guess is not None:
+            text += f": did you mean {guess!r} ({'.'.join(KNOWN_ENV[guess])})?"
+        return text
+    return None
+
+
 def _set(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
     for key in path[:-1]:
         node = tree.get(key)
@@ -369,6 +473,8 @@ def load_config(
     `base` replaces built-in defaults for one use (the demo's short timeouts).
     """
     env = os.environ if env is None else env
+    if unknown := _unknown_env(env):
+        raise ConfigError(unknown)
     origin: dict[tuple[str, ...], str] = {}
     raw: dict[str, Any] = {}
     for path, value in (base or {}).items():
@@ -443,8 +549,16 @@ def _parse_leaves(tree: Mapping[str, Any], prefix: tuple[str, ...], origin: Mapp
 def _line(path: tuple[str, ...], message: str, origin: Mapping[tuple[str, ...], str]) -> str:
     """`config error: KEY: MESSAGE (where the value came from)`; no message: an unknown key."""
     key = ".".join(path) or "(top level)"
-    where = origin.get(path)
-    text = f"{key}: {message}" if message else f"unknown key {key!r}"
+    where = origin.get(path) or next(
+        (w for p, w in origin.items() if p[: len(path)] == path), None
+    )  # an unknown section: where its first leaf came from
+    if message:
+        text = f"{key}: {message}"
+    else:
+        text = f"unknown key {key!r}"
+        guess = nearest(key, KNOWN_KEYS)
+        if guess is not None:
+            text += f": did you mean {guess!r}?"
     return f"config error: {text}" + (f" ({where})" if where else "")
 
 

@@ -123,7 +123,11 @@ def test_bad_environment_values_are_one_exact_line(env, expected):
     ("text", "expected"),
     [
         ("foo: 1\n", "config error: unknown key 'foo' (in {file})"),
-        ("timeouts: {conect: 5s}\n", "config error: unknown key 'timeouts.conect' (in {file})"),
+        (
+            "timeouts: {conect: 5s}\n",
+            "config error: unknown key 'timeouts.conect': did you mean 'timeouts.connect'? "
+            "(in {file})",
+        ),
         ("1: x\n", "config error: unknown key '1' (in {file})"),
         (
             "limits: {max_in_flight: [1, 2]}\n",
@@ -147,6 +151,117 @@ def test_bad_environment_values_are_one_exact_line(env, expected):
 )
 def test_bad_file_values_are_one_exact_line(tmp_path, text, expected):
     assert _error(file_text=text, tmp_path=tmp_path) == expected.format(file=tmp_path / "file.yaml")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("upstram: http://127.0.0.1:3000\n", "unknown key 'upstram': did you mean 'upstream'?"),
+        (
+            "timeouts:\n  conect: 1s\n",
+            "unknown key 'timeouts.conect': did you mean 'timeouts.connect'?",
+        ),
+        ("timeout: {connect: 1s}\n", "unknown key 'timeout': did you mean 'timeouts'?"),
+        ("drain: 5s\n", "unknown key 'drain': did you mean 'timeouts.drain'?"),
+        ("admin: {tokn: x}\n", "unknown key 'admin.tokn': did you mean 'admin.token'?"),
+        ("limits: {max_inflight: 5}\n", "did you mean 'limits.max_in_flight'?"),
+    ],
+)
+def test_an_unknown_file_key_names_the_nearest_known_one(tmp_path, text, expected):
+    message = _error(file_text=text, tmp_path=tmp_path)
+    assert expected in message and message.endswith(f"(in {tmp_path / 'file.yaml'})"), message
+
+
+def test_an_unknown_file_key_far_from_every_known_one_gets_no_guess(tmp_path):
+    message = _error(file_text="colour: true\n", tmp_path=tmp_path)
+    assert message == f"config error: unknown key 'colour' (in {tmp_path / 'file.yaml'})"
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        (
+            "FAULTLINE_UPSTRAM",
+            "config error: unknown environment variable 'FAULTLINE_UPSTRAM': did you mean "
+            "'FAULTLINE_UPSTREAM' (upstream)?",
+        ),
+        (
+            "FAULTLINE_TIMEOUTS_CONECT",
+            "config error: unknown environment variable 'FAULTLINE_TIMEOUTS_CONECT': did you mean "
+            "'FAULTLINE_TIMEOUTS_CONNECT' (timeouts.connect)?",
+        ),
+        (
+            "FAULTLINE_DRAIN",
+            "config error: unknown environment variable 'FAULTLINE_DRAIN': did you mean "
+            "'FAULTLINE_TIMEOUTS_DRAIN' (timeouts.drain)?",
+        ),
+        (
+            "FAULTLINE_ADMIN_LISEN",
+            "config error: unknown environment variable 'FAULTLINE_ADMIN_LISEN': did you mean "
+            "'FAULTLINE_ADMIN_LISTEN' (admin.listen)?",
+        ),
+        ("FAULTLINE_COLOUR", "config error: unknown environment variable 'FAULTLINE_COLOUR'"),
+    ],
+)
+def test_an_unknown_environment_twin_is_one_line_naming_the_nearest(name, expected):
+    assert _error({name: "1s", "FAULTLINE_TIMEOUTS_CONNECT": "1s"}) == expected
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "FAULTLINE_CONFIG",  # the file, read by load_config itself
+        "FAULTLINE_COMPILE",  # the build's
+        "FAULTLINE_REQUIRE_TOOLS",  # the test suite's
+        "FAULTLINE_EXPECT_COMPILED",
+        "FAULTLINE_SERVICE_HOST",  # Kubernetes, for a Service named faultline
+        "FAULTLINE_SERVICE_PORT_HTTP",
+        "FAULTLINE_PORT",
+        "FAULTLINE_PORT_8080_TCP_ADDR",
+    ],
+)
+def test_faultline_variables_that_are_not_configuration_are_left_alone(name, tmp_path):
+    value = str(tmp_path / "empty.yaml") if name == "FAULTLINE_CONFIG" else "1"
+    (tmp_path / "empty.yaml").write_text("")
+    assert load_config(env={name: value}) == Config()
+
+
+@pytest.mark.parametrize(
+    ("source", "listen", "admin"),
+    [
+        ("flags", ("0.0.0.0", 8080), ("127.0.0.1", 9902)),
+        ("env", ("0.0.0.0", 8080), ("127.0.0.1", 9902)),
+        ("env-admin-listen", ("0.0.0.0", 8080), ("127.0.0.1", 9902)),
+        ("file", ("0.0.0.0", 8080), ("127.0.0.1", 9902)),
+        ("file-text", ("0.0.0.0", 8080), ("127.0.0.1", 9902)),
+    ],
+)
+def test_a_bare_port_binds_the_default_interface_of_its_option(tmp_path, source, listen, admin):
+    """`--listen 8080` is 0.0.0.0:8080 (the listen default's interface); `--admin 9902` is
+    127.0.0.1:9902 (the admin default's: this machine only), from every source."""
+    file = tmp_path / "f.yaml"
+    file.write_text(
+        "listen: 8080\nadmin: {listen: 9902}\n"
+        if source == "file"
+        else "listen: '8080'\nadmin: {listen: ' 9902 '}\n"
+    )
+    if source == "flags":
+        config = load_config(env={}, flags={("listen",): "8080", ("admin", "listen"): "9902"})
+    elif source == "env":
+        config = load_config(env={"FAULTLINE_LISTEN": "8080", "FAULTLINE_ADMIN": "9902"})
+    elif source == "env-admin-listen":
+        config = load_config(env={"FAULTLINE_LISTEN": "8080", "FAULTLINE_ADMIN_LISTEN": "9902"})
+    else:
+        config = load_config(str(file), env={})
+    assert (config.listen, config.admin.listen) == (listen, admin)
+
+
+def test_an_address_with_a_host_or_an_empty_host_keeps_it():
+    config = load_config(env={"FAULTLINE_LISTEN": "127.0.0.1:8081", "FAULTLINE_ADMIN": ":9903"})
+    assert config.listen == ("127.0.0.1", 8081) and config.admin.listen == ("0.0.0.0", 9903)
+    for bad in ("true", "808o", "70000", "host:"):
+        with pytest.raises(ConfigError, match="listen"):
+            load_config(env={"FAULTLINE_LISTEN": bad})
 
 
 def test_the_tree_is_frozen_and_building_it_keeps_the_given_data():
