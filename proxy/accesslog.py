@@ -6,7 +6,8 @@ Rules:
 2. Only the record's own fields are logged; headers are never logged, so Authorization,
    Cookie and Set-Cookie cannot leak; configured query parameters are redacted.
 3. Fields beyond the contract's list appear only when they say something: `waited_ms`,
-   how long a request was held while the upstream refused connections (`upstream_wait`).
+   how long a request was held while the upstream refused connections (`upstream_wait`;
+   the same as `phases_ms.wait`), and `wait_expired` when the upstream never accepted.
 """
 
 from __future__ import annotations
@@ -92,8 +93,10 @@ def log_record(ex: Exchange, clock: Clock, secret_params: frozenset[str]) -> dic
         "hop": ex.hop,
         "hints": list(ex.hints),
     }
-    if ex.waited_s:
-        record["waited_ms"] = round(ex.waited_s * 1000, 1)
+    if ex.t_wait:
+        record["waited_ms"] = ex.wait_ns() // 1000 / 1000
+        if ex.wait_expired:
+            record["wait_expired"] = True
     return record
 
 
@@ -102,8 +105,8 @@ def log_record(ex: Exchange, clock: Clock, secret_params: frozenset[str]) -> dic
 # (a test holds the two equal): building the dict for orjson costs twice as much.
 _POOLED_OK_LINE: Final = (
     b'{"time":"%s.%sZ","request_id":"%s%s%d,"bytes_out":%d,"duration_ms":%s,"phases_ms":'
-    b'{"dns":null,"connect":null,"tls":null,"queue":null,"ttfb":%s,"body":%s},"reused":true,'
-    b'"retried":false,"hop":null,"hints":[]}\n'
+    b'{"wait":null,"dns":null,"connect":null,"tls":null,"queue":null,"ttfb":%s,"body":%s},'
+    b'"reused":true,"retried":false,"hop":null,"hints":[]}\n'
 )
 # Its middle, from the method to the client, repeats for a client that asks for the same
 # thing again: formatted once per (method, target, status, client, upstream, redaction)
@@ -146,7 +149,7 @@ def json_line_of(ex: Exchange, clock: Clock, secret_params: frozenset[str]) -> b
         and not ex.t_pool
         and not ex.retried
         and not ex.hints
-        and not ex.waited_s
+        and not ex.t_wait
         and ex.details is None
     ):
         return _dumps(log_record(ex, clock, secret_params)) + b"\n"

@@ -21,7 +21,29 @@ class UpstreamError(Exception):
 
 
 class DeadlineExpired(UpstreamError, TimeoutError):
-    """A phase's timeout passed (which one is told by the phase)."""
+    """A phase's timeout passed (which one is told by the phase): `limit_ns` is how long
+    it was, `setting` the configuration key(s) that set it, for the detail."""
+
+    def __init__(self, limit_ns: int = 0, setting: str = "") -> None:
+        super().__init__(setting)
+        self.limit_ns = limit_ns
+        self.setting = setting
+
+    def within(self) -> str:
+        """'within 700ms (timeouts.response_headers)', or '' when the limit is unknown."""
+        if not self.setting:
+            return ""
+        return f" within {duration_text(self.limit_ns)} ({self.setting})"
+
+
+def duration_text(ns: int) -> str:
+    """A configured duration as its user wrote it: 700ms, 5s, 1.5s, 2m."""
+    ms = round(ns / 1e6)
+    if ms < 1000:
+        return f"{ms}ms"
+    if ms % 60_000 == 0 and ms >= 120_000:
+        return f"{ms // 60_000}m"
+    return f"{ms / 1000:g}s"
 
 
 class UpstreamProtocolError(UpstreamError):
@@ -64,7 +86,11 @@ def classify(
     `response_bytes_seen`: part of the response head had arrived before the failure.
     """
     if phase is Phase.POOL_WAIT:
-        return Fault.CONNECTION_LIMIT_REACHED, "no upstream connection slot became free in time"
+        within = error.within() if isinstance(error, DeadlineExpired) else ""
+        return (
+            Fault.CONNECTION_LIMIT_REACHED,
+            f"no upstream connection slot became free{within or ' in time'}",
+        )
     if phase is Phase.DNS:
         return _classify_dns(error)
     if phase is Phase.CONNECT:
@@ -80,7 +106,13 @@ def classify(
         return Fault.HTTP_UPGRADE_FAILED, _describe(error, "upstream closed the tunnel")
     # Phase.BODY: the response had started
     if isinstance(error, DeadlineExpired):
-        return Fault.CONNECTION_READ_TIMEOUT, "upstream sent nothing for timeouts.upstream_read"
+        if error.setting:
+            limit = duration_text(error.limit_ns)
+            return (
+                Fault.CONNECTION_READ_TIMEOUT,
+                f"upstream sent nothing for {limit} ({error.setting})",
+            )
+        return Fault.CONNECTION_READ_TIMEOUT, "upstream sent nothing for too long"
     if isinstance(error, UpstreamProtocolError):
         return Fault.HTTP_PROTOCOL_ERROR, f"invalid response body framing: {error}"
     return Fault.HTTP_RESPONSE_INCOMPLETE, _describe(error, "upstream closed mid-body")
@@ -97,6 +129,8 @@ def _describe(error: BaseException | None, eof_text: str) -> str:
 
 
 def _classify_dns(error: BaseException | None) -> tuple[Fault, str]:
+    if isinstance(error, DeadlineExpired) and error.setting:
+        return Fault.DNS_TIMEOUT, f"name resolution did not finish{error.within()}"
     if isinstance(error, TimeoutError):
         return Fault.DNS_TIMEOUT, "name resolution did not finish in time"
     if isinstance(error, socket.gaierror):
@@ -108,16 +142,20 @@ def _classify_dns(error: BaseException | None) -> tuple[Fault, str]:
 
 
 def _classify_connect(error: BaseException | None) -> tuple[Fault, str]:
+    if isinstance(error, DeadlineExpired) and error.setting:
+        return Fault.CONNECTION_TIMEOUT, f"TCP connect did not finish{error.within()}"
     if isinstance(error, TimeoutError) or getattr(error, "errno", None) == errno.ETIMEDOUT:
-        return Fault.CONNECTION_TIMEOUT, "TCP connect did not finish within timeouts.connect"
+        return Fault.CONNECTION_TIMEOUT, "TCP connect timed out (ETIMEDOUT)"
     if isinstance(error, ConnectionRefusedError):
         return Fault.CONNECTION_REFUSED, "connection refused (ECONNREFUSED)"
     return Fault.CONNECTION_REFUSED, f"connect failed ({_errno_name(error or OSError())})"
 
 
 def _classify_tls(error: BaseException | None) -> tuple[Fault, str]:
+    if isinstance(error, DeadlineExpired) and error.setting:
+        return Fault.CONNECTION_TIMEOUT, f"TLS handshake did not finish{error.within()}"
     if isinstance(error, TimeoutError):
-        return Fault.CONNECTION_TIMEOUT, "TLS handshake did not finish within timeouts.connect"
+        return Fault.CONNECTION_TIMEOUT, "TLS handshake timed out"
     if isinstance(error, ssl.SSLCertVerificationError):
         reason = (
             getattr(error, "verify_message", None)
@@ -135,10 +173,7 @@ def _classify_before_head(
     phase: Phase, error: BaseException | None, response_bytes_seen: bool
 ) -> tuple[Fault, str]:
     if isinstance(error, DeadlineExpired):
-        return (
-            Fault.HTTP_RESPONSE_TIMEOUT,
-            "no response headers within timeouts.response_headers",
-        )
+        return Fault.HTTP_RESPONSE_TIMEOUT, f"no response headers{error.within() or ' in time'}"
     if isinstance(error, ResponseHeadersTooLarge):
         return Fault.HTTP_RESPONSE_HEADER_SECTION_SIZE, str(error)
     if isinstance(error, UpgradeBroken):

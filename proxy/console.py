@@ -122,7 +122,12 @@ def pretty_line(record: dict[str, Any], colour: bool | None = None) -> bytes:
             line += f" {c(YELLOW)}· {_clean(text)}{c(RESET)}"
     waited = record.get("waited_ms")
     if waited:
-        line += f" {c(CYAN)}[held {_duration(waited)} until the upstream accepted]{c(RESET)}"
+        outcome = (
+            "; the upstream never accepted"
+            if record.get("wait_expired")
+            else " until the upstream accepted"
+        )
+        line += f" {c(CYAN)}[held {_duration(waited)}{outcome}]{c(RESET)}"
     if record.get("retried"):
         line += f" {c(DIM)}[retried]{c(RESET)}"
     return (line + "\n").encode()
@@ -188,9 +193,9 @@ class BurstSummary:
             self.origin_4xx += 1
         else:
             self.ok += 1
-        if ex.waited_s:
+        if ex.t_wait:
             self.held += 1
-            self.held_max_s = max(self.held_max_s, ex.waited_s)
+            self.held_max_s = max(self.held_max_s, ex.wait_ns() / 1e9)
         if ORIGIN_5XX_FOR_CLIENT_ERROR in ex.hints:
             self.mis_blamed += 1
 

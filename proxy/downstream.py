@@ -28,6 +28,7 @@ from httptools import (
     HttpRequestParser,
 )
 
+from .classify import duration_text
 from .exchange import Phase, perf_ns
 from .faults import RequestProblem
 from .forward import Forwarder
@@ -350,6 +351,20 @@ class DownstreamProtocol(asyncio.Protocol):
         self.queue.clear()
         for fw in dict.fromkeys(pending):
             fw.client_gone()
+
+    def cut_by_drain(self) -> None:
+        """The drain deadline passed: every exchange still open on this connection is cut
+        by the proxy (Forwarder.cut_by_drain), then the connection closes."""
+        current = self.current
+        behind = [fw for fw in (*self.queue, self.receiving, self.parsing) if fw is not None]
+        self.queue.clear()
+        self.receiving = self.parsing = None
+        for fw in dict.fromkeys(behind):
+            if fw is not current:
+                fw.cut_by_drain(answer=False)
+        if current is not None:
+            current.cut_by_drain(answer=True)  # closes the connection (Connection: close)
+        self.close()
 
     def close(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
@@ -704,7 +719,8 @@ class DownstreamProtocol(asyncio.Protocol):
             if now - parsing.t_start > ctx.client_headers_ns:
                 self._broken(
                     RequestProblem.TIMEOUT,
-                    "client did not finish its request head within timeouts.client_headers",
+                    "client did not finish its request head within "
+                    f"{duration_text(ctx.client_headers_ns)} (timeouts.client_headers)",
                 )
         elif self.served:
             if now - self.idle_since_ns > ctx.keepalive_ns:

@@ -85,10 +85,11 @@ class Exchange:
         "t_sent",
         "t_start",
         "t_tls_done",
+        "t_wait",
         "target",
         "upstream",
         "upstream_status",
-        "waited_s",
+        "wait_expired",
     )
 
     def __init__(self, t_start: int, client: str, upstream: str) -> None:
@@ -109,14 +110,15 @@ class Exchange:
         self.response_started = False
         self.hop: str | None = None
         self.hints: tuple[str, ...] = ()
-        self.waited_s = 0.0
+        self.wait_expired = False  # held by upstream_wait, and the upstream never accepted
         self.client = client
         self.upstream = upstream
         # Timing marks (perf_counter_ns, 0 = not reached)
         self.t_start = t_start
         self.t_pool = 0
         self.t_dns = 0
-        self.t_connect = 0
+        self.t_wait = 0  # the first connect attempt, when upstream_wait held the request
+        self.t_connect = 0  # the last connect attempt (the successful one, if any)
         self.t_connected = 0
         self.t_tls_done = 0
         self.t_sent = 0
@@ -138,8 +140,16 @@ class Exchange:
         q = target.find("?")
         return target if q < 0 else target[:q]
 
+    def wait_ns(self) -> int:
+        """Time held by `upstream_wait` while the upstream refused (0 when not held): from
+        the first connect attempt to the start of the last one (or to giving up)."""
+        if self.t_wait:
+            return self.t_connect - self.t_wait
+        return 0
+
     def connect_ns(self) -> int:
-        """TCP connect time (0 when a pooled connection was reused)."""
+        """TCP connect time of the successful attempt (0 when a pooled connection was
+        reused, or no attempt succeeded)."""
         if self.t_connect and self.t_connected:
             return self.t_connected - self.t_connect
         return 0
@@ -156,7 +166,7 @@ class Exchange:
         elapsed = now - self.t_start
         waited = self.ttfb_ns()
         if self.t_pool or self.t_dns or self.t_connect:
-            begin = self.t_pool or self.t_dns or self.t_connect
+            begin = self.t_pool or self.t_dns or self.t_wait or self.t_connect
             end = self.t_tls_done or self.t_connected or self.t_sent or now
             waited += end - begin
         return max(elapsed - waited, 0)
@@ -172,6 +182,7 @@ class Exchange:
         t_pool = self.t_pool
         if not t_connect and not t_pool:  # a pooled connection: the common exchange
             return {
+                "wait": None,
                 "dns": None,
                 "connect": None,
                 "tls": None,
@@ -179,17 +190,20 @@ class Exchange:
                 "ttfb": ttfb,
                 "body": body,
             }
-        dns = connect = tls = None
+        wait = dns = connect = tls = None
         t_dns = self.t_dns
         if t_connect:
             t_connected = self.t_connected
             t_tls = self.t_tls_done
-            dns = (t_connect - t_dns) // 1000 / 1000 if t_dns else None
+            t_wait = self.t_wait
+            wait = (t_connect - t_wait) // 1000 / 1000 if t_wait else None
+            dns = ((t_wait or t_connect) - t_dns) // 1000 / 1000 if t_dns else None
             connect = (t_connected - t_connect) // 1000 / 1000 if t_connected else None
             tls = (t_tls - t_connected) // 1000 / 1000 if t_tls and t_connected else None
-        queue_end = t_dns or t_connect or t_sent
+        queue_end = t_dns or self.t_wait or t_connect or t_sent
         queue = (queue_end - t_pool) // 1000 / 1000 if t_pool and queue_end else None
         return {
+            "wait": wait,
             "dns": dns,
             "connect": connect,
             "tls": tls,

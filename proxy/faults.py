@@ -50,6 +50,11 @@ class Fault(StrEnum):
     CONNECTION_LIMIT_REACHED = "connection_limit_reached"
     PROXY_LOOP_DETECTED = "proxy_loop_detected"
     PROXY_INTERNAL_ERROR = "proxy_internal_error"
+    # RFC 9209 names no "the intermediary is shutting down"; of its tokens this is the one
+    # that is true and charges nobody else: the proxy made the response itself (the 503)
+    # or cut it. connection_terminated or http_response_incomplete would blame the next
+    # hop, proxy_internal_error a defect, proxy_configuration_error a wrong setting.
+    PROXY_INTERNAL_RESPONSE = "proxy_internal_response"  # the drain deadline cut it
     HTTP_REQUEST_ERROR = "http_request_error"
     CLIENT_CLOSED_REQUEST = "client_closed_request"
 
@@ -286,6 +291,19 @@ TAXONOMY: dict[Fault, FaultInfo] = {
             "This is a bug in Faultline: the traceback is in its log under this request "
             "id. Please report it.",
             hint="a bug in Faultline — the traceback is in the proxy's log",
+            hop="inside Faultline",
+        ),
+        _row(
+            Fault.PROXY_INTERNAL_RESPONSE,
+            503,
+            Layer.PROXY,
+            "Cut by the proxy's shutdown",
+            "Faultline was shutting down and its drain deadline passed before this "
+            "exchange finished, so Faultline ended it: a 503 if no response had started, "
+            "a reset if one had.",
+            "The drain deadline cut this exchange: raise timeouts.drain, and the pod's "
+            "terminationGracePeriodSeconds with it, above the slowest request you expect.",
+            hint="the drain deadline cut this — raise timeouts.drain and the grace period",
             hop="inside Faultline",
         ),
         _row(

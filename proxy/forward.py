@@ -22,10 +22,10 @@ import struct
 from typing import TYPE_CHECKING, Any, Final
 
 from . import replies
-from .classify import DeadlineExpired, UpgradeBroken, classify
+from .classify import DeadlineExpired, UpgradeBroken, classify, duration_text
 from .diagnosis import BODY_SAMPLE_BYTES, REQUEST_SAMPLE_BYTES, Evidence, diagnose
 from .exchange import AWAIT_HEAD, BODY, DONE, SEND, Exchange, Phase, perf_ns
-from .faults import STALE_CONNECTION_FAULTS, Fault, RequestProblem, Source
+from .faults import STALE_CONNECTION_FAULTS, Fault, RequestProblem, Source, info
 from .headers import (
     CONTENT_LENGTH_FIELDS,
     MS_TABLE,
@@ -309,7 +309,9 @@ class Forwarder(Exchange):
             self._framing(status, request, fields)
         if hp.server_timing:
             if self.t_connect or self.t_pool:
-                out.append(hp.timing(self.connect_ns(), self.ttfb_ns(), self.own_ns(now)))
+                out.append(
+                    hp.timing(self.connect_ns(), self.ttfb_ns(), self.own_ns(now), self.wait_ns())
+                )
             else:  # a pooled connection: the proxy's own time is everything before sending
                 t_sent = self.t_sent
                 ttfb_us = (now - t_sent) // 1000
@@ -478,6 +480,11 @@ class Forwarder(Exchange):
         ):
             self._retry()
             return
+        if self.wait_expired:
+            detail = (
+                f"held {duration_text(self.wait_ns())}; the upstream never accepted within "
+                f"upstream_wait ({duration_text(self.ctx.upstream_wait_ns)}): {detail}"
+            )
         self.fail(fault, detail)
 
     def _retry(self) -> None:
@@ -559,6 +566,33 @@ class Forwarder(Exchange):
             self.source = Source.CLIENT
         self.finish()
 
+    def cut_by_drain(self, answer: bool) -> None:
+        """The drain deadline passed with this exchange unfinished: the proxy ends it, and
+        the record says so. `answer`: this exchange is its connection's current one (a
+        503 with Connection: close if no response has started, else a reset); an exchange
+        queued behind it or still being read is recorded, never answered."""
+        if self.done:
+            return
+        up = self.up
+        if up is not None:
+            self.up = None
+            if self.tunnel:
+                up.close()
+            self.ctx.pool.release(up, reusable=False)
+        drain = duration_text(self.ctx.drain_ns)
+        state = "its response was being sent" if self.response_started else "it was in flight"
+        detail = f"the drain deadline ({drain}, timeouts.drain) passed while {state}"
+        if answer:
+            self.close_after = True
+            self.fail(Fault.PROXY_INTERNAL_RESPONSE, detail)
+            return
+        self._cancel_connect()
+        self.fault = Fault.PROXY_INTERNAL_RESPONSE
+        self.details = "the drain deadline closed the connection before this request's turn"
+        self.status = info(Fault.PROXY_INTERNAL_RESPONSE).status or 0
+        self.source = Source.PROXY
+        self.finish()
+
     def _cancel_connect(self) -> None:
         task = self.connect_task
         if task is not None:
@@ -575,7 +609,9 @@ class Forwarder(Exchange):
         ctx = self.ctx
         if phase is Phase.AWAIT_HEAD:
             if now - self.progress_ns > ctx.response_headers_ns:
-                self.on_upstream_failed(DeadlineExpired())
+                self.on_upstream_failed(
+                    DeadlineExpired(ctx.response_headers_ns, "timeouts.response_headers")
+                )
         elif phase is Phase.BODY:
             if self.down.write_paused:
                 self.progress_ns = now  # the client is slow, not the upstream
@@ -583,7 +619,9 @@ class Forwarder(Exchange):
                 self.progress = self.body_bytes_out
                 self.progress_ns = now
             elif now - self.progress_ns > ctx.upstream_read_ns:
-                self.on_upstream_failed(DeadlineExpired())
+                self.on_upstream_failed(
+                    DeadlineExpired(ctx.upstream_read_ns, "timeouts.upstream_read")
+                )
         elif phase is Phase.SEND:
             if self.request_complete or self.down.read_pauses:
                 self.progress_ns = now
@@ -592,25 +630,29 @@ class Forwarder(Exchange):
                 self.progress_ns = now
             elif self.progress_ns and now - self.progress_ns > ctx.client_body_ns:
                 self.on_request_error(
-                    RequestProblem.TIMEOUT, "client sent no body bytes for timeouts.client_body"
+                    RequestProblem.TIMEOUT,
+                    f"client sent no body bytes for {duration_text(ctx.client_body_ns)} "
+                    "(timeouts.client_body)",
                 )
             elif not self.progress_ns:
                 self.progress_ns = now
         elif phase is Phase.DNS:
             if now - self.t_dns > ctx.dns_ns:
                 self._cancel_connect()
-                self.on_upstream_failed(DeadlineExpired())
+                self.on_upstream_failed(DeadlineExpired(ctx.dns_ns, "timeouts.dns"))
         elif phase is Phase.CONNECT or phase is Phase.TLS:
-            if self.waited_s or self.may_wait:
+            if self.may_wait:
                 limit = ctx.connect_ns + ctx.upstream_wait_ns
+                setting = "timeouts.connect + upstream_wait"
             else:
                 limit = ctx.connect_ns
-            if now - self.t_connect > limit:
+                setting = "timeouts.connect"
+            if now - (self.t_wait or self.t_connect) > limit:
                 self._cancel_connect()
-                self.on_upstream_failed(DeadlineExpired())
+                self.on_upstream_failed(DeadlineExpired(limit, setting))
         elif phase is Phase.POOL_WAIT and now - self.t_pool > ctx.pool_wait_ns:
             self.ctx.pool.forget_waiter(self)
-            self.on_upstream_failed(DeadlineExpired())
+            self.on_upstream_failed(DeadlineExpired(ctx.pool_wait_ns, "timeouts.pool_wait"))
 
     # -- the end ----------------------------------------------------------------------------------
 

@@ -106,18 +106,21 @@ def ms_text(us: int) -> bytes:
 
 
 # Each Server-Timing metric carries a short `desc` (what DevTools shows as its label).
+ST_WAIT_DESC: Final = b';desc="held: upstream refused"'
 ST_CONNECT_DESC: Final = b';desc="upstream connect"'
 ST_TTFB_DESC: Final = b';desc="upstream first byte"'
 ST_PROXY_DESC: Final = b';desc="in proxy"'
 
 
-def server_timing(connect_ns: int, ttfb_ns: int, proxy_ns: int) -> bytes:
+def server_timing(connect_ns: int, ttfb_ns: int, proxy_ns: int, wait_ns: int = 0) -> bytes:
     """W3C Server-Timing for the phases known when the response head goes out (ms)."""
     proxy = b"proxy;dur=" + ms_text(max(proxy_ns, 0) // 1000) + ST_PROXY_DESC
     if ttfb_ns:
         proxy = b"ttfb;dur=" + ms_text(ttfb_ns // 1000) + ST_TTFB_DESC + b", " + proxy
     if connect_ns:
         proxy = b"connect;dur=" + ms_text(connect_ns // 1000) + ST_CONNECT_DESC + b", " + proxy
+    if wait_ns:
+        proxy = b"wait;dur=" + ms_text(wait_ns // 1000) + ST_WAIT_DESC + b", " + proxy
     return proxy
 
 
@@ -398,8 +401,8 @@ class HeaderPolicy:
             proxy_status_error(self.proxy_name, token, details, next_hop, params),
         )
 
-    def timing(self, connect_ns: int, ttfb_ns: int, proxy_ns: int) -> bytes:
-        return _line(b"Server-Timing", server_timing(connect_ns, ttfb_ns, proxy_ns))
+    def timing(self, connect_ns: int, ttfb_ns: int, proxy_ns: int, wait_ns: int = 0) -> bytes:
+        return _line(b"Server-Timing", server_timing(connect_ns, ttfb_ns, proxy_ns, wait_ns))
 
     def via_response_line(self, upstream_via: bytes) -> bytes:
         if not self.via:

@@ -91,7 +91,8 @@ class FaultlineCollector:
 
         phases = HistogramMetricFamily(
             "faultline_upstream_phase_seconds",
-            "Duration of each upstream phase: dns, connect (TCP), tls, queue (waiting for a "
+            "Duration of each upstream phase: wait (held by upstream_wait while the upstream "
+            "refused), dns, connect (the successful TCP attempt), tls, queue (waiting for a "
             "pool slot), ttfb (request sent to response head), body (response head to end).",
             labels=("phase",),
         )
@@ -112,6 +113,17 @@ class FaultlineCollector:
             value=stats.retries,
         )
         yield retries
+
+        yield CounterMetricFamily(
+            "faultline_held_requests_total",
+            "Requests held by upstream_wait while the upstream refused connections.",
+            value=stats.held,
+        )
+        yield CounterMetricFamily(
+            "faultline_held_requests_expired_total",
+            "Held requests whose upstream_wait ran out: the upstream never accepted.",
+            value=stats.held_expired,
+        )
 
         yield CounterMetricFamily(
             "faultline_refused_connections_total",

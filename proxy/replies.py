@@ -38,13 +38,20 @@ def reason(status: int) -> str:
 RETRY_AFTER_S = 1
 
 
+def sentence(fact: str) -> str:
+    """A detail (a fact in lower case, as in Proxy-Status and the log) as a sentence."""
+    fact = fact.strip()
+    text = fact[:1].upper() + fact[1:]
+    return text if text.endswith((".", "?", "!")) else text + "."
+
+
 def problem_document(row: FaultInfo, ex: Exchange, detail: str | None, upstream: str) -> dict:
     assert row.status is not None
     return {
         "type": PROBLEM_TYPE_BASE + row.token,
         "title": row.title,
         "status": row.status,
-        "detail": f"{row.meaning} ({detail})" if detail else row.meaning,
+        "detail": sentence(detail) if detail else row.meaning,
         "error": row.token,
         "layer": row.layer.value,
         "source": "proxy",
@@ -119,7 +126,7 @@ def render(
         )
         lines.append(hp.error_status(row.token, detail, next_hop, params))
     if hp.server_timing:
-        lines.append(hp.timing(ex.connect_ns(), ex.ttfb_ns(), ex.own_ns(0)))
+        lines.append(hp.timing(ex.connect_ns(), ex.ttfb_ns(), ex.own_ns(0), ex.wait_ns()))
     lines.append(b"X-Request-Id: " + ex.request_id.encode() + b"\r\n")
     if fault is Fault.CONNECTION_LIMIT_REACHED:
         lines.append(b"Retry-After: %d\r\n" % RETRY_AFTER_S)

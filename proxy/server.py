@@ -5,7 +5,8 @@ Lifecycle (CONTRACT.md): on SIGTERM or SIGINT
   2. new connections keep being served for `timeouts.shutdown_delay`;
   3. the listener closes;
   4. idle keep-alive connections close, busy ones close after their exchange;
-  5. in-flight exchanges may finish for up to `timeouts.drain`; the rest are cut;
+  5. in-flight exchanges may finish for up to `timeouts.drain`; the rest are cut by the
+     proxy and recorded as its own (`proxy_internal_response`: a 503 + close, or a reset);
   6. the access log is flushed and the process exits 0.
 """
 
@@ -46,6 +47,7 @@ class StartupError(Exception):
 # Finished exchanges held before the sinks take them (the sweep settles sooner when idle).
 BATCH_MAX = 512
 GC_YOUNG_THRESHOLD = 20_000  # allocations between young-generation collections
+DRAIN_REPLY_S = 0.2  # after the drain deadline: time for the proxy's 503s to go out
 
 
 class Telemetry:
@@ -142,6 +144,7 @@ class ProxyContext:
         self.client_body_ns = _ns(timeouts.client_body)
         self.keepalive_ns = _ns(timeouts.keepalive)
         self.pool_wait_ns = _ns(timeouts.pool_wait)
+        self.drain_ns = _ns(timeouts.drain)
         self.upstream_wait_ns = _ns(config.upstream_wait)
         self.upstream_wait = config.upstream_wait > 0
         self._trusted = [ipaddress.ip_network(n, strict=False) for n in config.trusted_proxies]
@@ -274,11 +277,19 @@ class ProxyServer:
         deadline = perf_ns() + _ns(timeouts.drain)
         while (ctx.stats.in_flight > 0 or ctx.connections) and perf_ns() < deadline:
             await asyncio.sleep(0.02)
+        # 6. The deadline passed: what is still in flight is cut by the proxy, and recorded
+        #    as the proxy's (a 503 + close where no response had started, else a reset).
+        for conn in list(ctx.connections):
+            conn.cut_by_drain()
+        ctx.outbox.flush()
+        closing = perf_ns() + _ns(DRAIN_REPLY_S)
+        while ctx.connections and perf_ns() < closing:
+            await asyncio.sleep(0.01)  # the 503s reach their clients
         for conn in list(ctx.connections):
             if conn.transport is not None:
                 conn.transport.abort()
         await asyncio.sleep(0)
-        # 6. Flush what is left and stop the admin server.
+        # 7. Flush what is left and stop the admin server.
         for task in self._tasks:
             task.cancel()
         ctx.telemetry.settle()

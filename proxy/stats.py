@@ -36,7 +36,7 @@ BUCKETS_S: Final[tuple[float, ...]] = (
 _BUCKETS_NS: Final = tuple(int(b * 1e9) for b in BUCKETS_S)
 
 _ORIGIN: Final = Source.ORIGIN._value_
-PHASES: Final = ("dns", "connect", "tls", "queue", "ttfb", "body")
+PHASES: Final = ("wait", "dns", "connect", "tls", "queue", "ttfb", "body")
 WINDOWS_S: Final = (60, 300)
 CounterKey = tuple[int, str, str | None]  # (status, source, error token or None)
 
@@ -126,6 +126,8 @@ class Stats:
         self.in_flight = 0
         self.retries = 0
         self.refused_connections = 0  # over limits.max_connections, closed unread
+        self.held = 0  # requests held by upstream_wait while the upstream refused
+        self.held_expired = 0  # ... of which the upstream never accepted in time
         self.hop_counts: dict[tuple[str, int], int] = {}  # (hop behind origin, status)
         self._hop_names: set[str] = set()
         self.counts: dict[CounterKey, int] = {}
@@ -254,15 +256,21 @@ class Stats:
     def _record_setup(self, ex: Exchange) -> None:
         """The rarer phases: a new connection (dns, connect, tls), a pool wait, a retry."""
         phases = self.phases
+        t_wait = ex.t_wait
+        if t_wait:
+            self.held += 1
+            if ex.wait_expired:
+                self.held_expired += 1
+            phases["wait"].observe_ns(ex.t_connect - t_wait)
         if ex.t_connect and ex.t_connected:
             phases["connect"].observe_ns(ex.t_connected - ex.t_connect)
             if ex.t_dns:
-                phases["dns"].observe_ns(ex.t_connect - ex.t_dns)
+                phases["dns"].observe_ns((t_wait or ex.t_connect) - ex.t_dns)
             if ex.t_tls_done:
                 phases["tls"].observe_ns(ex.t_tls_done - ex.t_connected)
         if ex.t_pool:
             phases["queue"].observe_ns(
-                (ex.t_dns or ex.t_connect or ex.t_sent or ex.t_end) - ex.t_pool
+                (ex.t_dns or t_wait or ex.t_connect or ex.t_sent or ex.t_end) - ex.t_pool
             )
         if ex.retried:
             self.retries += 1
@@ -413,7 +421,9 @@ class Stats:
                 "total": self.total_latency().summary(),
                 "ttfb": self.phases["ttfb"].summary(),
                 "connect": self.phases["connect"].summary(),
+                "wait": self.phases["wait"].summary(),
             },
+            "upstream_wait": {"held": self.held, "expired": self.held_expired},
             "windows": {f"{s}s": self.window(s, now_ns) for s in WINDOWS_S},
             "recent_errors": self.recent_errors(source, error, limit),
         }

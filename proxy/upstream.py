@@ -386,14 +386,19 @@ class UpstreamPool:
             except _NOT_LISTENING:
                 if not wait_until:
                     raise
-                if perf_ns() >= wait_until:
-                    ex.waited_s = round((perf_ns() - ex.t_connect) / 1e9, 3)
+                # upstream_wait holds the request: the hold is the `wait` phase, and
+                # `connect` stays the one attempt that succeeds (none, if it never does).
+                if not ex.t_wait:
+                    ex.t_wait = ex.t_connect
+                now = perf_ns()
+                if now >= wait_until:
+                    ex.t_connect = now
+                    ex.wait_expired = True
                     raise
                 await asyncio.sleep(_RETRY_WAIT_S)
+                ex.t_connect = perf_ns()
         attempt.conn = conn
         ex.t_connected = perf_ns()
-        if wait_until and ex.t_connected - ex.t_connect > _RETRY_WAIT_S * 1e9 / 2:
-            ex.waited_s = round((ex.t_connected - ex.t_connect) / 1e9, 3)
         if self.ssl_context is not None:
             ex.phase = Phase.TLS
             conn.transport = await loop.start_tls(

@@ -11,6 +11,7 @@ import contextlib
 import io
 import os
 import random
+import re
 import select
 import signal
 import socket
@@ -493,3 +494,35 @@ def spawn_proxy(
         proxy.stop(signal.SIGKILL)
         raise RuntimeError("proxy did not start in 15 s")
     return proxy
+
+
+# -- the words of a detail -----------------------------------------------------------------------
+
+# The setting each timeout fault names, with its configured value, in its detail.
+TIMEOUT_SETTINGS = {
+    "http_response_timeout": "timeouts.response_headers",
+    "connection_read_timeout": "timeouts.upstream_read",
+    "connection_timeout": "timeouts.connect",
+    "dns_timeout": "timeouts.dns",
+    "connection_limit_reached": "timeouts.pool_wait",
+}
+
+
+def check_detail(detail: str, advice: str = "", meaning: str = "") -> None:
+    """A fault's detail is one sentence of fact: no bracket inside a bracket, no phrase
+    said twice, neither the row's advice nor its meaning pasted in."""
+    depth = 0
+    for char in detail:
+        depth += char == "("
+        depth -= char == ")"
+        assert 0 <= depth <= 1, f"nested or unbalanced brackets: {detail!r}"
+    assert depth == 0, f"unbalanced brackets: {detail!r}"
+    words = re.findall(r"[\w.]+", detail.lower())
+    runs = [" ".join(words[i : i + 4]) for i in range(len(words) - 3)]
+    assert len(runs) == len(set(runs)), f"a phrase said twice: {detail!r}"
+    for text in (advice, meaning):
+        if text:
+            assert text not in detail, f"{detail!r} repeats {text!r}"
+            if len(words) >= 4:
+                assert detail not in text, f"{detail!r} repeats {text!r}"
+    assert "\n" not in detail

@@ -57,7 +57,7 @@ async def test_json_line_has_every_contract_field(origin_factory, proxy_factory)
     assert (record["bytes_in"], record["bytes_out"]) == (3, 5)
     assert record["upstream"] == f"127.0.0.1:{origin.port}"
     assert record["client"] == "127.0.0.1"
-    assert set(record["phases_ms"]) == {"dns", "connect", "tls", "queue", "ttfb", "body"}
+    assert set(record["phases_ms"]) == {"wait", "dns", "connect", "tls", "queue", "ttfb", "body"}
     assert record["phases_ms"]["ttfb"] is not None and record["duration_ms"] > 0
 
 

@@ -18,7 +18,15 @@ from proxy.server import ProxyServer
 from support import LOOPBACK, LogCapture, start_proxy
 
 TOKEN = "s3cret-admin-token"
-STATS_KEYS = {"proxy", "requests", "responses", "latency_ms", "windows", "recent_errors"}
+STATS_KEYS = {
+    "proxy",
+    "requests",
+    "responses",
+    "latency_ms",
+    "upstream_wait",
+    "windows",
+    "recent_errors",
+}
 BREAKDOWNS = {"by_source", "by_layer", "by_error", "by_status", "by_class"}
 ERROR_KEYS = {
     "time", "request_id", "method", "path", "status", "source", "layer",
@@ -122,7 +130,8 @@ async def test_stats_shape_and_counts(origin_factory, proxy_factory, session):
     assert responses["by_status"] == {"200": 2, "404": 1, "500": 1, "502": 1}
     assert responses["by_class"] == {"2xx": 2, "4xx": 1, "5xx": 2}
 
-    assert set(doc["latency_ms"]) == {"total", "ttfb", "connect"}
+    assert set(doc["latency_ms"]) == {"total", "ttfb", "connect", "wait"}
+    assert doc["upstream_wait"] == {"held": 0, "expired": 0}
     for summary in doc["latency_ms"].values():
         assert set(summary) == {"count", "p50", "p90", "p99", "max"}
     total = doc["latency_ms"]["total"]
@@ -289,7 +298,7 @@ async def test_series_and_latency(origin_factory, proxy_factory, session):
     _, _, latency = await admin_get(session, proxy.admin_url + "/latency")
     assert latency["total"] == stats["latency_ms"]["total"]
     assert latency["phases"]["ttfb"] == stats["latency_ms"]["ttfb"]
-    assert set(latency["phases"]) == {"dns", "connect", "tls", "queue", "ttfb", "body"}
+    assert set(latency["phases"]) == {"wait", "dns", "connect", "tls", "queue", "ttfb", "body"}
     assert latency["by_source"]["origin"]["count"] == 4
     assert latency["by_source"]["proxy"]["count"] == 1
 

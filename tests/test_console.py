@@ -186,7 +186,7 @@ def test_one_line_after_a_burst_once_traffic_pauses():
         summary.observe(exchange(t, 502, source=Source.PROXY, fault=Fault.CONNECTION_REFUSED))
     summary.observe(exchange(104.5, source=Source.ORIGIN, fault=Fault.HTTP_RESPONSE_INCOMPLETE))
     summary.observe(exchange(104.8, 499, source=Source.CLIENT, fault=Fault.CLIENT_CLOSED_REQUEST))
-    summary.observe(exchange(104.9, waited_s=1.4))
+    summary.observe(exchange(104.9, t_wait=int(103.5 * S), t_connect=int(104.9 * S)))
     assert summary.tick(int(105 * S)) is None  # not idle long enough yet
     line = summary.tick(int(107.6 * S))
     assert line is not None

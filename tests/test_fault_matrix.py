@@ -17,8 +17,10 @@ import trustme
 
 from support import (
     LOOPBACK,
+    TIMEOUT_SETTINGS,
     OriginConnection,
     ScriptedOrigin,
+    check_detail,
     free_port,
     interpreted_only,
     parse_responses,
@@ -441,6 +443,14 @@ async def test_fault_matrix(row: Row, origin_factory):
             assert problem["request_id"] == record["request_id"]
             assert problem["check_first"]
             assert response.header("Content-Type") == "application/problem+json"
+            check_detail(problem["detail"], problem["check_first"])
+            assert problem["detail"][0].isupper() and problem["detail"].endswith(".")
+    if record["details"]:
+        check_detail(record["details"])
+    setting = TIMEOUT_SETTINGS.get(row.error or "")
+    if setting in row.overrides:
+        # The fact names the configured value and its key: "... 300ms (timeouts.connect)".
+        assert f"{row.overrides[setting]} ({setting})" in record["details"], record["details"]
     assert record["status"] == (row.log_status or status)
     assert record["error"] == row.error
     assert record["source"] == row.source
@@ -577,6 +587,9 @@ async def test_waiting_for_a_pool_slot_has_its_own_timeout(origin_factory):
     (response,), _ = parse_responses(data)
     assert response.status == 503
     assert "error=connection_limit_reached" in response.header("Proxy-Status")
+    detail = response.json()["detail"]
+    check_detail(detail)
+    assert "200ms (timeouts.pool_wait)" in detail, detail
 
 
 @interpreted_only
@@ -650,6 +663,8 @@ async def test_slow_client_headers_get_408(origin_factory):
         "client",
     )
     assert origin.connections == 0
+    check_detail(response.json()["detail"])
+    assert "300ms (timeouts.client_headers)" in record["details"], record["details"]
 
 
 async def test_slow_client_body_gets_408(origin_factory):
@@ -668,6 +683,8 @@ async def test_slow_client_body_gets_408(origin_factory):
     (response,), _ = parse_responses(data)
     assert response.status == 408
     assert (record["status"], record["error"]) == (408, "http_request_error")
+    check_detail(response.json()["detail"])
+    assert "300ms (timeouts.client_body)" in record["details"], record["details"]
 
 
 async def test_client_that_leaves_is_logged_as_499(origin_factory):

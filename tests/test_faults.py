@@ -18,11 +18,13 @@ from proxy.classify import (
     UpgradeBroken,
     UpstreamProtocolError,
     classify,
+    duration_text,
 )
-from proxy.exchange import Phase
+from proxy.exchange import Exchange, Phase
 from proxy.faults import REQUEST_PROBLEMS, TAXONOMY, Fault, Layer, RequestProblem, Source
+from proxy.replies import problem_document
 
-from support import ROOT
+from support import ROOT, check_detail
 
 # CONTRACT.md's fault table as this repository implements it (tests/contract/): token ->
 # (statuses, layer); an empty tuple when nothing is sent (already sent, or logged only).
@@ -179,6 +181,53 @@ def test_classify(phase, error, facts, fault):
     got, detail = classify(phase, error, **facts)
     assert got is fault
     assert detail and "\n" not in detail
+
+
+def _problem(fault: Fault, detail: str | None, problem: RequestProblem | None = None) -> dict:
+    row = REQUEST_PROBLEMS[problem] if problem is not None else TAXONOMY[fault]
+    return problem_document(row, Exchange(0, "127.0.0.1", "app:3000"), detail, "http://app:3000")
+
+
+@pytest.mark.parametrize(
+    "row",
+    [r for r in [*TAXONOMY.values(), *REQUEST_PROBLEMS.values()] if r.status is not None],
+    ids=lambda r: f"{r.token}-{r.status}",
+)
+def test_every_row_renders_one_fact_then_the_advice(row):
+    """Without a detail of its own, a row's body says its meaning; the advice is apart."""
+    problem = next((p for p, r in REQUEST_PROBLEMS.items() if r is row), None)
+    doc = _problem(row.fault, None, problem)
+    assert doc["detail"] == row.meaning and doc["check_first"] == row.advice
+    check_detail(doc["detail"], row.advice)
+
+
+@pytest.mark.parametrize(
+    ("phase", "error", "facts", "fault"),
+    CASES,
+    ids=[f"{c[0].name}-{type(c[1]).__name__}-{c[3].value}" for c in CASES],
+)
+def test_every_classified_detail_is_one_sentence_with_its_setting(phase, error, facts, fault):
+    """The body's detail is the fact as a sentence, never the row's meaning with the fact
+    in brackets behind it (which said everything twice); a timeout names its value."""
+    if isinstance(error, DeadlineExpired):
+        error = DeadlineExpired(700_000_000, "timeouts.x")
+    got, detail = classify(phase, error, **facts)
+    row = TAXONOMY[got]
+    check_detail(detail, row.advice, row.meaning)
+    if isinstance(error, DeadlineExpired):
+        assert detail.endswith("700ms (timeouts.x)"), detail
+    if row.status is not None:
+        text = _problem(got, detail)["detail"]
+        check_detail(text, row.advice, row.meaning)
+        assert text[0].isupper() and text.endswith(".") and text[:-1].lower() == detail.lower()
+
+
+@pytest.mark.parametrize(
+    ("ns", "text"),
+    [(700_000_000, "700ms"), (5 * 10**9, "5s"), (1_500_000_000, "1.5s"), (120 * 10**9, "2m")],
+)
+def test_durations_read_as_configured(ns, text):
+    assert duration_text(ns) == text
 
 
 def test_dns_error_detail_is_the_rcode():

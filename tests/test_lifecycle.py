@@ -452,9 +452,9 @@ async def test_idle_exit_without_delay_is_prompt(origin_factory, tmp_path):
 
 
 async def test_drain_time_bounds_a_stuck_exchange(origin_factory, tmp_path):
-    """An exchange that outlives the drain is cut when the drain time is up, and the
-    process still exits 0 within shutdown_delay + drain (+ margin). The cut response is
-    never a clean, complete-looking answer."""
+    """An exchange that outlives the drain is cut by the proxy when the drain time is up,
+    and the process still exits 0 within shutdown_delay + drain (+ margin). The record and
+    the reply say the proxy cut it (it was blamed on the client: 499)."""
     origin = await origin_factory(origin_script(hold=30))
     log = tmp_path / "access.jsonl"
     delay, drain = 0.2, 1.0
@@ -475,7 +475,18 @@ async def test_drain_time_bounds_a_stuck_exchange(origin_factory, tmp_path):
     assert code == 0, (code, err)
     assert took >= delay + drain - 0.05, f"exited after {took:.2f} s: the drain was not waited"
     assert isinstance(attempt, Attempt), attempt
-    assert attempt.outcome in ("unanswered", "cut"), (attempt.outcome, attempt.received)
+    # No response had started: the proxy answers 503 + close, and says it cut the exchange.
+    assert attempt.response is not None, (attempt.outcome, attempt.received)
+    assert attempt.response.status == 503, attempt.received[:300]
+    assert attempt.response.header("Connection") == "close"
+    assert "error=proxy_internal_response" in (attempt.response.header("Proxy-Status") or "")
+    (record,) = access_log(log)[attempt.rid]
+    assert (record["status"], record["source"], record["layer"], record["error"]) == (
+        503,
+        "proxy",
+        "proxy",
+        "proxy_internal_response",
+    ), record
 
 
 def tcp_queues(local: tuple[str, int], remote: tuple[str, int]) -> tuple[int, int]:

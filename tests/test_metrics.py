@@ -33,6 +33,8 @@ FAMILIES = {
     "faultline_in_flight_requests": "gauge",
     "faultline_retries": "counter",
     "faultline_refused_connections": "counter",
+    "faultline_held_requests": "counter",
+    "faultline_held_requests_expired": "counter",
     "faultline_upstream_pool_connections": "gauge",
 }
 BAD_REQUEST = b"GET /no-host HTTP/1.1\r\n\r\n"
