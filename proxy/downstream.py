@@ -352,6 +352,14 @@ class DownstreamProtocol(asyncio.Protocol):
         for fw in dict.fromkeys(pending):
             fw.client_gone()
 
+    def close_tunnel(self) -> None:
+        """Shutting down: an upgraded connection closes both ways. Its exchange (the 101)
+        stays the origin's; the record says the proxy ended the tunnel."""
+        fw = self.upgrading
+        if fw is not None and not fw.done:
+            fw.details = "tunnel closed by the proxy's shutdown"
+        self.close()
+
     def cut_by_drain(self) -> None:
         """The drain deadline passed: every exchange still open on this connection is cut
         by the proxy (Forwarder.cut_by_drain), then the connection closes."""

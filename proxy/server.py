@@ -266,10 +266,14 @@ class ProxyServer:
         # 3. Stop accepting.
         if self._server is not None:
             self._server.close()
-        # 4. Idle keep-alive connections close now; busy ones after their exchange.
+        # 4. Idle keep-alive connections close now; busy ones after their exchange. An
+        #    Upgrade tunnel (a WebSocket: a dev server's HMR socket) never ends by itself,
+        #    so waiting for it would only hold the exit for the whole drain: it closes now.
         ctx.draining = True
         for conn in list(ctx.connections):
-            if conn.current is None and conn.parsing is None:
+            if conn.raw:
+                conn.close_tunnel()
+            elif conn.current is None and conn.parsing is None:
                 conn.close()
         ctx.pool.close_idle()
         # 5. Let in-flight exchanges finish and their connections flush and close (a slow
