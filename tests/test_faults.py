@@ -10,6 +10,7 @@ import socket
 import ssl
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from proxy.classify import (
@@ -24,7 +25,7 @@ from proxy.exchange import Exchange, Phase
 from proxy.faults import REQUEST_PROBLEMS, TAXONOMY, Fault, Layer, RequestProblem, Source
 from proxy.replies import problem_document
 
-from support import ROOT, check_detail
+from support import LOOPBACK, ROOT, check_detail
 
 # CONTRACT.md's fault table as this repository implements it (tests/contract/): token ->
 # (statuses, layer); an empty tuple when nothing is sent (already sent, or logged only).
@@ -84,6 +85,25 @@ def test_taxonomy_matches_the_contract_table():
 @pytest.mark.parametrize("fault", list(Fault), ids=lambda f: f.value)
 def test_each_fault_is_charged_to_the_party_that_produced_the_status(fault):
     assert TAXONOMY[fault].source.value == SOURCES.get(fault.value, "proxy")
+
+
+async def test_the_faults_endpoint_says_what_the_contract_says(proxy_factory):
+    """/faults, what the dashboard explains each fault with, against the contract's copy
+    (not against TAXONOMY, which it is made from): every status, layer and source."""
+    proxy = await proxy_factory(f"http://{LOOPBACK}:9")
+    async with aiohttp.ClientSession() as session:
+        async with session.get(proxy.admin_url + "/faults") as resp:
+            assert resp.status == 200
+            doc = await resp.json()
+    served = {}
+    for entry in doc["faults"]:
+        token = entry["error"]
+        kinds = [entry, *entry.get("variants", ())]
+        statuses = sorted({k["status"] for k in kinds if k["status"] is not None})
+        (layer,) = {k["layer"] for k in kinds}
+        served[token] = (tuple(statuses), layer)
+        assert {k["source"] for k in kinds} == {SOURCES.get(token, "proxy")}, token
+    assert served == {t: row for t, row in CONTRACT_TABLE.items() if t not in PENDING}
 
 
 @pytest.mark.skipif(not SHARED_CONTRACT.exists(), reason="../shared/CONTRACT.md not beside")
@@ -235,3 +255,494 @@ def test_dns_error_detail_is_the_rcode():
         Fault.DNS_ERROR,
         "NXDOMAIN",
     )
+
+
+# -- every detail classify writes, word for word --------------------------------------------------
+# The detail is what Proxy-Status `details`, the log line and the problem body say: a
+# regression in it misleads whoever reads it. Each row: (id, phase, error, facts) -> (fault,
+# the exact detail).
+
+MS700 = 700_000_000
+
+
+def _cert_error(
+    verify_message: str | None, reason: str | None = None
+) -> ssl.SSLCertVerificationError:
+    error = ssl.SSLCertVerificationError(1, "certificate verify failed")
+    error.verify_message = verify_message  # type: ignore[attr-defined]
+    error.reason = reason  # type: ignore[misc]
+    return error
+
+
+def _ssl_error(reason: str | None) -> ssl.SSLError:
+    error = ssl.SSLError(1, "[SSL] record layer failure")
+    error.reason = reason  # type: ignore[misc]
+    return error
+
+
+def _setting(setting: str) -> DeadlineExpired:
+    return DeadlineExpired(MS700, setting)
+
+
+DETAILS: list[tuple[str, Phase, BaseException | None, dict, Fault, str]] = [
+    # the pool
+    (
+        "pool-wait-setting",
+        Phase.POOL_WAIT,
+        _setting("timeouts.pool_wait"),
+        {},
+        Fault.CONNECTION_LIMIT_REACHED,
+        "no upstream connection slot became free within 700ms (timeouts.pool_wait)",
+    ),
+    (
+        "pool-wait-unknown-limit",
+        Phase.POOL_WAIT,
+        DeadlineExpired(),
+        {},
+        Fault.CONNECTION_LIMIT_REACHED,
+        "no upstream connection slot became free in time",
+    ),
+    (
+        "pool-wait-other",
+        Phase.POOL_WAIT,
+        None,
+        {},
+        Fault.CONNECTION_LIMIT_REACHED,
+        "no upstream connection slot became free in time",
+    ),
+    # name resolution
+    (
+        "dns-deadline",
+        Phase.DNS,
+        _setting("timeouts.connect"),
+        {},
+        Fault.DNS_TIMEOUT,
+        "name resolution did not finish within 700ms (timeouts.connect)",
+    ),
+    (
+        "dns-deadline-unknown-limit",
+        Phase.DNS,
+        DeadlineExpired(),
+        {},
+        Fault.DNS_TIMEOUT,
+        "name resolution did not finish in time",
+    ),
+    (
+        "dns-os-timeout",
+        Phase.DNS,
+        TimeoutError(),
+        {},
+        Fault.DNS_TIMEOUT,
+        "name resolution did not finish in time",
+    ),
+    (
+        "dns-eai-again",
+        Phase.DNS,
+        socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution"),
+        {},
+        Fault.DNS_TIMEOUT,
+        "temporary failure in name resolution (EAI_AGAIN)",
+    ),
+    ("dns-not-a-gaierror", Phase.DNS, OSError(), {}, Fault.DNS_ERROR, "SERVFAIL"),
+    ("dns-nothing-said", Phase.DNS, None, {}, Fault.DNS_ERROR, "SERVFAIL"),
+    # TCP connect
+    (
+        "connect-deadline",
+        Phase.CONNECT,
+        _setting("timeouts.connect"),
+        {},
+        Fault.CONNECTION_TIMEOUT,
+        "TCP connect did not finish within 700ms (timeouts.connect)",
+    ),
+    (
+        "connect-deadline-unknown-limit",
+        Phase.CONNECT,
+        DeadlineExpired(),
+        {},
+        Fault.CONNECTION_TIMEOUT,
+        "TCP connect timed out (ETIMEDOUT)",
+    ),
+    (
+        "connect-etimedout",
+        Phase.CONNECT,
+        OSError(errno.ETIMEDOUT, "Connection timed out"),
+        {},
+        Fault.CONNECTION_TIMEOUT,
+        "TCP connect timed out (ETIMEDOUT)",
+    ),
+    (
+        "connect-refused",
+        Phase.CONNECT,
+        ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused"),
+        {},
+        Fault.CONNECTION_REFUSED,
+        "connection refused (ECONNREFUSED)",
+    ),
+    (
+        "connect-unreachable",
+        Phase.CONNECT,
+        OSError(errno.EHOSTUNREACH, "No route to host"),
+        {},
+        Fault.CONNECTION_REFUSED,
+        "connect failed (EHOSTUNREACH)",
+    ),
+    (
+        "connect-unknown-errno",
+        Phase.CONNECT,
+        OSError(99999, "?"),
+        {},
+        Fault.CONNECTION_REFUSED,
+        "connect failed (OSError)",
+    ),
+    (
+        "connect-nothing-said",
+        Phase.CONNECT,
+        None,
+        {},
+        Fault.CONNECTION_REFUSED,
+        "connect failed (OSError)",
+    ),
+    # TLS
+    (
+        "tls-deadline",
+        Phase.TLS,
+        _setting("timeouts.connect"),
+        {},
+        Fault.CONNECTION_TIMEOUT,
+        "TLS handshake did not finish within 700ms (timeouts.connect)",
+    ),
+    (
+        "tls-os-timeout",
+        Phase.TLS,
+        TimeoutError(),
+        {},
+        Fault.CONNECTION_TIMEOUT,
+        "TLS handshake timed out",
+    ),
+    (
+        "tls-cert-verify-message",
+        Phase.TLS,
+        _cert_error("certificate has expired"),
+        {},
+        Fault.TLS_CERTIFICATE_ERROR,
+        "certificate rejected: certificate has expired",
+    ),
+    (
+        "tls-cert-reason-only",
+        Phase.TLS,
+        _cert_error(None, "CERTIFICATE_VERIFY_FAILED"),
+        {},
+        Fault.TLS_CERTIFICATE_ERROR,
+        "certificate rejected: CERTIFICATE_VERIFY_FAILED",
+    ),
+    (
+        "tls-cert-no-message",
+        Phase.TLS,
+        _cert_error(None),
+        {},
+        Fault.TLS_CERTIFICATE_ERROR,
+        "certificate rejected: verification failed",
+    ),
+    (
+        "tls-ssl-reason",
+        Phase.TLS,
+        _ssl_error("WRONG_VERSION_NUMBER"),
+        {},
+        Fault.TLS_PROTOCOL_ERROR,
+        "TLS handshake failed: WRONG_VERSION_NUMBER",
+    ),
+    (
+        "tls-ssl-no-reason",
+        Phase.TLS,
+        _ssl_error(None),
+        {},
+        Fault.TLS_PROTOCOL_ERROR,
+        "TLS handshake failed: [SSL] record layer failure",
+    ),
+    (
+        "tls-closed",
+        Phase.TLS,
+        None,
+        {},
+        Fault.TLS_PROTOCOL_ERROR,
+        "connection closed during the TLS handshake",
+    ),
+    (
+        "tls-reset",
+        Phase.TLS,
+        ConnectionResetError(errno.ECONNRESET, "reset"),
+        {},
+        Fault.TLS_PROTOCOL_ERROR,
+        "connection closed during the TLS handshake (connection reset)",
+    ),
+    (
+        "tls-os-error",
+        Phase.TLS,
+        OSError(errno.ECONNABORTED, "aborted"),
+        {},
+        Fault.TLS_PROTOCOL_ERROR,
+        "connection closed during the TLS handshake (ECONNABORTED)",
+    ),
+    (
+        "tls-other-error-with-words",
+        Phase.TLS,
+        EOFError("EOF occurred in violation of protocol"),
+        {},
+        Fault.TLS_PROTOCOL_ERROR,
+        "connection closed during the TLS handshake (EOF occurred in violation of protocol)",
+    ),
+    (
+        "tls-other-error-without-words",
+        Phase.TLS,
+        EOFError(),
+        {},
+        Fault.TLS_PROTOCOL_ERROR,
+        "connection closed during the TLS handshake",
+    ),
+    # before the response head
+    (
+        "await-head-deadline",
+        Phase.AWAIT_HEAD,
+        _setting("timeouts.response_headers"),
+        {},
+        Fault.HTTP_RESPONSE_TIMEOUT,
+        "no response headers within 700ms (timeouts.response_headers)",
+    ),
+    (
+        "await-head-deadline-unknown-limit",
+        Phase.AWAIT_HEAD,
+        DeadlineExpired(),
+        {},
+        Fault.HTTP_RESPONSE_TIMEOUT,
+        "no response headers in time",
+    ),
+    (
+        "await-head-too-large",
+        Phase.AWAIT_HEAD,
+        ResponseHeadersTooLarge("response header section over 1024 bytes"),
+        {},
+        Fault.HTTP_RESPONSE_HEADER_SECTION_SIZE,
+        "response header section over 1024 bytes",
+    ),
+    (
+        "await-head-upgrade-broken",
+        Phase.AWAIT_HEAD,
+        UpgradeBroken("upstream answered 101 without an Upgrade header"),
+        {},
+        Fault.HTTP_UPGRADE_FAILED,
+        "upstream answered 101 without an Upgrade header",
+    ),
+    (
+        "await-head-invalid",
+        Phase.AWAIT_HEAD,
+        UpstreamProtocolError("invalid status line"),
+        {},
+        Fault.HTTP_PROTOCOL_ERROR,
+        "invalid status line",
+    ),
+    (
+        "await-head-cut",
+        Phase.AWAIT_HEAD,
+        None,
+        {"response_bytes_seen": True},
+        Fault.HTTP_PROTOCOL_ERROR,
+        "upstream closed inside the response header section",
+    ),
+    (
+        "await-head-cut-by-reset",
+        Phase.AWAIT_HEAD,
+        ConnectionResetError(errno.ECONNRESET, "reset"),
+        {"response_bytes_seen": True},
+        Fault.HTTP_PROTOCOL_ERROR,
+        "upstream closed inside the response header section (connection reset)",
+    ),
+    (
+        "send-closed",
+        Phase.SEND,
+        None,
+        {},
+        Fault.CONNECTION_TERMINATED,
+        "upstream closed the connection while the request was sent",
+    ),
+    (
+        "send-broken-pipe",
+        Phase.SEND,
+        BrokenPipeError(errno.EPIPE, "Broken pipe"),
+        {},
+        Fault.CONNECTION_TERMINATED,
+        "upstream closed the connection while the request was sent (EPIPE)",
+    ),
+    (
+        "await-head-closed",
+        Phase.AWAIT_HEAD,
+        None,
+        {},
+        Fault.CONNECTION_TERMINATED,
+        "upstream closed the connection before responding",
+    ),
+    (
+        "await-head-reset",
+        Phase.AWAIT_HEAD,
+        ConnectionResetError(errno.ECONNRESET, "reset"),
+        {},
+        Fault.CONNECTION_TERMINATED,
+        "upstream closed the connection before responding (connection reset)",
+    ),
+    # an Upgrade request: a hang-up or invalid bytes are a broken upgrade; a timeout or an
+    # oversized head stay what they are
+    (
+        "upgrade-closed",
+        Phase.AWAIT_HEAD,
+        None,
+        {"upgrade": True},
+        Fault.HTTP_UPGRADE_FAILED,
+        "upstream closed the connection before responding",
+    ),
+    (
+        "upgrade-invalid",
+        Phase.AWAIT_HEAD,
+        UpstreamProtocolError("invalid status line"),
+        {"upgrade": True},
+        Fault.HTTP_UPGRADE_FAILED,
+        "invalid status line",
+    ),
+    (
+        "upgrade-deadline",
+        Phase.AWAIT_HEAD,
+        _setting("timeouts.response_headers"),
+        {"upgrade": True},
+        Fault.HTTP_RESPONSE_TIMEOUT,
+        "no response headers within 700ms (timeouts.response_headers)",
+    ),
+    (
+        "upgrade-too-large",
+        Phase.AWAIT_HEAD,
+        ResponseHeadersTooLarge("response header section over 1024 bytes"),
+        {"upgrade": True},
+        Fault.HTTP_RESPONSE_HEADER_SECTION_SIZE,
+        "response header section over 1024 bytes",
+    ),
+    (
+        "tunnel-closed",
+        Phase.TUNNEL,
+        None,
+        {},
+        Fault.HTTP_UPGRADE_FAILED,
+        "upstream closed the tunnel",
+    ),
+    (
+        "tunnel-reset",
+        Phase.TUNNEL,
+        ConnectionResetError(errno.ECONNRESET, "reset"),
+        {},
+        Fault.HTTP_UPGRADE_FAILED,
+        "upstream closed the tunnel (connection reset)",
+    ),
+    # mid-body
+    (
+        "body-deadline",
+        Phase.BODY,
+        _setting("timeouts.upstream_read"),
+        {},
+        Fault.CONNECTION_READ_TIMEOUT,
+        "upstream sent nothing for 700ms (timeouts.upstream_read)",
+    ),
+    (
+        "body-deadline-unknown-limit",
+        Phase.BODY,
+        DeadlineExpired(),
+        {},
+        Fault.CONNECTION_READ_TIMEOUT,
+        "upstream sent nothing for too long",
+    ),
+    (
+        "body-bad-framing",
+        Phase.BODY,
+        UpstreamProtocolError("invalid chunk size"),
+        {},
+        Fault.HTTP_PROTOCOL_ERROR,
+        "invalid response body framing: invalid chunk size",
+    ),
+    (
+        "body-closed",
+        Phase.BODY,
+        None,
+        {},
+        Fault.HTTP_RESPONSE_INCOMPLETE,
+        "upstream closed mid-body",
+    ),
+    (
+        "body-reset",
+        Phase.BODY,
+        ConnectionResetError(errno.ECONNRESET, "reset"),
+        {},
+        Fault.HTTP_RESPONSE_INCOMPLETE,
+        "upstream closed mid-body (connection reset)",
+    ),
+    (
+        "body-os-error",
+        Phase.BODY,
+        OSError(errno.ETIMEDOUT, "Connection timed out"),
+        {},
+        Fault.HTTP_RESPONSE_INCOMPLETE,
+        "upstream closed mid-body (ETIMEDOUT)",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("phase", "error", "facts", "fault", "detail"),
+    [row[1:] for row in DETAILS],
+    ids=[row[0] for row in DETAILS],
+)
+def test_each_classified_detail_word_for_word(phase, error, facts, fault, detail):
+    assert classify(phase, error, **facts) == (fault, detail)
+
+
+# getaddrinfo's answer -> the rcode Proxy-Status carries (RFC 9209 dns_error), or dns_timeout.
+GAI_CASES = [
+    ("EAI_NONAME", socket.EAI_NONAME, Fault.DNS_ERROR, "NXDOMAIN"),
+    ("EAI_NODATA", getattr(socket, "EAI_NODATA", -5), Fault.DNS_ERROR, "NOERROR"),
+    ("EAI_FAIL", socket.EAI_FAIL, Fault.DNS_ERROR, "SERVFAIL"),
+    ("EAI_AGAIN", socket.EAI_AGAIN, Fault.DNS_TIMEOUT, None),
+    ("EAI_SERVICE-unknown", socket.EAI_SERVICE, Fault.DNS_ERROR, "SERVFAIL"),
+    ("EAI_SYSTEM-unknown", socket.EAI_SYSTEM, Fault.DNS_ERROR, "SERVFAIL"),
+    ("no-errno", None, Fault.DNS_ERROR, "SERVFAIL"),
+]
+
+
+@pytest.mark.parametrize(
+    ("code", "fault", "rcode"), [c[1:] for c in GAI_CASES], ids=[c[0] for c in GAI_CASES]
+)
+def test_each_getaddrinfo_error_gives_its_rcode(code, fault, rcode):
+    error = socket.gaierror("lookup failed") if code is None else socket.gaierror(code, "x")
+    got, detail = classify(Phase.DNS, error)
+    assert got is fault
+    if rcode is not None:
+        assert detail == rcode
+    else:
+        assert detail == "temporary failure in name resolution (EAI_AGAIN)"
+
+
+@pytest.mark.parametrize(
+    ("ns", "text"),
+    [
+        (999_000_000, "999ms"),
+        (999_400_000, "999ms"),
+        (1_000_000_000, "1s"),
+        (1_000_400_000, "1s"),
+        (60 * 10**9, "60s"),  # one minute stays in seconds
+        (90 * 10**9, "90s"),
+        (119 * 10**9, "119s"),
+        (180 * 10**9, "3m"),
+        (150 * 10**9, "150s"),
+        (0, "0ms"),
+    ],
+)
+def test_durations_at_their_boundaries(ns, text):
+    assert duration_text(ns) == text
+
+
+def test_a_deadline_names_its_limit_only_when_it_knows_its_setting():
+    assert DeadlineExpired(MS700, "timeouts.connect").within() == " within 700ms (timeouts.connect)"
+    assert DeadlineExpired(MS700).within() == ""
