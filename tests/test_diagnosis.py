@@ -6,8 +6,11 @@ author, and the mis-blamed 5xx hints; then end to end through the proxy (log, /s
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import json
+import re
+import time
 import zlib
 from dataclasses import dataclass
 
@@ -22,7 +25,6 @@ from proxy.diagnosis import (
     HOP_OTHER,
     HOPS,
     ORIGIN_5XX_FOR_CLIENT_ERROR,
-    REQUEST_SAMPLE_BYTES,
     SIGNATURES,
     Evidence,
     OriginResponse,
@@ -35,7 +37,7 @@ from proxy.exchange import Exchange
 from proxy.faults import Fault
 from proxy.stats import Stats
 
-from support import OriginConnection, proxy_status_members
+from support import OriginConnection, ScriptedOrigin, proxy_status_members, spawn_proxy
 
 DATE = "Date: Sat, 21 Nov 2026 10:15:02 GMT"
 
@@ -452,6 +454,87 @@ SAMPLES: dict[str, list[Sample]] = {
     ],
 }
 
+# Every alternative of every signature, and each end of a status range: a signature that
+# lost one of its phrases or statuses must fail a sample of its own.
+ENVOY_PHRASES = [
+    "upstream max stream duration reached",
+    "upstream_reset_before_response_started{connection_termination}",
+    "RBAC: access denied",
+]
+HAPROXY_SENTENCES = [
+    ("500 Internal Server Error", "An internal server error occurred."),
+    ("403 Forbidden", "Request forbidden by administrative rules."),
+    ("400 Bad request", "Your browser sent an invalid request."),
+    ("408 Request Time-out", "Your browser didn't send a complete request in time."),
+    ("429 Too Many Requests", "You have sent too many requests in a given amount of time."),
+]
+SAMPLES["envoy-local-reply"] += [
+    sample("HTTP/1.1 503 Service Unavailable", ["content-type: text/plain", "server: envoy"], text)
+    for text in ENVOY_PHRASES
+]
+SAMPLES["haproxy-error-page"] += [
+    sample(
+        f"HTTP/1.1 {code}",
+        ["cache-control: no-cache", "content-type: text/html"],
+        HAPROXY_PAGE.format(code=code, sentence=sentence),
+    )
+    for code, sentence in HAPROXY_SENTENCES
+]
+SAMPLES["varnish-guru-meditation"] += [
+    sample(  # Varnish 3's wording, no footer
+        "HTTP/1.1 503 Service Unavailable",
+        [DATE, "Server: Varnish", "Content-Type: text/html; charset=utf-8", "X-Varnish: 77"],
+        "<html><body><h1>Error 503 Service Unavailable</h1>\n<h3>Guru meditation:</h3>\n"
+        "<p>XID: 1234</p></body></html>",
+    ),
+    sample(  # the footer alone
+        "HTTP/1.1 503 Service Unavailable",
+        [DATE, "Content-Type: text/html; charset=utf-8", "X-Varnish: 78"],
+        "<html><body><h1>Error 503</h1>\n<hr>\n<p>Varnish cache server</p></body></html>",
+    ),
+]
+SAMPLES["google-error-page"] += [
+    sample(
+        "HTTP/1.1 503 Service Unavailable",
+        ["Content-Type: text/html; charset=UTF-8"],
+        "<!DOCTYPE html><title>Error 503 (Service Unavailable)!!1</title><p>Unavailable.",
+    ),
+    sample(
+        "HTTP/1.1 500 Internal Server Error",
+        ["Content-Type: text/html; charset=UTF-8"],
+        "<p><b>500.</b> <ins>That\u2019s an error.</ins>",
+    ),
+]
+SAMPLES["cloudflare-52x"] += [
+    sample(
+        f"HTTP/1.1 {code} {reason}",
+        [DATE, "Content-Type: text/plain; charset=UTF-8", "Server: cloudflare"],
+        f"error code: {code}",
+    )
+    for code, reason in ((520, "Unknown Error"), (530, "Origin DNS Error"))  # the range's ends
+]
+SAMPLES["cloudflare-error-page"] += [
+    sample(  # a block page: not 52x, no cf-error-type
+        "HTTP/1.1 403 Forbidden",
+        [DATE, "Content-Type: text/html; charset=UTF-8", "Server: cloudflare"],
+        '<div id="cf-wrapper"><div id="cf-error-details"><h1>Sorry, you have been blocked</h1>',
+    ),
+]
+SAMPLES["aws-elb-server"] += [
+    sample("HTTP/1.1 504 Gateway Time-out", ["Server: awselb", "Content-Type: text/html"], ALB_502),
+]
+SAMPLES["traefik-status-text"] += [
+    sample(
+        "HTTP/1.1 500 Internal Server Error",
+        [DATE, "Content-Type: text/plain; charset=utf-8"],
+        "Internal Server Error",
+    ),
+]
+SAMPLES["caddy-empty-gateway-error"] += [
+    sample(f"HTTP/1.1 {status}", ["Server: Caddy", DATE])
+    for status in ("503 Service Unavailable", "504 Gateway Timeout")
+]
+
 # Errors an application made, merely forwarded by a product: nobody behind the origin.
 FORWARDED_ONLY = {
     "the app's 500 behind nginx": sample(
@@ -523,7 +606,14 @@ def test_each_signature_recognises_its_product(name: str, index: int, response: 
     assert hints == expected
 
 
-@pytest.mark.parametrize("response", FORWARDED_ONLY.values(), ids=list(FORWARDED_ONLY))
+def plain_id(words: str) -> str:
+    """A test id from words: lower-case letters, digits and dashes only."""
+    return re.sub(r"[^a-z0-9]+", "-", words.lower()).strip("-")
+
+
+@pytest.mark.parametrize(
+    "response", FORWARDED_ONLY.values(), ids=[plain_id(k) for k in FORWARDED_ONLY]
+)
 def test_a_product_that_only_forwarded_the_error_is_not_blamed(response: Sample):
     hop, hints = diagnose(response.evidence())
     assert hop is None
@@ -543,6 +633,293 @@ def test_the_body_sample_may_be_cut():
     deflated_raw = raw.compress(NGINX_502_PAGE.encode()) + raw.flush()
     response = sample("HTTP/1.1 502 Bad Gateway", ["Content-Encoding: deflate"], deflated_raw)
     assert diagnose(response.evidence())[0] == "nginx"
+
+
+# -- near misses: every signature's evidence with one piece missing ------------------------------
+# Signature name -> (what is missing, a response that must be blamed on nobody). Every entry
+# of SIGNATURES has at least one: a new signature without one fails the test below.
+NEAR_MISSES: dict[str, list[tuple[str, Sample]]] = {
+    "envoy-local-reply": [
+        (
+            "phrase-not-at-the-start",
+            sample(
+                "HTTP/1.1 503 Service Unavailable",
+                ["content-type: text/plain", "server: envoy"],
+                "checkout failed: no healthy upstream for payments",
+            ),
+        ),
+        ("relayed-by-envoy", FORWARDED_ONLY["Envoy's words relayed by another Envoy"]),
+    ],
+    "envoy-overloaded": [
+        (
+            "relayed-by-envoy",
+            sample(
+                "HTTP/1.1 503 Service Unavailable",
+                ["x-envoy-overloaded: true", "x-envoy-upstream-service-time: 4", "server: envoy"],
+                '{"error": "busy"}',
+            ),
+        ),
+    ],
+    "nginx-error-page": [
+        (
+            "not-the-footer",
+            sample(
+                "HTTP/1.1 502 Bad Gateway",
+                ["Content-Type: text/html"],
+                "<h1>Oops</h1><hr><center>nginx config guide</center>",
+            ),
+        ),
+        ("server-header-only", FORWARDED_ONLY["the app's 500 behind nginx"]),
+    ],
+    "haproxy-error-page": [
+        (
+            "not-a-haproxy-sentence",
+            sample(
+                "HTTP/1.1 503 Service Unavailable",
+                ["content-type: text/html"],
+                "<html><body><h1>503 Service Unavailable</h1>\nThe shop is closed today.\n"
+                "</body></html>\n",
+            ),
+        ),
+    ],
+    "apache-error-page": [
+        (
+            "title-without-status",
+            sample(
+                "HTTP/1.1 500 Internal Server Error",
+                ["Content-Type: text/html"],
+                '<!DOCTYPE HTML PUBLIC "-//IETF//DTD HTML 2.0//EN">\n<html><head>\n'
+                "<title>Shop</title>\n</head><body>crashed</body></html>\n",
+            ),
+        ),
+    ],
+    "varnish-guru-meditation": [
+        (
+            "varnish-named-in-the-app-page",
+            sample(
+                "HTTP/1.1 500 Internal Server Error",
+                ["Content-Type: text/html", "X-Varnish: 32770 32771", "Via: 1.1 varnish"],
+                "<p>Our cache (Varnish cache server) is fine; the app failed.</p>",
+            ),
+        ),
+    ],
+    "varnish-backend-fetch-failed": [
+        (
+            "x-varnish-on-the-app-503",
+            sample(
+                "HTTP/1.1 503 Service Unavailable",
+                [DATE, "Content-Type: application/json", "X-Varnish: 32770", "Age: 0"],
+                '{"error": "maintenance"}',
+            ),
+        ),
+        (
+            "reason-without-x-varnish",
+            sample(
+                "HTTP/1.1 503 Backend fetch failed",
+                [DATE, "Content-Type: text/plain"],
+                "the app's own words",
+            ),
+        ),
+    ],
+    "google-error-page": [
+        (
+            "plain-apostrophe-and-title",
+            sample(
+                "HTTP/1.1 502 Bad Gateway",
+                ["Content-Type: text/html"],
+                "<title>Error 502 (Server Error)!</title><p>That's an error.",
+            ),
+        ),
+    ],
+    "cloudfront-error-page": [
+        (
+            "cloudfront-headers-only",
+            sample(
+                "HTTP/1.1 502 Bad Gateway",
+                ["Server: CloudFront", "X-Cache: Error from cloudfront", "Content-Type: text/html"],
+                "<h1>Bad Gateway</h1>",
+            ),
+        ),
+    ],
+    "cloudflare-error-header": [
+        (
+            "cf-ray-only",
+            sample(
+                "HTTP/1.1 502 Bad Gateway",
+                ["CF-RAY: 8f1c2a3b4d5e6f70-FRA", "cf-cache-status: DYNAMIC"],
+                '{"error": "upstream"}',
+            ),
+        ),
+    ],
+    "cloudflare-52x": [
+        (
+            "519-below-the-range",
+            sample("HTTP/1.1 519 Custom", ["Server: cloudflare"], "error code: 519"),
+        ),
+        (
+            "531-above-the-range",
+            sample("HTTP/1.1 531 Custom", ["Server: cloudflare"], "error code: 531"),
+        ),
+        (
+            "52x-from-another-server",
+            sample("HTTP/1.1 522 Timeout", ["Server: cloudflare-nginx-lookalike"], "timeout"),
+        ),
+    ],
+    "cloudflare-error-page": [
+        (
+            "cloudflare-mentioned",
+            sample(
+                "HTTP/1.1 500 Internal Server Error",
+                ["Content-Type: text/html", "Server: cloudflare"],
+                "<p>Protected by cloudflare</p><center>cloudflare</center>",
+            ),
+        ),
+    ],
+    "akamai-error-page": [
+        (
+            "reference-not-hex",
+            sample(
+                "HTTP/1.1 503 Service Unavailable",
+                ["Server: AkamaiGHost", "Content-Type: text/html"],
+                "Reference&#32;&#35;order-42",
+            ),
+        ),
+    ],
+    "kong-response-latency": [
+        (
+            "proxied-latency-headers",
+            sample(
+                "HTTP/1.1 502 Bad Gateway",
+                ["X-Kong-Upstream-Latency: 3", "X-Kong-Proxy-Latency: 1", "Via: kong/3.4.2"],
+                '{"error": "app"}',
+            ),
+        ),
+    ],
+    "kong-server": [
+        ("kong-inside-another-name", sample("HTTP/1.1 503 Down", ["Server: mykong/2.8.1"], "x")),
+    ],
+    "aws-elb-server": [
+        ("awselb-inside-another-name", sample("HTTP/1.1 502 Bad", ["Server: not-awselb/2.0"], "x")),
+    ],
+    "traefik-no-available-server": [
+        (
+            "not-503",
+            sample(
+                "HTTP/1.1 502 Bad Gateway",
+                ["Content-Type: text/plain; charset=utf-8", "X-Content-Type-Options: nosniff"],
+                "no available server\n",
+            ),
+        ),
+        (
+            "without-nosniff",
+            sample(
+                "HTTP/1.1 503 Service Unavailable",
+                ["Content-Type: text/plain; charset=utf-8"],
+                "no available server\n",
+            ),
+        ),
+    ],
+    "traefik-status-text": [
+        (
+            "503-status-text",
+            sample(
+                "HTTP/1.1 503 Service Unavailable",
+                ["Content-Type: text/plain; charset=utf-8"],
+                "Bad Gateway",
+            ),
+        ),
+        (
+            "html-content-type",
+            sample("HTTP/1.1 502 Bad Gateway", ["Content-Type: text/html"], "Bad Gateway"),
+        ),
+        ("with-a-server-header", FORWARDED_ONLY["a Go app's bare 502 with a Server header"]),
+    ],
+    "caddy-empty-gateway-error": [
+        ("empty-500", sample("HTTP/1.1 500 Internal Server Error", ["Server: Caddy"])),
+        ("not-caddy", sample("HTTP/1.1 502 Bad Gateway", ["Server: Caddyish"])),
+        ("with-a-body", FORWARDED_ONLY["the app's 503 behind Caddy"]),
+    ],
+}
+
+
+def test_every_signature_has_a_near_miss():
+    assert set(NEAR_MISSES) == {sig.name for sig in SIGNATURES}
+
+
+NEAR_CASES = [(name, why, s) for name, misses in NEAR_MISSES.items() for why, s in misses]
+
+
+@pytest.mark.parametrize(
+    ("name", "response"),
+    [(c[0], c[2]) for c in NEAR_CASES],
+    ids=[f"{c[0]}-{c[1]}" for c in NEAR_CASES],
+)
+def test_a_near_miss_is_blamed_on_nobody(name: str, response: Sample):
+    parsed = OriginResponse.parse(response.status, response.head, response.body)
+    assert recognise(parsed) is None
+    hop, hints = diagnose(response.evidence())
+    assert hop is None
+    assert hints == ((FAULT_BEHIND_ORIGIN,) if response.status in (502, 504) else ())
+
+
+@pytest.mark.parametrize(
+    ("status", "hints"),
+    [
+        (500, ()),
+        (501, ()),
+        (502, (FAULT_BEHIND_ORIGIN,)),
+        (503, ()),  # the origin's own 503 says it is unavailable; nothing points behind it
+        (504, (FAULT_BEHIND_ORIGIN,)),
+        (505, ()),
+        (404, ()),
+    ],
+)
+def test_an_origin_gateway_status_points_behind_the_origin(status, hints):
+    response = sample(f"HTTP/1.1 {status} X", ["Content-Type: text/plain"], "plain words")
+    assert diagnose(response.evidence()) == (None, hints)
+
+
+# -- what the forwarder keeps: the samples' and the inflater's bounds -----------------------------
+
+# The documented bounds, spelled out (not imported: a changed constant must fail here).
+BODY_SAMPLE = 8 * 1024  # of an origin's error body, kept to recognise its author
+INFLATE_CAP = 64 * 1024  # of a compressed error body, inflated at most
+REQUEST_SAMPLE = 64 * 1024  # of a JSON request body, kept to judge it
+NGINX_FOOTER = "<hr><center>nginx</center>"
+
+
+def footer_ending_at(end: int) -> str:
+    """An nginx page whose footer ends at byte `end` of the (decoded) body."""
+    return "x" * (end - len(NGINX_FOOTER)) + NGINX_FOOTER + "\n</body></html>\n"
+
+
+@pytest.mark.parametrize("coding", ["gzip", "deflate", "deflate-raw"])
+@pytest.mark.parametrize(("end", "hop"), [(INFLATE_CAP, "nginx"), (INFLATE_CAP + 1, None)])
+def test_the_inflater_reads_up_to_its_cap(coding, end, hop):
+    """A compressed error page is inflated up to the cap and no further: the footer ending
+    exactly at the cap is read, one byte later it is not (and a bomb costs nothing)."""
+    page = footer_ending_at(end).encode()
+    if coding == "gzip":
+        body = gzip.compress(page, mtime=0)
+    else:
+        packer = zlib.compressobj(wbits=-15 if coding == "deflate-raw" else 15)
+        body = packer.compress(page) + packer.flush()
+    assert len(body) < BODY_SAMPLE  # all of it is in the sample
+    header = "gzip" if coding == "gzip" else "deflate"
+    response = sample("HTTP/1.1 502 Bad Gateway", [f"Content-Encoding: {header}"], body)
+    assert diagnose(response.evidence()) == (hop, (FAULT_BEHIND_ORIGIN,))
+    parsed = OriginResponse.parse(response.status, response.head, response.body)
+    assert parsed.text is not None and len(parsed.text) == INFLATE_CAP
+
+
+ZEROS = 10 * 1024 * 1024
+
+
+def bomb(coding: str) -> bytes:
+    """10 MiB of zeros, compressed to about 10 KiB."""
+    if coding == "gzip":
+        return gzip.compress(bytes(ZEROS), mtime=0)
+    return zlib.compress(bytes(ZEROS))
 
 
 # -- Proxy-Status ---------------------------------------------------------------------------------
@@ -600,30 +977,36 @@ APP_500 = sample(
 )
 
 
+JSON_CASES = [
+    ("unterminated-object", b"application/json", b'{"item": "teapot",', True),
+    ("single-quotes", b"application/json; charset=utf-8", b"{'item': 'teapot'}", True),
+    ("form-body-upper-case-type", b"APPLICATION/JSON", b"item=teapot&quantity=1", True),
+    ("trailing-comma-plus-json", b"application/vnd.api+json", b'{"data": [1, 2,]}', True),
+    ("not-utf-8", b"application/problem+json", b"\xff\xfe not utf-8", True),
+    ("nan-text-json", b"text/json", b'{"a": NaN}', True),  # NaN is not JSON (RFC 8259)
+    ("valid-object", b"application/json", b'{"item": "teapot", "quantity": 1}', False),
+    ("valid-array", b"application/json", b'  [1, 2.5e3, null, true, "\\u00e9"]\n', False),
+    ("valid-with-bom", b"application/json", b'\xef\xbb\xbf{"bom": true}', False),  # may be ignored
+    ("deep-but-valid", b"application/json", b"[" * 3000 + b"]" * 3000, False),
+    ("empty-body", b"application/json", b"", False),  # no body: undecidable
+    ("blank-body", b"application/json", b"  \r\n", False),
+    # the sample's end: a body as long as the sample may be a cut prefix (undecidable)
+    ("invalid-one-byte-inside-the-sample", b"application/json", b"x" * (REQUEST_SAMPLE - 1), True),
+    ("invalid-as-long-as-the-sample", b"application/json", b"x" * REQUEST_SAMPLE, False),
+    ("gzip-body", b"application/json", gzip.compress(b'{"a": 1}', mtime=0), False),
+    ("utf-16-charset", b"application/json; charset=utf-16", '{"a": 1}'.encode("utf-16"), False),
+    ("ndjson", b"application/x-ndjson", b'{"a": 1}\n{"a": 2}\n', False),  # several documents
+    ("json-seq", b"application/json-seq", b'\x1e{"a": 1}\n', False),
+    ("text-plain", b"text/plain", b'{"item": "teapot",', False),
+    ("no-content-type", None, b'{"item": "teapot",', False),
+    ("no-body", b"application/json", None, False),
+]
+
+
 @pytest.mark.parametrize(
     ("content_type", "body", "invalid"),
-    [
-        (b"application/json", b'{"item": "teapot",', True),
-        (b"application/json; charset=utf-8", b"{'item': 'teapot'}", True),
-        (b"APPLICATION/JSON", b"item=teapot&quantity=1", True),
-        (b"application/vnd.api+json", b'{"data": [1, 2,]}', True),
-        (b"application/problem+json", b"\xff\xfe not utf-8", True),
-        (b"text/json", b'{"a": NaN}', True),  # NaN is not JSON (RFC 8259)
-        (b"application/json", b'{"item": "teapot", "quantity": 1}', False),
-        (b"application/json", b'  [1, 2.5e3, null, true, "\\u00e9"]\n', False),
-        (b"application/json", b'\xef\xbb\xbf{"bom": true}', False),  # a BOM may be ignored
-        (b"application/json", b"[" * 3000 + b"]" * 3000, False),  # deep but valid
-        (b"application/json", b"", False),  # no body: undecidable
-        (b"application/json", b"  \r\n", False),
-        (b"application/json", b"x" * REQUEST_SAMPLE_BYTES, False),  # only a prefix was kept
-        (b"application/json", gzip.compress(b'{"a": 1}'), False),  # Content-Encoding: gzip
-        (b"application/json; charset=utf-16", '{"a": 1}'.encode("utf-16"), False),
-        (b"application/x-ndjson", b'{"a": 1}\n{"a": 2}\n', False),  # several documents
-        (b"application/json-seq", b'\x1e{"a": 1}\n', False),
-        (b"text/plain", b'{"item": "teapot",', False),
-        (None, b'{"item": "teapot",', False),
-        (b"application/json", None, False),
-    ],
+    [c[1:] for c in JSON_CASES],
+    ids=[c[0] for c in JSON_CASES],  # plain names: a body's bytes never make an id
 )
 def test_invalid_json_is_told_apart(content_type, body, invalid):
     assert is_invalid_json_request(content_type, body) is invalid
@@ -775,3 +1158,186 @@ def test_hop_label_values_stay_bounded():
     assert len(labels) == HOP_NAMES_MAX + 2 and {"nginx", HOP_OTHER} <= labels
     assert stats.hop_counts[HOP_OTHER, 502] == 10
     assert sum(stats.hop_counts.values()) == HOP_NAMES_MAX + 11
+
+
+async def test_a_decompression_bomb_as_an_error_body_costs_nothing():
+    """An origin answers a JSON request with a 500 whose body is 10 MiB of zeros, gzip or
+    deflate (about 10 KiB on the wire): the client gets the bytes as sent, the verdict comes
+    out as for any 500 to invalid JSON, and the proxy inflates at most its cap (its peak RSS
+    does not move; without the cap it would inflate the whole 8 KiB sample, 8 MiB)."""
+    bodies = {"/gzip": ("gzip", bomb("gzip")), "/deflate": ("deflate", bomb("deflate"))}
+
+    async def app(conn: OriginConnection) -> None:
+        while (request := await conn.read_request()) is not None:
+            path = request.split(b" ", 2)[1].decode()
+            coding, body = bodies.get(path, ("gzip", gzip.compress(b'{"error": "bad"}')))
+            headers = f"Content-Type: application/json\r\nContent-Encoding: {coding}\r\n"
+            await conn.respond(500, body, headers)
+
+    origin = await ScriptedOrigin(app).start()
+    proxy = spawn_proxy(origin.url, "--log-format", "json")
+    try:
+        async with aiohttp.ClientSession(auto_decompress=False) as session:
+
+            async def post(path: str) -> bytes:
+                headers = {"Content-Type": "application/json"}
+                async with session.post(proxy.url + path, data=b'{"a":', headers=headers) as r:
+                    assert r.status == 500
+                    return await r.read()
+
+            for _ in range(3):  # warm: the same path with a small body
+                await post("/small")
+            peak = proxy.peak_rss_bytes()
+            for path, (_, body) in bodies.items():
+                started = time.monotonic()
+                assert await post(path) == body
+                assert time.monotonic() - started < 1.0
+            grown = proxy.peak_rss_bytes() - peak
+            async with session.get(proxy.admin_url + "/stats") as resp:
+                stats = await resp.json()
+    finally:
+        proxy.stop()
+        await origin.close()
+    assert grown < 3 * 1024 * 1024, f"peak RSS grew by {grown} bytes"
+    recent = {e["path"]: e for e in stats["recent_errors"]}
+    for path in bodies:
+        assert (recent[path]["hop"], recent[path]["hints"]) == (None, [ORIGIN_5XX_FOR_CLIENT_ERROR])
+
+
+@pytest.mark.parametrize(
+    "status_line",
+    [
+        b"HTTP/1.1 502",
+        b"HTTP/1.1 503 ",
+        b"HTTP/1.1 504",
+        b"HTTP/1.0 502",
+        b"HTTP/1.1 502 Bad Gateway",
+    ],
+    ids=[
+        "502-no-reason",
+        "503-empty-reason",
+        "504-no-reason",
+        "http10-502-no-reason",
+        "502-reason",
+    ],
+)
+async def test_a_status_line_without_a_reason_is_still_diagnosed(
+    status_line, origin_factory, proxy_factory, caplog
+):
+    """RFC 9112 §4: the reason phrase may be empty. The verdict is the same as with one."""
+    status = int(status_line.split(b" ")[1])
+    made_by = {  # one signature per kind of evidence: a header, a body, Proxy-Status
+        b"/alb": (
+            b"Server: awselb/2.0\r\nContent-Type: text/html\r\n",
+            ALB_502.encode(),
+            "aws-alb",
+        ),
+        b"/nginx": (b"Content-Type: text/html\r\n", NGINX_502_PAGE.encode(), "nginx"),
+        b"/gw": (b"Proxy-Status: pay-gw; error=connection_timeout\r\n", b"timeout", "pay-gw"),
+    }
+
+    async def app(conn: OriginConnection) -> None:
+        while (request := await conn.read_request()) is not None:
+            headers, body, _ = made_by[request.split(b" ", 2)[1]]
+            conn.write(
+                status_line + b"\r\n" + headers + b"Content-Length: %d\r\n\r\n" % len(body) + body
+            )
+            await conn.drain()
+
+    origin = await origin_factory(app)
+    proxy = await proxy_factory(origin.url)
+    async with aiohttp.ClientSession() as session:
+        for path in made_by:
+            async with session.get(proxy.url + path.decode()) as resp:
+                assert resp.status == status
+                await resp.read()
+    await proxy.settle()
+    records = {r["path"]: r for r in proxy.access_log()}
+    for path, (_, _, hop) in made_by.items():
+        record = records[path.decode()]
+        assert (record["status"], record["source"], record["error"]) == (status, "origin", None)
+        assert (record["hop"], record["hints"]) == (hop, [FAULT_BEHIND_ORIGIN]), path
+    assert "diagnosis failed" not in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("footer_end", "hop"),
+    [(BODY_SAMPLE, "nginx"), (BODY_SAMPLE + 1, None)],
+    ids=["footer-ends-at-the-sample-end", "footer-one-byte-beyond"],
+)
+async def test_the_body_sample_ends_where_it_says(footer_end, hop, origin_factory, proxy_factory):
+    """The forwarder keeps the first BODY_SAMPLE of an error body, sent in pieces:
+    evidence ending on its last byte is read, one byte further it is not."""
+    page = footer_ending_at(footer_end).encode() + b"<!-- more -->" * 500
+
+    async def app(conn: OriginConnection) -> None:
+        while await conn.read_request() is not None:
+            conn.write(b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: %d\r\n\r\n" % len(page))
+            for i in range(0, len(page), 3000):  # in pieces that straddle the sample's end
+                conn.write(page[i : i + 3000])
+                await conn.drain()
+                await asyncio.sleep(0.005)
+
+    origin = await origin_factory(app)
+    proxy = await proxy_factory(origin.url)
+    async with aiohttp.ClientSession() as session:
+        async with session.get(proxy.url + "/page") as resp:
+            assert resp.status == 502 and await resp.read() == page
+    record = await proxy.last_log()
+    assert (record["hop"], record["hints"]) == (hop, [FAULT_BEHIND_ORIGIN])
+
+
+async def test_the_request_sample_ends_where_it_says(origin_factory, proxy_factory):
+    """Invalid JSON shorter than REQUEST_SAMPLE is judged; a body as long as the
+    sample or longer is only partly kept, so it cannot be judged: no hint."""
+
+    async def app(conn: OriginConnection) -> None:
+        while await conn.read_request() is not None:
+            await conn.respond(500, b"Traceback ...")
+
+    origin = await origin_factory(app)
+    proxy = await proxy_factory(origin.url)
+    sizes = [REQUEST_SAMPLE - 1, REQUEST_SAMPLE, REQUEST_SAMPLE + 1]
+    headers = {"Content-Type": "application/json"}
+    async with aiohttp.ClientSession() as session:
+        for size in sizes:
+            body = b'{"a": "' + b"x" * (size - 7)  # an unterminated string: never valid
+            assert len(body) == size
+            async with session.post(f"{proxy.url}/{size}", data=body, headers=headers) as resp:
+                assert resp.status == 500
+                await resp.read()
+    await proxy.settle()
+    hints = {r["path"]: r["hints"] for r in proxy.access_log()}
+    assert hints == {
+        f"/{REQUEST_SAMPLE - 1}": [ORIGIN_5XX_FOR_CLIENT_ERROR],
+        f"/{REQUEST_SAMPLE}": [],
+        f"/{REQUEST_SAMPLE + 1}": [],
+    }
+
+
+async def test_an_origins_own_gateway_status_keeps_its_hint_end_to_end(
+    origin_factory, proxy_factory
+):
+    """The origin's own 502 and 504 (no product recognised) point behind the origin; its own
+    500 and 503 do not: they are source=origin with no error token either way."""
+    statuses = [500, 502, 503, 504]
+
+    async def app(conn: OriginConnection) -> None:
+        while (request := await conn.read_request()) is not None:
+            await conn.respond(int(request.split(b" ", 2)[1][1:]), b"plain words")
+
+    origin = await origin_factory(app)
+    proxy = await proxy_factory(origin.url)
+    async with aiohttp.ClientSession() as session:
+        for status in statuses:
+            async with session.get(f"{proxy.url}/{status}") as resp:
+                assert resp.status == status
+                assert f"received-status={status}" in resp.headers["Proxy-Status"]
+                await resp.read()
+    await proxy.settle()
+    records = {r["path"]: r for r in proxy.access_log()}
+    for status in statuses:
+        record = records[f"/{status}"]
+        assert (record["source"], record["error"], record["hop"]) == ("origin", None, None)
+        expected = [FAULT_BEHIND_ORIGIN] if status in (502, 504) else []
+        assert record["hints"] == expected, status
