@@ -40,9 +40,12 @@ WORKDIR /src
 COPY pyproject.toml build_backend.py setup.py README.md ./
 COPY proxy ./proxy
 
+# pip and setuptools leave the venv once it is installed: nothing at run time needs them
+# (16 MB, and findings for image scanners).
 RUN FAULTLINE_COMPILE=1 pip wheel --no-cache-dir --no-deps --wheel-dir /dist . \
  && python -m venv /opt/faultline \
  && /opt/faultline/bin/pip install --no-cache-dir /dist/faultline-*.whl \
+ && /opt/faultline/bin/python -m pip uninstall -y -q pip setuptools \
  && /opt/faultline/bin/faultline --help > /dev/null
 
 # The image's default configuration file. Everything not set here keeps its

@@ -169,6 +169,7 @@ INSTALL_STEPS = [
     "FAULTLINE_COMPILE=1 pip wheel --no-cache-dir --no-deps --wheel-dir {dist} .",
     "python -m venv {venv}",
     "{venv}/bin/pip install --no-cache-dir {dist}/faultline-*.whl",
+    "{venv}/bin/python -m pip uninstall -y -q pip setuptools",
     "{venv}/bin/faultline --help > /dev/null",
 ]
 DOCKER_PATHS = {"dist": "/dist", "venv": "/opt/faultline"}
@@ -338,6 +339,9 @@ def test_wheel_installs_into_fresh_venv(faultline_venv):
         cwd="/",
     )
     assert res.stdout.strip() == "True", res.stdout + res.stderr
+    # Nothing at run time needs an installer: pip and setuptools left the venv.
+    res = run([str(faultline_venv / "bin" / "python"), "-c", "import pip"], cwd="/")
+    assert res.returncode != 0 and "No module named 'pip'" in res.stderr, res.stdout + res.stderr
 
 
 @NEEDS_CLI
