@@ -1,0 +1,297 @@
+"""The aggregation at its edges: a duration exactly on a bucket bound, the recent-errors
+bound, the sliding windows' first and last second, the hop-label cap. `Stats` is fed
+finished exchanges as the telemetry hands them over (`record_batch`), on both of its paths
+(the common pooled 2xx/3xx and every other exchange)."""
+
+from __future__ import annotations
+
+import pytest
+
+from proxy.exchange import Exchange
+from proxy.faults import Fault, Source
+from proxy.stats import BUCKETS_S, WINDOWS_S, Histogram, Stats
+
+# The hop label's cap, spelled out: distinct Proxy-Status names with a label of their own,
+# and the label every later one shares (a changed cap must fail here).
+HOP_NAMES_MAX = 16
+HOP_OTHER = "other"
+S = 1_000_000_000  # ns
+MS = 1_000_000
+T0 = 10_000 * S  # an arbitrary perf_counter origin, on a whole second
+
+
+def exchange(
+    status: int = 200,
+    *,
+    end: int = T0 + 5 * MS,
+    ttfb: int = 2 * MS,
+    body: int = 1 * MS,
+    source: Source = Source.ORIGIN,
+    fault: Fault | None = None,
+    hop: str | None = None,
+    path: str = "/",
+    **marks: int,
+) -> Exchange:
+    """A finished exchange: start, request sent, head received, end (a pooled connection
+    unless `marks` set t_connect, t_pool, ...)."""
+    ex = Exchange(end - ttfb - body - 1 * MS, "127.0.0.1", "app:3000")
+    ex.status, ex.source, ex.fault, ex.hop, ex.target = status, source, fault, hop, path
+    ex.method = "GET"
+    ex.t_sent = ex.t_start + 1 * MS
+    ex.t_response_head = end - body if ttfb else 0
+    ex.t_end = end
+    for name, value in marks.items():
+        setattr(ex, name, value)
+    return ex
+
+
+# -- histogram buckets --------------------------------------------------------------------------
+
+
+def test_the_buckets_are_the_documented_ladder():
+    """1-1.5-2-3-5-7 per decade from 50 µs, and 300 s last (the +Inf bucket follows)."""
+    assert BUCKETS_S[:4] == (5e-05, 7e-05, 0.0001, 0.00015)
+    assert BUCKETS_S[-3:] == (150.0, 200.0, 300.0)
+    assert 0.001 in BUCKETS_S and 0.007 in BUCKETS_S and 1.0 in BUCKETS_S
+    assert list(BUCKETS_S) == sorted(set(BUCKETS_S)) and len(BUCKETS_S) == 42
+
+
+def bucket_of(h: Histogram) -> int:
+    (index,) = [i for i, n in enumerate(h.counts) if n]
+    return index
+
+
+@pytest.mark.parametrize(
+    ("value_ns", "bucket"),
+    [
+        (1 * MS, BUCKETS_S.index(0.001)),  # exactly on a bound: that bucket (le="0.001")
+        (1 * MS + 1, BUCKETS_S.index(0.0015)),  # a nanosecond above: the next one
+        (1 * MS - 1, BUCKETS_S.index(0.001)),
+        (50_000, 0),  # the lowest bound
+        (300 * S, len(BUCKETS_S) - 1),  # the highest bound
+        (300 * S + 1, len(BUCKETS_S)),  # +Inf
+    ],
+    ids=["on-1ms", "above-1ms", "below-1ms", "on-lowest", "on-highest", "above-highest"],
+)
+def test_a_duration_on_a_bound_falls_in_that_bucket(value_ns, bucket):
+    h = Histogram()
+    h.observe_ns(value_ns)
+    assert bucket_of(h) == bucket
+    # the same through both of Stats' paths: the common exchange and any other one
+    for status in (200, 500):
+        stats = Stats()
+        stats.record_batch([exchange(status, ttfb=value_ns, body=value_ns)])
+        assert bucket_of(stats.ttfb) == bucket, status
+        assert bucket_of(stats.body) == bucket, status
+        assert stats.ttfb.max_ns == value_ns and stats.ttfb.sum_ns == value_ns
+
+
+def test_sum_max_and_count_add_up_over_a_batch():
+    stats = Stats()
+    stats.record_batch(
+        [exchange(200, ttfb=3 * MS), exchange(200, ttfb=7 * MS), exchange(204, ttfb=5 * MS)]
+    )
+    stats.record_batch([exchange(200, ttfb=1 * MS)])
+    assert stats.ttfb.count == 4 and stats.ttfb.sum_ns == 16 * MS and stats.ttfb.max_ns == 7 * MS
+    origin = stats.duration_by_source["origin"]
+    assert origin.count == 4 and origin.max_ns == 9 * MS  # 1 ms in the proxy + ttfb + 1 ms body
+    assert stats.total == 4 and stats.counts == {(200, "origin", None): 3, (204, "origin", None): 1}
+
+
+def test_quantiles_interpolate_inside_the_bucket():
+    h = Histogram()
+    assert h.quantile_ms(0.5) is None and h.summary()["max"] is None
+    for _ in range(10):
+        h.observe_ns(1 * MS)  # all in (0.7 ms, 1 ms]
+    assert h.quantile_ms(0.5) == 0.85  # halfway through the bucket
+    assert h.quantile_ms(1.0) == 1.0
+    two = Histogram()
+    two.observe_ns(1 * MS)
+    two.observe_ns(2 * MS)
+    assert two.quantile_ms(0.5) == 1.0  # the rank ends exactly at the first bucket's top
+    assert two.quantile_ms(0.75) == 1.75  # halfway through (1.5 ms, 2 ms]
+    over = Histogram()
+    over.observe_ns(400 * S)  # +Inf: interpolated up to the maximum seen
+    assert over.quantile_ms(0.5) == 350_000.0
+    assert over.summary() == {
+        "count": 1,
+        "p50": 350_000.0,
+        "p90": 390_000.0,
+        "p99": 399_000.0,
+        "max": 400_000.0,
+    }
+
+
+def test_a_quantile_never_exceeds_the_maximum():
+    h = Histogram()
+    h.observe_ns(1 * MS + 1)  # in (1 ms, 1.5 ms]: interpolation alone would say 1.5 ms
+    assert h.quantile_ms(0.99) == 1.0
+
+
+def test_merged_histograms_add_up():
+    a, b = Histogram(), Histogram()
+    a.observe_ns(1 * MS)
+    b.observe_ns(3 * MS)
+    b.observe_ns(3 * MS)
+    total = Histogram.merged([a, b])
+    assert total.count == 3 and total.sum_ns == 7 * MS and total.max_ns == 3 * MS
+
+
+# -- which exchanges take the common path -----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("ex", "error_entry"),
+    [
+        (exchange(399), False),
+        (exchange(400), True),  # the first error status
+        (exchange(200, fault=Fault.HTTP_RESPONSE_INCOMPLETE), True),  # a cut body
+        (exchange(200, ttfb=0), False),  # no response head (e.g. a tunnel)
+    ],
+    ids=["399", "400", "200-with-error-token", "200-without-head"],
+)
+def test_an_error_is_a_status_from_400_or_an_error_token(ex, error_entry):
+    stats = Stats()
+    stats.record_batch([ex])
+    assert len(stats.recent) == int(error_entry)
+    error = None if ex.fault is None else ex.fault.value
+    assert stats.counts == {(ex.status, "origin", error): 1}
+
+
+def test_the_rarer_phases_are_counted_whatever_the_status():
+    stats = Stats()
+    fresh = exchange(200, t_connect=T0, t_connected=T0 + 2 * MS, t_dns=T0 - 3 * MS)
+    queued = exchange(200, t_pool=T0 - MS)
+    replayed = exchange(200)
+    replayed.retried = True
+    held = exchange(200, t_wait=T0 - 5 * MS, t_connect=T0, t_connected=T0 + MS)
+    held.wait_expired = True
+    stats.record_batch([fresh, queued, replayed, held])
+    assert stats.phases["connect"].count == 2 and stats.phases["connect"].max_ns == 2 * MS
+    assert stats.phases["dns"].count == 1 and stats.phases["dns"].sum_ns == 3 * MS
+    assert stats.phases["queue"].count == 1 and stats.phases["wait"].sum_ns == 5 * MS
+    assert (stats.retries, stats.held, stats.held_expired) == (1, 1, 1)
+    assert stats.ttfb.count == 4
+
+
+# -- recent errors ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_recent_errors_keep_the_last_n_newest_first(n):
+    stats = Stats(recent_errors=n)
+    stats.record_batch([exchange(500, path=f"/{i}") for i in range(n)])
+    assert [e["path"] for e in stats.recent_errors()] == [f"/{i}" for i in reversed(range(n))]
+    stats.record_batch([exchange(502, path=f"/{n}")])  # the (N+1)th pushes the oldest out
+    paths = [e["path"] for e in stats.recent_errors()]
+    assert paths == [f"/{i}" for i in reversed(range(1, n + 1))]
+
+
+def test_recent_errors_filter_and_limit():
+    stats = Stats()
+    stats.record_batch(
+        [
+            exchange(502, source=Source.PROXY, fault=Fault.CONNECTION_REFUSED, path="/a"),
+            exchange(500, path="/b"),
+            exchange(504, source=Source.PROXY, fault=Fault.HTTP_RESPONSE_TIMEOUT, path="/c"),
+        ]
+    )
+    paths = lambda entries: [e["path"] for e in entries]  # noqa: E731
+    assert paths(stats.recent_errors()) == ["/c", "/b", "/a"]
+    assert paths(stats.recent_errors(limit=0)) == []
+    assert paths(stats.recent_errors(limit=-1)) == []
+    assert paths(stats.recent_errors(limit=1)) == ["/c"]
+    assert paths(stats.recent_errors(limit=2)) == ["/c", "/b"]
+    assert paths(stats.recent_errors(source="proxy")) == ["/c", "/a"]
+    assert paths(stats.recent_errors(error="connection_refused")) == ["/a"]
+    assert paths(stats.recent_errors(source="proxy", limit=1)) == ["/c"]
+    entry = stats.recent_errors(error="connection_refused")[0]
+    assert (entry["status"], entry["source"], entry["layer"]) == (502, "proxy", "transport")
+
+
+# -- sliding windows ----------------------------------------------------------------------------
+
+
+def test_a_window_holds_exactly_its_last_seconds():
+    stats = Stats()
+    stats.started_ns -= 10_000 * S  # up long enough: rps is over the whole window
+    now = T0 + 400 * S
+    seconds = [  # seconds before `now`'s second, one exchange each
+        0,
+        59,  # the 60 s window's oldest second
+        60,  # just outside it
+        299,  # the 300 s window's oldest second
+        300,  # just outside it
+    ]
+    stats.record_batch([exchange(200, end=now - ago * S) for ago in sorted(seconds, reverse=True)])
+    one, five = stats.window(60, now), stats.window(300, now)
+    assert one["responses"]["total"] == 2 and five["responses"]["total"] == 4
+    assert one["rps"] == round(2 / 60, 3) and five["rps"] == round(4 / 300, 3)
+    assert stats.total == 5  # the totals keep everything
+
+
+def test_slots_older_than_the_longest_window_are_dropped():
+    stats = Stats()
+    longest = WINDOWS_S[-1]
+    stats.record_batch([exchange(200, end=T0)])
+    stats.record_batch([exchange(200, end=T0 + (longest - 1) * S)])
+    assert [slot[0] for slot in stats._slots] == [T0 // S, T0 // S + longest - 1]
+    stats.record_batch([exchange(200, end=T0 + longest * S)])
+    assert [slot[0] for slot in stats._slots] == [T0 // S + longest - 1, T0 // S + longest]
+
+
+def test_a_series_has_one_column_per_second_oldest_first():
+    stats = Stats()
+    now = T0 + 400 * S
+    stats.record_batch(
+        [
+            exchange(200, end=now - 10 * S),  # outside a 10 s series
+            exchange(500, end=now - 9 * S),  # its first column
+            exchange(200, end=now),  # its last column
+            exchange(200, fault=Fault.HTTP_RESPONSE_INCOMPLETE, end=now),
+        ]
+    )
+    series = stats.series(10, now)
+    assert series["responses"]["origin"] == [1] + [0] * 8 + [2]
+    assert series["errors"]["origin"] == [1] + [0] * 8 + [1]
+    assert len(stats.series(0, now)["responses"]["origin"]) == 1  # at least one second
+    assert len(stats.series(10_000, now)["responses"]["origin"]) == WINDOWS_S[-1]
+
+
+def test_breakdowns_derive_from_one_counter():
+    counts = {
+        (502, "proxy", "connection_refused"): 2,
+        (200, "origin", None): 5,
+        (499, "client", "client_closed_request"): 1,
+        (404, "origin", None): 1,
+    }
+    assert Stats.breakdown(counts) == {
+        "by_source": {"proxy": 2, "origin": 6, "client": 1},
+        "by_layer": {"transport": 2, "origin": 6, "client": 1},
+        "by_error": {"connection_refused": 2, "client_closed_request": 1},
+        "by_status": {"200": 5, "404": 1, "499": 1, "502": 2},
+        "by_class": {"2xx": 5, "4xx": 2, "5xx": 2},
+    }
+
+
+# -- the hop label's cap ------------------------------------------------------------------------
+
+
+def test_hop_names_get_a_label_of_their_own_up_to_the_cap():
+    stats = Stats()
+
+    def record(hop: str, status: int = 502) -> None:
+        stats.record_batch([exchange(status, hop=hop)])
+
+    for i in range(HOP_NAMES_MAX):
+        record(f"gw-{i}")
+    assert HOP_OTHER not in {hop for hop, _ in stats.hop_counts}  # N names: all their own
+    record("gw-late")  # the (N+1)th
+    assert ("gw-late", 502) not in stats.hop_counts and stats.hop_counts[HOP_OTHER, 502] == 1
+    record("gw-0", 504)  # a name seen before the cap keeps its label
+    record("envoy")  # a product is always its own label
+    assert stats.hop_counts["gw-0", 504] == 1 and stats.hop_counts["envoy", 502] == 1
+    ex = exchange(502, hop="nginx")
+    ex.upstream_status = 503  # the origin's status, not what the client got
+    stats.record_batch([ex])
+    assert stats.hop_counts["nginx", 503] == 1
