@@ -1029,6 +1029,13 @@ def test_a_5xx_to_invalid_json_is_flagged():
     assert diagnose(nginx.evidence(**bad)) == ("nginx", (FAULT_BEHIND_ORIGIN,))
 
 
+def test_hints_are_the_contracts_tokens():
+    assert (FAULT_BEHIND_ORIGIN, ORIGIN_5XX_FOR_CLIENT_ERROR) == (
+        "fault_behind_origin",
+        "origin_5xx_for_client_error",
+    )
+
+
 def test_hints_have_words():
     assert set(HINT_TEXT) == {FAULT_BEHIND_ORIGIN, ORIGIN_5XX_FOR_CLIENT_ERROR}
     assert all(text and "\n" not in text for text in HINT_TEXT.values())
