@@ -10,17 +10,19 @@ from __future__ import annotations
 
 import html
 from http import HTTPStatus
+from importlib.resources import files
+from string import Template
 from typing import TYPE_CHECKING
 
 import orjson
 
-from .faults import CLIENT_CLOSED_STATUS, Fault, FaultInfo, RequestProblem, info
-from .headers import http_date, prefers_html
+from ..faults import CLIENT_CLOSED_STATUS, Fault, FaultInfo, RequestProblem, info
+from ..headers import http_date, prefers_html
 
 if TYPE_CHECKING:
-    from .downstream import RequestHead
-    from .exchange import Exchange
-    from .server import ProxyContext
+    from ..downstream import RequestHead
+    from ..exchange import Exchange
+    from ..server import ProxyContext
 
 __all__ = ["CLIENT_CLOSED_STATUS", "http_date", "render"]
 
@@ -62,33 +64,13 @@ def problem_document(row: FaultInfo, ex: Exchange, detail: str | None, upstream:
     }
 
 
+# The HTML page for browsers (package data): `$name` placeholders, every value escaped.
+_PAGE = Template(files(__package__).joinpath("page.html").read_text(encoding="utf-8"))
+
+
 def html_page(doc: dict, proxy_name: str) -> bytes:
-    e = html.escape
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{doc["status"]} {e(doc["title"])} · {e(proxy_name)}</title>
-<style>
-body{{font:16px/1.5 system-ui,sans-serif;margin:0;background:#f6f7f9;color:#1d232b}}
-main{{max-width:44rem;margin:3rem auto;padding:2rem;background:#fff;border-radius:10px;
-box-shadow:0 1px 4px #0002}}
-h1{{font-size:1.5rem;margin:0 0 .25rem}} .who{{color:#b3261e;font-weight:600}}
-dt{{font-weight:600;margin-top:1rem}} dd{{margin:.25rem 0 0}}
-code{{background:#eef0f3;padding:.1rem .3rem;border-radius:4px}}
-.check{{background:#fff8e1;border-left:4px solid #f5a623;padding:.75rem 1rem;margin-top:1rem}}
-footer{{color:#5b6470;font-size:.85rem;margin-top:1.5rem}}
-</style></head><body><main>
-<p class="who">This response was made by the proxy ({e(proxy_name)}), not by the application.</p>
-<h1>{doc["status"]} · {e(doc["title"])}</h1>
-<dl>
-<dt>What happened</dt><dd>{e(doc["detail"])}</dd>
-<dt>Where</dt><dd>{e(doc["hop"])} (layer <code>{e(doc["layer"])}</code>,
-error <code>{e(doc["error"])}</code>)</dd>
-</dl>
-<div class="check"><strong>Check first:</strong> {e(doc["check_first"])}</div>
-<footer>request id <code>{e(doc["request_id"])}</code> · upstream <code>{e(doc["upstream"])}</code>
-</footer></main></body></html>
-""".encode()
+    values = {key: html.escape(str(value)) for key, value in doc.items()}
+    return _PAGE.substitute(values, proxy_name=html.escape(proxy_name)).encode()
 
 
 def render(
