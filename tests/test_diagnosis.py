@@ -29,6 +29,7 @@ from proxy.diagnosis import (
     Evidence,
     OriginResponse,
     diagnose,
+    hop_product,
     is_invalid_json_request,
     proxy_status_author,
     recognise,
@@ -1034,6 +1035,27 @@ def test_hints_are_the_contracts_tokens():
         "fault_behind_origin",
         "origin_5xx_for_client_error",
     )
+
+
+def test_each_hop_is_told_by_its_products_name():
+    """What the log line and the dashboard say for a hop: the product, or the name given."""
+    products = {
+        "envoy": "Envoy",
+        "nginx": "nginx",
+        "haproxy": "HAProxy",
+        "apache": "Apache httpd",
+        "varnish": "Varnish",
+        "google-frontend": "Google Front End",
+        "cloudfront": "Amazon CloudFront",
+        "cloudflare": "Cloudflare",
+        "akamai": "Akamai",
+        "kong": "Kong",
+        "aws-alb": "AWS ALB",
+        "traefik": "Traefik",
+        "caddy": "Caddy",
+    }
+    assert {hop: hop_product(hop) for hop in HOPS} == products
+    assert hop_product("pay-gw") == "pay-gw"
 
 
 def test_hints_have_words():

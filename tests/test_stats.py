@@ -9,7 +9,7 @@ import pytest
 
 from proxy.exchange import Exchange
 from proxy.faults import Fault, Source
-from proxy.stats import BUCKETS_S, WINDOWS_S, Histogram, Stats
+from proxy.stats import BUCKETS_S, Histogram, Stats
 
 # The hop label's cap, spelled out: distinct Proxy-Status names with a label of their own,
 # and the label every later one shares (a changed cap must fail here).
@@ -156,11 +156,22 @@ def test_an_error_is_a_status_from_400_or_an_error_token(ex, error_entry):
     assert len(stats.recent) == int(error_entry)
     error = None if ex.fault is None else ex.fault.value
     assert stats.counts == {(ex.status, "origin", error): 1}
+    head = 1 if ex.t_response_head else 0  # no head: no ttfb, no body time
+    assert (stats.ttfb.count, stats.body.count) == (head, head)
+
+
+def test_recent_errors_keep_a_hundred_by_default():
+    stats = Stats()
+    stats.record_batch([exchange(500, path=f"/{i}") for i in range(101)])
+    entries = stats.recent_errors()
+    assert len(entries) == 100 and entries[0]["path"] == "/100" and entries[-1]["path"] == "/1"
 
 
 def test_the_rarer_phases_are_counted_whatever_the_status():
     stats = Stats()
-    fresh = exchange(200, t_connect=T0, t_connected=T0 + 2 * MS, t_dns=T0 - 3 * MS)
+    fresh = exchange(
+        200, t_connect=T0, t_connected=T0 + 2 * MS, t_dns=T0 - 3 * MS, t_tls_done=T0 + 6 * MS
+    )
     queued = exchange(200, t_pool=T0 - MS)
     replayed = exchange(200)
     replayed.retried = True
@@ -171,6 +182,7 @@ def test_the_rarer_phases_are_counted_whatever_the_status():
     assert stats.phases["dns"].count == 1 and stats.phases["dns"].sum_ns == 3 * MS
     assert stats.phases["queue"].count == 1 and stats.phases["wait"].sum_ns == 5 * MS
     assert (stats.retries, stats.held, stats.held_expired) == (1, 1, 1)
+    assert stats.phases["tls"].count == 1 and stats.phases["tls"].sum_ns == 4 * MS
     assert stats.ttfb.count == 4
 
 
@@ -228,11 +240,12 @@ def test_a_window_holds_exactly_its_last_seconds():
     assert one["responses"]["total"] == 2 and five["responses"]["total"] == 4
     assert one["rps"] == round(2 / 60, 3) and five["rps"] == round(4 / 300, 3)
     assert stats.total == 5  # the totals keep everything
+    assert list(stats.snapshot(proxy={})["windows"]) == ["60s", "300s"]
 
 
 def test_slots_older_than_the_longest_window_are_dropped():
     stats = Stats()
-    longest = WINDOWS_S[-1]
+    longest = 300
     stats.record_batch([exchange(200, end=T0)])
     stats.record_batch([exchange(200, end=T0 + (longest - 1) * S)])
     assert [slot[0] for slot in stats._slots] == [T0 // S, T0 // S + longest - 1]
@@ -255,7 +268,7 @@ def test_a_series_has_one_column_per_second_oldest_first():
     assert series["responses"]["origin"] == [1] + [0] * 8 + [2]
     assert series["errors"]["origin"] == [1] + [0] * 8 + [1]
     assert len(stats.series(0, now)["responses"]["origin"]) == 1  # at least one second
-    assert len(stats.series(10_000, now)["responses"]["origin"]) == WINDOWS_S[-1]
+    assert len(stats.series(10_000, now)["responses"]["origin"]) == 300  # the longest window
 
 
 def test_breakdowns_derive_from_one_counter():
