@@ -1,4 +1,4 @@
-"""The admin port's HTTP/1.1 (proxy/adminhttp.py) over real sockets: HEAD, methods, bad and
+"""The admin port's HTTP/1.1 (proxy/admin/listener.py) over real sockets: HEAD, methods, bad and
 oversized heads, bodies, keep-alive and pipelining, closing, deadlines, the connection cap,
 a client that does not read, and a `faultline serve` process that never imports aiohttp."""
 
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import orjson
 import pytest
 
-from proxy.adminhttp import MAX_CONNECTIONS, MAX_HEAD_BYTES, AdminListener, AdminRequest
+from proxy.admin.listener import MAX_CONNECTIONS, MAX_HEAD_BYTES, AdminListener, AdminRequest
 
 from support import LOOPBACK, ROOT, free_port
 
@@ -400,7 +400,7 @@ async def test_faultline_serve_never_imports_aiohttp():
     assert proc.returncode == 0, stderr.decode()
     report = json.loads(stderr.decode().strip().splitlines()[-1])
     # The watch saw the serving process import its own modules and its parser...
-    assert {"proxy.server", "proxy.admin", "proxy.adminhttp", "httptools"} <= set(
+    assert {"proxy.server", "proxy.admin", "proxy.admin.listener", "httptools"} <= set(
         report["imported"]
     )
     # ...and never aiohttp, nor anything aiohttp is built on.

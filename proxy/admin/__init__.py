@@ -1,5 +1,5 @@
 """The admin server (its own port, 127.0.0.1 by default): health, stats, metrics, the fault
-taxonomy and the live dashboard. HTTP/1.1 itself is `adminhttp`'s job; this module routes a
+taxonomy and the live dashboard. HTTP/1.1 itself is `listener`'s job; this module routes a
 request to its handler.
 
 Endpoints (CONTRACT.md, "Admin server"):
@@ -36,16 +36,16 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from . import __version__
-from .adminhttp import AdminListener, AdminRequest, AdminResponse, Handler, problem
-from .faults import REQUEST_PROBLEMS, TAXONOMY, Fault, FaultInfo, Source
-from .metrics import make_registry, render
-from .replies import reason
-from .stats import WINDOWS_S
+from .. import __version__
+from ..faults import REQUEST_PROBLEMS, TAXONOMY, Fault, FaultInfo, Source
+from ..metrics import make_registry, render
+from ..replies import reason
+from ..stats import WINDOWS_S
+from .listener import AdminListener, AdminRequest, AdminResponse, Handler, problem
 
 if TYPE_CHECKING:
-    from .config import Config
-    from .server import ProxyServer
+    from ..config import Config
+    from ..server import ProxyServer
 
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 DASHBOARD_PATH = "/dashboard"
@@ -142,7 +142,7 @@ def _csp_hash(pattern: str, page: str) -> str:
 
 def load_dashboard() -> tuple[bytes, str]:
     """The page and a Content-Security-Policy allowing exactly its inline script and style."""
-    page = (resources.files("proxy") / "dashboard" / "index.html").read_text("utf-8")
+    page = (resources.files(__package__) / "dashboard" / "index.html").read_text("utf-8")
     script = _csp_hash(r"<script>(.*?)</script>", page)
     style = _csp_hash(r"<style>(.*?)</style>", page)
     csp = (
@@ -152,18 +152,8 @@ def load_dashboard() -> tuple[bytes, str]:
     return page.encode(), csp
 
 
-_DASHBOARD_LOGIN = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>Faultline admin: token required</title>
-<meta name="viewport" content="width=device-width,initial-scale=1"></head>
-<body style="font:16px system-ui,sans-serif;max-width:36rem;margin:4rem auto;padding:0 1rem">
-<h1 style="font-size:1.4rem">This admin server wants a token</h1>
-<p>{detail}. The dashboard takes the admin token (<code>admin.token</code> in the
-configuration) once in its address and then sends it as a bearer header on every request.</p>
-<form method="get" action="/dashboard">
-<label>Admin token <input type="password" name="token" autofocus required></label>
-<button type="submit">Open the dashboard</button></form>
-</body></html>
-"""
+# Asked for the token: a page (package data) with a form that opens the dashboard with it.
+_DASHBOARD_LOGIN = (resources.files(__package__) / "dashboard" / "login.html").read_text("utf-8")
 
 
 # -- the application ----------------------------------------------------------------------------

@@ -37,8 +37,8 @@ from httptools import (
     parse_url,
 )
 
-from .replies import http_date, reason
-from .upstream import parser_error_text
+from ..replies import http_date, reason
+from ..upstream import parser_error_text
 
 log = logging.getLogger("faultline")
 
