@@ -91,11 +91,12 @@ def test_sum_max_and_count_add_up_over_a_batch():
     stats.record_batch(
         [exchange(200, ttfb=3 * MS), exchange(200, ttfb=7 * MS), exchange(204, ttfb=5 * MS)]
     )
-    stats.record_batch([exchange(200, ttfb=1 * MS)])
-    assert stats.ttfb.count == 4 and stats.ttfb.sum_ns == 16 * MS and stats.ttfb.max_ns == 7 * MS
+    stats.record_batch([exchange(200, ttfb=1 * MS, body=3 * MS), exchange(200, ttfb=1 * MS)])
+    assert stats.body.max_ns == 3 * MS and stats.body.sum_ns == 7 * MS
+    assert stats.ttfb.count == 5 and stats.ttfb.sum_ns == 17 * MS and stats.ttfb.max_ns == 7 * MS
     origin = stats.duration_by_source["origin"]
-    assert origin.count == 4 and origin.max_ns == 9 * MS  # 1 ms in the proxy + ttfb + 1 ms body
-    assert stats.total == 4 and stats.counts == {(200, "origin", None): 3, (204, "origin", None): 1}
+    assert origin.count == 5 and origin.max_ns == 9 * MS  # 1 ms in the proxy + ttfb + 1 ms body
+    assert stats.total == 5 and stats.counts == {(200, "origin", None): 4, (204, "origin", None): 1}
 
 
 def test_quantiles_interpolate_inside_the_bucket():
@@ -177,13 +178,16 @@ def test_the_rarer_phases_are_counted_whatever_the_status():
     replayed.retried = True
     held = exchange(200, t_wait=T0 - 5 * MS, t_connect=T0, t_connected=T0 + MS)
     held.wait_expired = True
-    stats.record_batch([fresh, queued, replayed, held])
-    assert stats.phases["connect"].count == 2 and stats.phases["connect"].max_ns == 2 * MS
+    served = exchange(200, t_wait=T0 - 2 * MS, t_connect=T0, t_connected=T0 + MS)
+    refused = exchange(502, source=Source.PROXY, fault=Fault.CONNECTION_REFUSED, t_connect=T0)
+    refused.t_response_head = 0  # the connect failed: no connected time, no response
+    stats.record_batch([fresh, queued, replayed, held, served, refused])
+    assert stats.phases["connect"].count == 3 and stats.phases["connect"].max_ns == 2 * MS
     assert stats.phases["dns"].count == 1 and stats.phases["dns"].sum_ns == 3 * MS
-    assert stats.phases["queue"].count == 1 and stats.phases["wait"].sum_ns == 5 * MS
-    assert (stats.retries, stats.held, stats.held_expired) == (1, 1, 1)
+    assert stats.phases["queue"].count == 1 and stats.phases["wait"].sum_ns == 7 * MS
+    assert (stats.retries, stats.held, stats.held_expired) == (1, 2, 1)
     assert stats.phases["tls"].count == 1 and stats.phases["tls"].sum_ns == 4 * MS
-    assert stats.ttfb.count == 4
+    assert stats.ttfb.count == 5
 
 
 # -- recent errors ------------------------------------------------------------------------------
@@ -219,6 +223,29 @@ def test_recent_errors_filter_and_limit():
     assert paths(stats.recent_errors(source="proxy", limit=1)) == ["/c"]
     entry = stats.recent_errors(error="connection_refused")[0]
     assert (entry["status"], entry["source"], entry["layer"]) == (502, "proxy", "transport")
+
+
+def test_a_recent_error_says_what_the_contract_lists():
+    stats = Stats()
+    ex = exchange(502, hop="nginx", path="/orders")
+    ex.request_id, ex.target, ex.details = "r-1", "/orders?id=7", None
+    ex.hints = ("fault_behind_origin",)
+    stats.record_batch([ex])
+    (entry,) = stats.recent_errors()
+    assert isinstance(entry.pop("time"), float)
+    assert entry == {
+        "request_id": "r-1",
+        "method": "GET",
+        "path": "/orders",
+        "status": 502,
+        "source": "origin",
+        "layer": "origin",
+        "error": None,
+        "details": None,
+        "hop": "nginx",
+        "hints": ["fault_behind_origin"],
+        "phases_ms": ex.phases_ms(),
+    }
 
 
 # -- sliding windows ----------------------------------------------------------------------------
@@ -267,8 +294,23 @@ def test_a_series_has_one_column_per_second_oldest_first():
     series = stats.series(10, now)
     assert series["responses"]["origin"] == [1] + [0] * 8 + [2]
     assert series["errors"]["origin"] == [1] + [0] * 8 + [1]
+    assert (series["step_s"], series["sources"]) == (1, ["origin", "proxy", "client"])
+    assert isinstance(series["start"], float)
     assert len(stats.series(0, now)["responses"]["origin"]) == 1  # at least one second
     assert len(stats.series(10_000, now)["responses"]["origin"]) == 300  # the longest window
+
+
+def test_latency_summarises_every_histogram():
+    stats = Stats()
+    stats.record_batch([exchange(200, ttfb=2 * MS)])
+    latency = stats.latency()
+    assert latency["total"]["count"] == 1 and latency["phases"]["ttfb"]["max"] == 2.0
+    assert set(latency["phases"]) == {"wait", "dns", "connect", "tls", "queue", "ttfb", "body"}
+    assert latency["by_source"]["origin"]["count"] == 1 and set(latency["by_source"]) == {
+        "origin",
+        "proxy",
+        "client",
+    }
 
 
 def test_breakdowns_derive_from_one_counter():
@@ -301,6 +343,8 @@ def test_hop_names_get_a_label_of_their_own_up_to_the_cap():
     assert HOP_OTHER not in {hop for hop, _ in stats.hop_counts}  # N names: all their own
     record("gw-late")  # the (N+1)th
     assert ("gw-late", 502) not in stats.hop_counts and stats.hop_counts[HOP_OTHER, 502] == 1
+    stats.record_batch([exchange(503)])  # no hop: no label at all
+    assert sum(stats.hop_counts.values()) == HOP_NAMES_MAX + 1
     record("gw-0", 504)  # a name seen before the cap keeps its label
     record("envoy")  # a product is always its own label
     assert stats.hop_counts["gw-0", 504] == 1 and stats.hop_counts["envoy", 502] == 1
