@@ -494,6 +494,20 @@ SAMPLES["varnish-guru-meditation"] += [
         "<html><body><h1>Error 503</h1>\n<hr>\n<p>Varnish cache server</p></body></html>",
     ),
 ]
+SAMPLES["apache-error-page"] += [
+    sample(  # ISO-8859-1, as Apache declares it: a byte that is not UTF-8 must not stop it
+        "HTTP/1.1 503 Service Unavailable",
+        [DATE, "Server: Apache", "Content-Type: text/html; charset=iso-8859-1"],
+        APACHE_503.replace("maintenance", "maintenance (r\u00e9seau)").encode("latin-1"),
+    ),
+]
+SAMPLES["nginx-error-page"] += [
+    sample(  # the old name of gzip (RFC 9110 §8.4.1.3)
+        "HTTP/1.1 502 Bad Gateway",
+        ["Server: nginx", "Content-Type: text/html", "Content-Encoding: x-gzip"],
+        gzip.compress(NGINX_502_PAGE.encode(), mtime=0),
+    ),
+]
 SAMPLES["google-error-page"] += [
     sample(
         "HTTP/1.1 503 Service Unavailable",
