@@ -148,6 +148,17 @@ def test_bad_environment_values_are_one_exact_line(env, expected):
             "config error: log.redact_query: expected a list, got 5 (in {file})",
         ),
     ],
+    ids=[
+        "unknown-key",
+        "unknown-nested-key",
+        "numeric-key",
+        "list-for-integer",
+        "float-for-integer",
+        "boolean-for-integer",
+        "scalar-for-section",
+        "integer-for-string",
+        "integer-for-list",
+    ],
 )
 def test_bad_file_values_are_one_exact_line(tmp_path, text, expected):
     assert _error(file_text=text, tmp_path=tmp_path) == expected.format(file=tmp_path / "file.yaml")
@@ -165,6 +176,14 @@ def test_bad_file_values_are_one_exact_line(tmp_path, text, expected):
         ("drain: 5s\n", "unknown key 'drain': did you mean 'timeouts.drain'?"),
         ("admin: {tokn: x}\n", "unknown key 'admin.tokn': did you mean 'admin.token'?"),
         ("limits: {max_inflight: 5}\n", "did you mean 'limits.max_in_flight'?"),
+    ],
+    ids=[
+        "upstram",
+        "conect-in-block",
+        "timeout-section",
+        "drain-top-level",
+        "tokn",
+        "max-inflight",
     ],
 )
 def test_an_unknown_file_key_names_the_nearest_known_one(tmp_path, text, expected):

@@ -560,7 +560,11 @@ async def test_json_accepts_good_json(origin: DemoOrigin):
         assert (await response.json())["received"] == {"a": [1, 2]}
 
 
-@pytest.mark.parametrize("body", [b'{"item": "teapot",', b"", b"\xff\xfe not utf-8"])
+@pytest.mark.parametrize(
+    "body",
+    [b'{"item": "teapot",', b"", b"\xff\xfe not utf-8"],
+    ids=["unterminated", "empty", "not-utf-8"],
+)
 async def test_json_answers_malformed_json_with_a_500_stack_trace(origin: DemoOrigin, body):
     async with (
         aiohttp.ClientSession(origin.url) as session,
