@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import aiohttp
 import pytest
 
-from support import OriginConnection
+from support import LOOPBACK, OriginConnection, parse_responses, read_until_reset
 
 BIG_HEAD_LIMIT = 1024
 RESPONSE_HEADERS_TIMEOUT = "300ms"
@@ -152,3 +152,40 @@ async def test_only_the_stale_connection_race_is_replayed(row: Row, origin_facto
         if row.status is not None:
             assert f"error={row.error}" in proxy_status
             assert (record["status"], record["source"]) == (row.status, "proxy")
+
+
+async def test_a_request_whose_body_is_still_coming_is_not_replayed(origin_factory, proxy_factory):
+    """The replay needs the whole request in hand: a PUT whose body is still arriving when
+    the reused connection closes gets the 502, and the origin saw only its head."""
+
+    async def script(conn: OriginConnection) -> None:
+        if conn.index == 0:
+            await conn.read_request()  # the warm-up
+            await conn.respond(200, b"fresh")
+            await conn.reader.readuntil(b"\r\n\r\n")  # the PUT's head, not its body
+            conn.close()
+            return
+        while await conn.read_request():
+            await conn.respond(200, b"fresh")
+
+    origin = await origin_factory(script)
+    proxy = await proxy_factory(origin.url)
+    async with aiohttp.ClientSession() as session:
+        async with session.get(proxy.url + "/warm-up") as resp:
+            assert resp.status == 200 and await resp.read() == b"fresh"
+    reader, writer = await asyncio.open_connection(LOOPBACK, proxy.port)
+    try:
+        writer.write(b"PUT /doc HTTP/1.1\r\nHost: app\r\nContent-Length: 10\r\n\r\n12345")
+        await writer.drain()
+        await asyncio.sleep(0.2)  # the origin hangs up meanwhile
+        writer.write(b"67890")
+        await writer.drain()
+        data, _ = await read_until_reset(reader, timeout=5)
+    finally:
+        writer.close()
+    (response,), _ = parse_responses(data)
+    assert response.status == 502
+    assert "error=connection_terminated" in (response.header("Proxy-Status") or "")
+    record = await proxy.last_log()
+    assert (record["path"], record["reused"], record["retried"]) == ("/doc", True, False)
+    assert origin.connections == 1
