@@ -22,7 +22,16 @@ from proxy.classify import (
     duration_text,
 )
 from proxy.exchange import Exchange, Phase
-from proxy.faults import REQUEST_PROBLEMS, TAXONOMY, Fault, Layer, RequestProblem, Source
+from proxy.faults import (
+    CLIENT_CLOSED_STATUS,
+    REQUEST_PROBLEMS,
+    TAXONOMY,
+    Fault,
+    Layer,
+    RequestProblem,
+    Source,
+    info,
+)
 from proxy.replies import problem_document
 
 from support import LOOPBACK, ROOT, check_detail
@@ -118,6 +127,27 @@ def test_the_shared_contract_asks_nothing_the_copy_does_not_keep():
         assert token in CONTRACT_TABLE, f"{token}: in the shared contract, not in the copy"
         ours, our_layer = CONTRACT_TABLE[token]
         assert our_layer == layer and set(statuses) <= set(ours), (token, statuses, layer)
+
+
+def test_the_layers_sources_and_logged_499_are_the_contracts():
+    assert {layer.value for layer in Layer} == {
+        "client",
+        "proxy",
+        "transport",
+        "upstream",
+        "origin",
+    }
+    assert {source.value for source in Source} == {"origin", "proxy", "client"}
+    row = re.search(
+        r"^\| `client_closed_request` \| (\d{3}) \(logged only\)", CONTRACT_COPY.read_text(), re.M
+    )
+    assert row is not None and int(row.group(1)) == CLIENT_CLOSED_STATUS
+
+
+@pytest.mark.parametrize("problem", list(RequestProblem), ids=lambda p: p.value)
+def test_info_finds_each_request_problems_own_row(problem):
+    assert info(Fault.HTTP_REQUEST_ERROR, problem) is REQUEST_PROBLEMS[problem]
+    assert info(Fault.HTTP_REQUEST_ERROR) is TAXONOMY[Fault.HTTP_REQUEST_ERROR]
 
 
 def test_request_problems_cover_400_408_413_431_501():
