@@ -549,12 +549,7 @@ class Forwarder(Exchange):
         if self.done:
             return
         self._cancel_connect()
-        up = self.up
-        if up is not None:
-            self.up = None
-            if self.tunnel:
-                up.close()
-            self.ctx.pool.release(up, reusable=False)
+        self._drop_upstream()
         if not self.tunnel:
             self.fault = Fault.CLIENT_CLOSED_REQUEST
             self.details = (
@@ -573,12 +568,7 @@ class Forwarder(Exchange):
         queued behind it or still being read is recorded, never answered."""
         if self.done:
             return
-        up = self.up
-        if up is not None:
-            self.up = None
-            if self.tunnel:
-                up.close()
-            self.ctx.pool.release(up, reusable=False)
+        self._drop_upstream()
         drain = duration_text(self.ctx.drain_ns)
         state = "its response was being sent" if self.response_started else "it was in flight"
         detail = f"the drain deadline ({drain}, timeouts.drain) passed while {state}"
@@ -592,6 +582,16 @@ class Forwarder(Exchange):
         self.status = info(Fault.PROXY_INTERNAL_RESPONSE).status or 0
         self.source = Source.PROXY
         self.finish()
+
+    def _drop_upstream(self) -> None:
+        """The exchange ends early: its upstream connection is not reused (a tunnel's is
+        closed both ways)."""
+        up = self.up
+        if up is not None:
+            self.up = None
+            if self.tunnel:
+                up.close()
+            self.ctx.pool.release(up, reusable=False)
 
     def _cancel_connect(self) -> None:
         task = self.connect_task
