@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import errno
+import json
 import re
 import socket
 import ssl
@@ -776,3 +777,40 @@ def test_durations_at_their_boundaries(ns, text):
 def test_a_deadline_names_its_limit_only_when_it_knows_its_setting():
     assert DeadlineExpired(MS700, "timeouts.connect").within() == " within 700ms (timeouts.connect)"
     assert DeadlineExpired(MS700).within() == ""
+
+
+# -- the words a user reads ---------------------------------------------------------------------
+# Every row's title, hop, meaning, advice and hint reach the client's problem body or HTML
+# page, /faults, the dashboard and the terminal. A refactor must not change them by accident:
+# tests/fault_words.json keeps them; after a deliberate change, rewrite it with
+# `python3 tests/test_faults.py` and review the diff.
+
+FAULT_WORDS = ROOT / "tests" / "fault_words.json"
+WORD_FIELDS = ("title", "hop", "meaning", "advice", "hint")
+
+
+def current_words() -> dict[str, dict[str, str]]:
+    rows = [(row.token, row) for row in TAXONOMY.values()]
+    rows += [(f"{row.token}/{problem.value}", row) for problem, row in REQUEST_PROBLEMS.items()]
+    return {key: {name: getattr(row, name) for name in WORD_FIELDS} for key, row in rows}
+
+
+def test_the_words_are_the_reviewed_ones():
+    assert current_words() == json.loads(FAULT_WORDS.read_text()), (
+        "the taxonomy's words changed: if on purpose, run `python3 tests/test_faults.py`"
+    )
+
+
+@pytest.mark.parametrize(
+    "row",
+    list({id(r): r for r in [*TAXONOMY.values(), *REQUEST_PROBLEMS.values()]}.values()),
+    ids=lambda r: f"{r.token}-{r.status}",
+)
+def test_a_hint_names_the_upstream_where_it_says_so(row):
+    hint = row.hint_for("app.internal:3000")
+    assert hint and "{upstream}" not in hint
+    assert ("app.internal:3000" in hint) == ("{upstream}" in row.hint)
+
+
+if __name__ == "__main__":
+    FAULT_WORDS.write_text(json.dumps(current_words(), indent=2, ensure_ascii=False) + "\n")
