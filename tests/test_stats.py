@@ -49,11 +49,19 @@ def exchange(
 
 
 def test_the_buckets_are_the_documented_ladder():
-    """1-1.5-2-3-5-7 per decade from 50 µs, and 300 s last (the +Inf bucket follows)."""
-    assert BUCKETS_S[:4] == (5e-05, 7e-05, 0.0001, 0.00015)
-    assert BUCKETS_S[-3:] == (150.0, 200.0, 300.0)
-    assert 0.001 in BUCKETS_S and 0.007 in BUCKETS_S and 1.0 in BUCKETS_S
-    assert list(BUCKETS_S) == sorted(set(BUCKETS_S)) and len(BUCKETS_S) == 42
+    """1-1.5-2-3-5-7 per decade from 50 µs, and 300 s last (the +Inf bucket follows): the
+    `le` bounds /metrics exposes, which dashboards and alerts are written against."""
+    assert (
+        *(5e-05, 7e-05),
+        *(0.0001, 0.00015, 0.0002, 0.0003, 0.0005, 0.0007),
+        *(0.001, 0.0015, 0.002, 0.003, 0.005, 0.007),
+        *(0.01, 0.015, 0.02, 0.03, 0.05, 0.07),
+        *(0.1, 0.15, 0.2, 0.3, 0.5, 0.7),
+        *(1.0, 1.5, 2.0, 3.0, 5.0, 7.0),
+        *(10.0, 15.0, 20.0, 30.0, 50.0, 70.0),
+        *(100.0, 150.0, 200.0, 300.0),
+    ) == BUCKETS_S
+    assert len(Histogram().counts) == len(BUCKETS_S) + 1
 
 
 def bucket_of(h: Histogram) -> int:
@@ -83,6 +91,7 @@ def test_a_duration_on_a_bound_falls_in_that_bucket(value_ns, bucket):
         stats.record_batch([exchange(status, ttfb=value_ns, body=value_ns)])
         assert bucket_of(stats.ttfb) == bucket, status
         assert bucket_of(stats.body) == bucket, status
+        assert stats.ttfb.count == stats.body.count == stats.total_latency().count == 1
         assert stats.ttfb.max_ns == value_ns and stats.ttfb.sum_ns == value_ns
 
 
@@ -127,6 +136,9 @@ def test_a_quantile_never_exceeds_the_maximum():
     h = Histogram()
     h.observe_ns(1 * MS + 1)  # in (1 ms, 1.5 ms]: interpolation alone would say 1.5 ms
     assert h.quantile_ms(0.99) == 1.0
+    odd = Histogram()
+    odd.observe_ns(1_234_567)  # milliseconds with three decimals, every figure
+    assert odd.summary() == {"count": 1, "p50": 1.235, "p90": 1.235, "p99": 1.235, "max": 1.235}
 
 
 def test_merged_histograms_add_up():
@@ -185,6 +197,7 @@ def test_the_rarer_phases_are_counted_whatever_the_status():
     assert stats.phases["connect"].count == 3 and stats.phases["connect"].max_ns == 2 * MS
     assert stats.phases["dns"].count == 1 and stats.phases["dns"].sum_ns == 3 * MS
     assert stats.phases["queue"].count == 1 and stats.phases["wait"].sum_ns == 7 * MS
+    assert stats.phases["queue"].sum_ns == queued.t_sent - queued.t_pool == 3 * MS
     assert (stats.retries, stats.held, stats.held_expired) == (1, 2, 1)
     assert stats.phases["tls"].count == 1 and stats.phases["tls"].sum_ns == 4 * MS
     assert stats.ttfb.count == 5
@@ -265,6 +278,8 @@ def test_a_window_holds_exactly_its_last_seconds():
     stats.record_batch([exchange(200, end=now - ago * S) for ago in sorted(seconds, reverse=True)])
     one, five = stats.window(60, now), stats.window(300, now)
     assert one["responses"]["total"] == 2 and five["responses"]["total"] == 4
+    assert one["responses"]["by_source"] == {"origin": 2}
+    assert five["responses"]["by_status"] == {"200": 4}
     assert one["rps"] == round(2 / 60, 3) and five["rps"] == round(4 / 300, 3)
     assert stats.total == 5  # the totals keep everything
     assert list(stats.snapshot(proxy={})["windows"]) == ["60s", "300s"]
@@ -286,17 +301,20 @@ def test_a_series_has_one_column_per_second_oldest_first():
     stats.record_batch(
         [
             exchange(200, end=now - 10 * S),  # outside a 10 s series
-            exchange(500, end=now - 9 * S),  # its first column
+            exchange(400, end=now - 9 * S),  # its first column; 400 is an error
+            exchange(399, end=now - 8 * S),  # 399 is not
             exchange(200, end=now),  # its last column
-            exchange(200, fault=Fault.HTTP_RESPONSE_INCOMPLETE, end=now),
+            exchange(200, end=now),
+            exchange(200, fault=Fault.HTTP_RESPONSE_INCOMPLETE, end=now),  # an error
         ]
     )
     series = stats.series(10, now)
-    assert series["responses"]["origin"] == [1] + [0] * 8 + [2]
-    assert series["errors"]["origin"] == [1] + [0] * 8 + [1]
+    assert series["responses"]["origin"] == [1, 1] + [0] * 7 + [3]
+    assert series["errors"]["origin"] == [1, 0] + [0] * 7 + [1]
     assert (series["step_s"], series["sources"]) == (1, ["origin", "proxy", "client"])
     assert isinstance(series["start"], float)
     assert len(stats.series(0, now)["responses"]["origin"]) == 1  # at least one second
+    assert len(stats.series()["responses"]["origin"]) == 300  # the longest window by default
     assert len(stats.series(10_000, now)["responses"]["origin"]) == 300  # the longest window
 
 
@@ -311,6 +329,35 @@ def test_latency_summarises_every_histogram():
         "proxy",
         "client",
     }
+
+
+def test_the_stats_document_has_the_contracts_shape():
+    stats = Stats()
+    stats.in_flight = 2
+    stats.record_batch([exchange(200), exchange(502, hop="nginx", path="/x")])
+    doc = stats.snapshot(proxy={"name": "edge"})
+    assert list(doc) == [
+        "proxy",
+        "requests",
+        "responses",
+        "latency_ms",
+        "upstream_wait",
+        "windows",
+        "recent_errors",
+    ]
+    assert (
+        set(doc["proxy"]) == {"name", "started_at", "uptime_s"} and doc["proxy"]["name"] == "edge"
+    )
+    assert doc["proxy"]["started_at"] == stats.started_at
+    assert doc["proxy"]["uptime_s"] == round(doc["proxy"]["uptime_s"], 3) >= 0
+    assert doc["requests"] == {"total": 2, "in_flight": 2}
+    assert doc["responses"] == Stats.breakdown(stats.counts)
+    assert set(doc["latency_ms"]) == {"total", "ttfb", "connect", "wait"}
+    assert doc["latency_ms"]["total"]["count"] == 2 and doc["latency_ms"]["ttfb"]["count"] == 2
+    assert doc["latency_ms"]["connect"]["count"] == doc["latency_ms"]["wait"]["count"] == 0
+    assert doc["upstream_wait"] == {"held": 0, "expired": 0}
+    assert list(doc["windows"]) == ["60s", "300s"]
+    assert [e["path"] for e in doc["recent_errors"]] == ["/x"]
 
 
 def test_breakdowns_derive_from_one_counter():
