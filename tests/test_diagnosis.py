@@ -1075,6 +1075,12 @@ def test_each_hop_is_told_by_its_products_name():
 def test_hints_have_words():
     assert set(HINT_TEXT) == {FAULT_BEHIND_ORIGIN, ORIGIN_5XX_FOR_CLIENT_ERROR}
     assert all(text and "\n" not in text for text in HINT_TEXT.values())
+    assert HINT_TEXT == {  # what the terminal and the dashboard say, word for word
+        "fault_behind_origin": "the failure lies behind the origin \u2014 check what it forwards "
+        "to or depends on",
+        "origin_5xx_for_client_error": "the request body is not valid JSON \u2014 the origin "
+        "should answer 400/422, not a 5xx",
+    }
 
 
 # -- end to end through the proxy -----------------------------------------------------------------
