@@ -160,6 +160,11 @@ CONNECTION_CASES = [
         dropped=(b"x-a", b"x-b"),
     ),
     ConnectionCase(
+        "nominated-value-with-colons",
+        b"Content-Length: 2\r\nConnection: X-Hop\r\nX-Hop: http://a:1/\r\nX-After: 1\r\n",
+        dropped=(b"x-hop",),
+    ),
+    ConnectionCase(
         "nominating-beside-via",
         b"Via: 1.0 a\r\nContent-Length: 2\r\nConnection: X-Hop\r\nX-Hop: 1\r\nX-After: 1\r\n",
         dropped=(b"x-hop",),
@@ -272,6 +277,17 @@ async def test_origin_via_and_proxy_status_pass_alone_when_ours_are_off(origins,
         b"edge; error=dns_timeout",
         b"lb; received-status=200",
     ]
+
+
+async def test_nothing_of_ours_is_added_when_via_and_proxy_status_are_off(origins, proxy_factory):
+    origin = await origins(replying(b"HTTP/1.1 200 OK\r\n" + DATE + b"Content-Length: 2\r\n\r\nok"))
+    proxy = await proxy_factory(
+        origin.url,
+        **{"headers.via": False, "headers.proxy_status": False, "headers.server_timing": False},
+    )
+    ((status, headers, body),) = await keep_alive_exchange(proxy.port, [get()], None)
+    assert (status, body) == (200, b"ok")
+    assert [k for k, _ in headers] == [b"Date", b"Content-Length", b"X-Request-Id"]
 
 
 async def test_origin_proxy_status_members_come_before_ours(origins, proxy_factory):
@@ -459,15 +475,17 @@ async def test_each_hop_by_hop_response_field_is_dropped(name, origins, proxy_fa
         (b"gzip, br, chunked", b"gzip, br, chunked", True),
         (b"gzip,chunked", b"gzip, chunked", True),
         (b"gzip", b"gzip, chunked", False),  # no chunked: the body ends when the origin closes
+        (None, b"chunked", False),  # no framing at all: the same, on the common-head path
     ],
-    ids=["two-codings-chunked", "no-space-chunked", "close-delimited"],
+    ids=["two-codings-chunked", "no-space-chunked", "close-delimited", "no-framing"],
 )
 async def test_transfer_codings_the_origin_applied_reach_the_client(
     codings, sent, reused, origins, proxy_factory
 ):
-    framed = codings.endswith(b"chunked")
+    framed = codings is not None and codings.endswith(b"chunked")
     body = b"2\r\nzz\r\n0\r\n\r\n" if framed else b"zz"
-    reply = b"HTTP/1.1 200 OK\r\n" + DATE + b"Transfer-Encoding: " + codings + b"\r\n\r\n" + body
+    te = b"Transfer-Encoding: " + codings + b"\r\n" if codings else b""
+    reply = b"HTTP/1.1 200 OK\r\n" + DATE + te + b"\r\n" + body
     origin = await origins(replying(reply, close=not framed))
     proxy = await proxy_factory(origin.url)
     got = await keep_alive_exchange(proxy.port, [get(), get()])
