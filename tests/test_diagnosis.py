@@ -508,6 +508,20 @@ SAMPLES["nginx-error-page"] += [
         gzip.compress(NGINX_502_PAGE.encode(), mtime=0),
     ),
 ]
+SAMPLES["varnish-guru-meditation"] += [
+    sample(  # a site's own synthetic template that kept the Guru Meditation line only
+        "HTTP/1.1 503 Service Unavailable",
+        [DATE, "Content-Type: text/html; charset=utf-8", "X-Varnish: 79"],
+        "<html><body><h1>Down for a moment</h1><h3>Guru Meditation:</h3><p>XID: 5</p>",
+    ),
+]
+SAMPLES["nginx-error-page"] += [
+    sample(  # identity is no coding at all
+        "HTTP/1.1 502 Bad Gateway",
+        ["Server: nginx", "Content-Type: text/html", "Content-Encoding: identity"],
+        NGINX_502_PAGE,
+    ),
+]
 SAMPLES["google-error-page"] += [
     sample(
         "HTTP/1.1 503 Service Unavailable",
@@ -954,6 +968,12 @@ def bomb(coding: str) -> bytes:
         (["faultline-edge; received-status=200"], None),
         (["not a structured field ,,, ;;"], None),
         ([""], None),
+        # in one field value, the last member with an error is the closest author
+        (["inner-gw; error=connection_timeout, edge; error=http_response_timeout"], "edge"),
+        (["cdn; received-status=502,gw; error=connection_refused"], "gw"),  # no space
+        (['"X-Cache-Gw"; error=connection_refused'], "X-Cache-Gw"),
+        (['"!!!"; error=connection_refused'], None),  # nothing printable left of the name
+        (['gw; error=dns_error, "???"; error=connection_refused'], "gw"),
     ],
 )
 def test_proxy_status_names_the_member_that_made_the_error(values, author):
@@ -999,6 +1019,7 @@ JSON_CASES = [
     ("trailing-comma-plus-json", b"application/vnd.api+json", b'{"data": [1, 2,]}', True),
     ("not-utf-8", b"application/problem+json", b"\xff\xfe not utf-8", True),
     ("nan-text-json", b"text/json", b'{"a": NaN}', True),  # NaN is not JSON (RFC 8259)
+    ("charset-utf8-spelling", b"application/json; charset=utf8", b'{"a":', True),
     ("valid-object", b"application/json", b'{"item": "teapot", "quantity": 1}', False),
     ("valid-array", b"application/json", b'  [1, 2.5e3, null, true, "\\u00e9"]\n', False),
     ("valid-with-bom", b"application/json", b'\xef\xbb\xbf{"bom": true}', False),  # may be ignored
