@@ -160,6 +160,11 @@ CONNECTION_CASES = [
         dropped=(b"x-a", b"x-b"),
     ),
     ConnectionCase(
+        "nominating-list-without-spaces",
+        b"Content-Length: 2\r\nConnection: X-A,X-B\r\nX-A: 1\r\nX-B: 2\r\nX-After: 1\r\n",
+        dropped=(b"x-a", b"x-b"),
+    ),
+    ConnectionCase(
         "nominated-value-with-colons",
         b"Content-Length: 2\r\nConnection: X-Hop\r\nX-Hop: http://a:1/\r\nX-After: 1\r\n",
         dropped=(b"x-hop",),
@@ -525,6 +530,8 @@ def test_safe_value_refuses_exactly_the_control_bytes():
         except ValueError:
             refused.add(byte)
     assert refused == CONTROL
+    with pytest.raises(ValueError, match="control characters"):
+        safe_value(b"a\nb")
     # The named boundaries, for the reader: LF, CR, NUL and DEL refused; TAB, SP, ~, 0x80 pass.
     assert {0x0A, 0x0D, 0x00, 0x7F} <= refused and not {0x09, 0x20, 0x7E, 0x80} & refused
 
@@ -647,7 +654,8 @@ async def test_origin_header_values_are_guarded_at_the_byte_boundary(
         data, _ = await send_raw(proxy.port, get(extra=b"Connection: close\r\n"))
         (response,), _ = parse_responses(data)  # the origin's response is refused
         assert response.status == 502
-        assert "error=http_protocol_error" in response.header("Proxy-Status")
+        member = f'faultline; error=http_protocol_error; next-hop="{LOOPBACK}:{origin.port}"'
+        assert response.header("Proxy-Status").startswith(member + '; details="'), response
         assert line not in data
 
 
@@ -807,6 +815,9 @@ def test_ms_text_is_the_same_on_both_sides_of_the_table():
 def test_server_timing_orders_and_formats_every_phase():
     assert server_timing(0, 0, 1_500_999) == b'proxy;dur=1.500;desc="in proxy"'
     assert server_timing(0, 0, -5) == b'proxy;dur=0.000;desc="in proxy"'
+    assert server_timing(0, 0, 0, 1_000_000) == (
+        b'wait;dur=1.000;desc="held: upstream refused", proxy;dur=0.000;desc="in proxy"'
+    )
     assert server_timing(2_000_000, 30_000_000, 4_096_000, 7_000_000_000) == (
         b'wait;dur=7000.000;desc="held: upstream refused", '
         b'connect;dur=2.000;desc="upstream connect", '
@@ -815,18 +826,35 @@ def test_server_timing_orders_and_formats_every_phase():
     )
 
 
-async def test_server_timing_on_the_wire_matches_its_format(origins, proxy_factory):
-    """The pooled fast path (two table lookups) and the general one write the same form."""
-    origin = await origins(replying(b"HTTP/1.1 200 OK\r\n" + DATE + b"Content-Length: 2\r\n\r\nok"))
+@pytest.mark.parametrize("delay_s", [0, 0.1], ids=["fast-origin", "slow-origin"])
+async def test_server_timing_on_the_wire_matches_its_format(delay_s, origins, proxy_factory):
+    """A fresh connection, then a pooled one: the pooled fast path (two table lookups, under
+    4.096 ms) and the general one (a slow origin) write the same form, each phase in its
+    place: the origin's delay is in ttfb, never in connect or proxy."""
+    reply = b"HTTP/1.1 200 OK\r\n" + DATE + b"Content-Length: 2\r\n\r\nok"
+
+    def respond(request: Received, conn) -> None:
+        loop = asyncio.get_running_loop()
+        loop.call_later(delay_s, lambda: conn.transport.is_closing() or conn.transport.write(reply))
+
+    origin = await origins(respond)
     proxy = await proxy_factory(origin.url)
-    got = await keep_alive_exchange(proxy.port, [get(), get()], None)
+    got = await keep_alive_exchange(proxy.port, [get()], get())
     metric = rb'(\d+\.\d{3});desc="'
     first = rb"connect;dur=" + metric + rb'upstream connect", ttfb;dur='
     pooled = rb"ttfb;dur="
     tail = metric + rb'upstream first byte", proxy;dur=' + metric + rb'in proxy"'
     (fresh,), (reused,) = (values(h, b"server-timing") for _, h, _ in got)
-    assert re.fullmatch(first + tail, fresh), fresh
-    assert re.fullmatch(pooled + tail, reused), reused
+    fresh_match = re.fullmatch(first + tail, fresh)
+    reused_match = re.fullmatch(pooled + tail, reused)
+    assert fresh_match and reused_match, (fresh, reused)
+    connect, fresh_ttfb, fresh_proxy = (float(v) for v in fresh_match.groups())
+    reused_ttfb, reused_proxy = (float(v) for v in reused_match.groups())
+    half_delay_ms = delay_s * 1000 / 2  # timers may fire a little early, and CI is slow
+    assert min(fresh_ttfb, reused_ttfb) >= half_delay_ms
+    assert min(fresh_proxy, reused_proxy) > 0
+    if delay_s:
+        assert max(connect, fresh_proxy, reused_proxy) < half_delay_ms
 
 
 def test_http_date_is_an_imf_fixdate():
@@ -848,6 +876,8 @@ def test_http_date_is_an_imf_fixdate():
         (b"json, text/html", False),
         (b"application/problem+json;q=0.1, text/html", False),
         (b"*/*", False),
+        (b"text/html, application/json, text/html;q=0.1", True),
+        (b"application/json, text/html, application/problem+json", False),
     ],
     ids=[
         "none",
@@ -861,6 +891,8 @@ def test_http_date_is_an_imf_fixdate():
         "bare-json-then-html",
         "problem-json-then-html",
         "any",
+        "html-json-html",
+        "json-html-json",
     ],
 )
 def test_prefers_html(accept, html):
