@@ -191,12 +191,14 @@ def filter_response_block(head: bytes, line_end: int) -> tuple[bytes, ResponseFi
     if _RARE_RESPONSE_FIELD.search(low, line_end - 2) is None:
         # The common head: at most Content-Length and one plain Connection line.
         fields = CONTENT_LENGTH_FIELDS if low.find(b"\r\ncontent-length") >= 0 else _PLAIN_FIELDS
-        start = low.find(b"\r\nconnection", line_end - 2)
+        # The name with its colon: `Connection-Info: close` is an end-to-end field (llhttp
+        # has refused a name with blanks before the colon already).
+        start = low.find(b"\r\nconnection:", line_end - 2)
         if start < 0:
             return head[line_end:], fields
         end = low.find(b"\r\n", start + 2)
         value = low[start + 2 : end].partition(b":")[2].strip()
-        if value in _PLAIN_CONNECTION and low.find(b"\r\nconnection", end) < 0:
+        if value in _PLAIN_CONNECTION and low.find(b"\r\nconnection:", end) < 0:
             return head[line_end : start + 2] + head[end + 2 :], fields
     return _scan_response_block(head, low, line_end)
 

@@ -184,9 +184,6 @@ CONNECTION_CASES = [
         "connection-near-miss-valued-close",
         b"Content-Length: 2\r\nConnection-Info: close\r\nX-After: 1\r\n",
         kept=((b"connection-info", b"close"), (b"x-after", b"1")),
-        xfail="defect: the common-head fast path of filter_response_block finds "
-        "'\\r\\nconnection' as a prefix and drops any field named Connection<something> "
-        "whose value is close or keep-alive",
     ),
 ]
 
