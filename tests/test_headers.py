@@ -6,7 +6,8 @@ boundary, and every limit of the header path at its boundary. The pure rules (sa
 sf_string, ms_text, server_timing, prefers_html) are checked byte by byte without a network.
 
 Each test here was shown to fail with a hand-made mutation of the rule it guards (flipped
-comparison, dropped table member, constant off by one); tests/MUTATION.md lists them.
+comparison, dropped table member, constant off by one); mutmut's measurement of these
+modules, and every mutant left alive with why, is in tests/MUTATION.md.
 """
 
 from __future__ import annotations
