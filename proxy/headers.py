@@ -157,6 +157,7 @@ _RESPONSE_SPECIAL: Final = re.compile(
     + rb")[ \t]*:[ \t]*([^\r\n]*?)[ \t]*(?=\r\n)"
 )
 _PLAIN_CONNECTION: Final = frozenset({b"keep-alive", b"close"})
+_DATE_FIELD: Final = re.compile(rb"\r\ndate:", re.IGNORECASE)  # searched without a lowered copy
 
 
 class ResponseFields:
@@ -374,7 +375,7 @@ class HeaderPolicy:
         elif fields.proxy_status:
             parts.extend(b"Proxy-Status: " + v + b"\r\n" for v in fields.proxy_status)
         parts.append(self.via_response_line(fields.via))
-        if head.lower().find(b"\r\ndate:", line_end - 2) < 0:
+        if _DATE_FIELD.search(head, line_end - 2) is None:
             # RFC 9110 §6.6.1: a recipient with a clock adds the Date an origin left out.
             # Such a head is not remembered: its Date line would go stale.
             parts.append(b"Date: " + http_date() + b"\r\n")
