@@ -17,15 +17,26 @@ from setuptools import setup
 # The per-exchange path, and nothing that starts a process, parses a configuration or
 # serves the admin port: only these run once per request.
 COMPILED = [
-    "proxy/accesslog.py",
-    "proxy/downstream.py",
-    "proxy/exchange.py",
-    "proxy/forward.py",
-    "proxy/headers.py",
-    "proxy/memo.py",
-    "proxy/outbox.py",
-    "proxy/stats.py",
-    "proxy/upstream.py",
+    "proxy/base/memo.py",
+    "proxy/base/text.py",
+    "proxy/diagnosis/record.py",
+    "proxy/forward/codec.py",
+    "proxy/forward/context.py",
+    "proxy/forward/deadlines.py",
+    "proxy/forward/fields.py",
+    "proxy/forward/forwarder.py",
+    "proxy/forward/outbox.py",
+    "proxy/forward/pool.py",
+    "proxy/forward/state.py",
+    "proxy/http1/client.py",
+    "proxy/http1/errors.py",
+    "proxy/http1/headers.py",
+    "proxy/http1/origin.py",
+    "proxy/http1/request.py",
+    "proxy/http1/respond.py",
+    "proxy/telemetry/accesslog.py",
+    "proxy/telemetry/sink.py",
+    "proxy/telemetry/stats.py",
 ]
 
 ext_modules = []

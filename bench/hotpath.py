@@ -32,10 +32,11 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from proxy.config import load_config
-from proxy.downstream import DownstreamProtocol
-from proxy.server import GC_YOUNG_THRESHOLD, ProxyContext, Telemetry, make_access_log
-from proxy.stats import Stats
-from proxy.upstream import UpstreamConnection
+from proxy.http1.client import DownstreamProtocol
+from proxy.server import GC_YOUNG_THRESHOLD, build_context
+from proxy.telemetry.console import make_access_log
+from proxy.telemetry.sink import Telemetry
+from proxy.telemetry.stats import Stats
 
 REQUEST = b"GET / HTTP/1.1\r\nHost: 127.0.0.1:28080\r\n\r\n"  # what wrk sends
 RESPONSE = (  # what bench.py's nginx origin answers
@@ -99,12 +100,14 @@ class Rig:
         )
         self.log_sink = open(os.devnull, "wb")  # noqa: SIM115 (closed in close())
         self.telemetry = Telemetry(Stats(), make_access_log(config, self.log_sink))
-        self.ctx = ProxyContext(config, self.loop, self.telemetry, "0123456789abcdef")
+        self.ctx, headers, known_heads = build_context(
+            config, self.loop, self.telemetry, "0123456789abcdef"
+        )
         self.client = MemoryTransport()
-        self.down = DownstreamProtocol(self.ctx)
+        self.down = DownstreamProtocol(self.ctx, headers, known_heads)
         self.down.connection_made(self.client)
         self.origin = MemoryTransport()
-        upstream = UpstreamConnection(self.ctx.pool)
+        upstream = self.ctx.pool.factory(self.ctx.pool)
         upstream.connection_made(self.origin)
         self.up = upstream
         self.ctx.pool.idle.append(upstream)

@@ -10,12 +10,14 @@ import argparse
 import logging
 import os
 import sys
+import sysconfig
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import yaml
 
-from . import __version__, compiled, stale_compiled
+from . import __version__
 from .config import Config, ConfigError, describe_interface, format_address, load_config
 
 EXIT_USAGE = 2
@@ -162,9 +164,9 @@ DEMO_BASE: dict[tuple[str, ...], Any] = {
 
 
 def _serve_banner(server: Any) -> None:
-    from .console import install_summary
+    from .telemetry.console import install_summary
 
-    install_summary(server)  # on a terminal: a summary line after each burst
+    install_summary(server.telemetry)  # on a terminal: a summary line after each burst
     config = server.config
     build = "compiled" if compiled() else "interpreted"
     stale = stale_compiled()
@@ -199,9 +201,9 @@ def _run_demo(args: argparse.Namespace) -> int:
     import uvloop
 
     from .config import parse_address
-    from .console import install_summary
     from .demo import start_demo_origin
     from .server import ProxyServer, StartupError
+    from .telemetry.console import install_summary
 
     args.listen, args.admin = _this_machine(args.listen), _this_machine(args.admin)
     try:
@@ -222,7 +224,8 @@ def _run_demo(args: argparse.Namespace) -> int:
             server = ProxyServer(config)
             await server.start()
             server.install_signal_handlers()
-            install_summary(server)
+            assert server.telemetry is not None
+            install_summary(server.telemetry)
             _demo_banner(server, origin.url)
             await server.serve_until_stopped()
         finally:
@@ -250,3 +253,27 @@ def _demo_banner(server: Any, origin_url: str) -> None:
         file=sys.stderr,
         flush=True,
     )
+
+
+def compiled() -> bool:
+    """True when the per-exchange modules run compiled by mypyc (setup.py, FAULTLINE_COMPILE=1),
+    False when they run as the interpreted sources."""
+    from .forward import forwarder
+
+    return not (forwarder.__file__ or "").endswith(".py")
+
+
+def stale_compiled() -> list[str]:
+    """Sources edited after their compiled copy was built next to them in a work tree
+    (`FAULTLINE_COMPILE=1 pip install -e .`): Python imports the copy, so the edit does not
+    run. An installed wheel's files are never edited and are not checked."""
+    here = Path(__file__).resolve().parent  # the package: this module sits at its top
+    paths = sysconfig.get_paths()
+    if any(here.is_relative_to(Path(paths[k]).resolve()) for k in ("purelib", "platlib")):
+        return []
+    stale = []
+    for library in here.rglob("*.so"):
+        source = library.parent / (library.name.split(".", 1)[0] + ".py")
+        if source.exists() and source.stat().st_mtime > library.stat().st_mtime:
+            stale.append(str(source.relative_to(here)))
+    return sorted(stale)

@@ -16,26 +16,25 @@ import asyncio
 import contextlib
 import errno
 import gc
-import ipaddress
 import logging
 import os
 import signal
-import sys
 from collections.abc import Callable
-from functools import partial
 from typing import Any
 
 from . import __version__
-from .accesslog import AccessLog, json_line_of
+from .base.memo import Memo
 from .config import Config, format_address
-from .console import pretty_line_of
-from .downstream import DownstreamProtocol, RequestHead, client_is_trusted
-from .exchange import Exchange, perf_ns
-from .headers import HeaderPolicy
-from .memo import Memo
-from .outbox import Outbox
-from .stats import Stats
-from .upstream import UpstreamPool
+from .diagnosis.record import perf_ns
+from .forward.context import ForwardContext
+from .forward.outbox import Outbox
+from .http1.client import DownstreamProtocol
+from .http1.headers import HeaderPolicy
+from .http1.origin import OriginSide
+from .http1.request import RequestHead
+from .telemetry.console import make_access_log
+from .telemetry.sink import Telemetry
+from .telemetry.stats import Stats
 
 log = logging.getLogger("faultline")
 
@@ -44,148 +43,38 @@ class StartupError(Exception):
     """The proxy cannot start (an address is busy or unusable); one line for the user."""
 
 
-# Finished exchanges held before the sinks take them (the sweep settles sooner when idle).
-BATCH_MAX = 512
 GC_YOUNG_THRESHOLD = 20_000  # allocations between young-generation collections
 DRAIN_REPLY_S = 0.2  # after the drain deadline: time for the proxy's 503s to go out
-
-
-class Telemetry:
-    """The sinks every finished exchange goes to: stats, the access log, observers.
-
-    `record` only counts the exchange out of `in_flight` and queues it; `settle` hands the
-    queue to the sinks in one batch. Whoever reads the stats settles first.
-    """
-
-    def __init__(
-        self,
-        stats: Stats,
-        access_log: AccessLog | None,
-        observers: list[Callable[[Exchange], None]] | None = None,
-    ) -> None:
-        self.stats = stats
-        self.access_log = access_log
-        self.observers = observers or []
-        self.pending: list[Exchange] = []
-
-    def record(self, ex: Exchange) -> None:
-        self.stats.in_flight -= 1
-        pending = self.pending
-        pending.append(ex)
-        if len(pending) >= BATCH_MAX:
-            self.settle()
-
-    def settle(self) -> None:
-        batch = self.pending
-        if not batch:
-            return
-        self.pending = []
-        sinks: list[Callable[[list[Exchange]], None]] = [self.stats.record_batch]
-        if self.access_log is not None:
-            sinks.append(self.access_log.write)
-        sinks += (partial(_each, observer) for observer in self.observers)
-        for sink in sinks:
-            try:
-                sink(batch)
-            except Exception:  # a defect in one sink must not stop the others or the sweep
-                log.exception("internal error while recording %d exchanges", len(batch))
-
-
-def _each(observer: Callable[[Exchange], None], batch: list[Exchange]) -> None:
-    for ex in batch:
-        observer(ex)
 
 
 def _ns(seconds: float) -> int:
     return int(seconds * 1e9)
 
 
-class ProxyContext:
-    """What every connection shares: the configuration as ready-to-use values, the pool,
-    the telemetry. Built once at start-up."""
-
-    def __init__(
-        self,
-        config: Config,
-        loop: asyncio.AbstractEventLoop,
-        telemetry: Telemetry,
-        instance_id: str,
-    ) -> None:
-        self.config = config
-        self.telemetry = telemetry
-        self.stats = telemetry.stats
-        self.outbox = Outbox(loop)
-        self.pool = UpstreamPool(config, loop, self.outbox)
-        self.connections: set[DownstreamProtocol] = set()
-        self.draining = False
-        self.instance_id = instance_id
-        diagnostics = config.diagnostics
-        self.diagnostics = diagnostics
-        self.headers = HeaderPolicy(
-            proxy_name=config.proxy_name,
-            instance_id=instance_id,
-            upstream_authority=config.upstream_authority,
-            proxy_status=config.headers.proxy_status and diagnostics,
-            server_timing=config.headers.server_timing and diagnostics,
-            forwarded=config.headers.forwarded,
-            via=config.headers.via,
-        )
-        self.upstream_authority = config.upstream_authority
-        limits, timeouts = config.limits, config.timeouts
-        self.max_in_flight = limits.max_in_flight
-        self.max_connections = limits.max_connections
-        self.max_request_body_bytes = limits.max_request_body_bytes
-        self.max_request_header_bytes = limits.max_request_header_bytes
-        self.connect_ns = _ns(timeouts.connect)
-        self.dns_ns = _ns(timeouts.dns)
-        self.response_headers_ns = _ns(timeouts.response_headers)
-        self.upstream_read_ns = _ns(timeouts.upstream_read)
-        self.client_headers_ns = _ns(timeouts.client_headers)
-        self.client_body_ns = _ns(timeouts.client_body)
-        self.keepalive_ns = _ns(timeouts.keepalive)
-        self.pool_wait_ns = _ns(timeouts.pool_wait)
-        self.drain_ns = _ns(timeouts.drain)
-        self.upstream_wait_ns = _ns(config.upstream_wait)
-        self.upstream_wait = config.upstream_wait > 0
-        self._trusted = [ipaddress.ip_network(n, strict=False) for n in config.trusted_proxies]
-        # Reads that were one whole bodiless request head -> that head, parsed and
-        # validated under this configuration (DownstreamProtocol.data_received): a client
-        # that repeats a head skips parsing it. At most 1024 heads of at most 4 KiB.
-        self.known_heads: Memo[bytes, RequestHead] = Memo(1024, 4096)
-        self._id_prefix = instance_id[:8].encode()
-        self._id_counter = 0
-
-    def new_request_id(self) -> bytes:
-        self._id_counter += 1
-        return b"%s-%08x" % (self._id_prefix, self._id_counter)
-
-    def is_trusted(self, address: str) -> bool:
-        return client_is_trusted(address, self._trusted)
-
-    def sweep_interval_s(self) -> float:
-        t = self.config.timeouts
-        shortest = min(
-            t.connect,
-            t.dns,
-            t.response_headers,
-            t.upstream_read,
-            t.client_headers,
-            t.client_body,
-            t.keepalive,
-            t.pool_wait,
-        )
-        return min(max(shortest / 20, 0.01), 0.25)
-
-
-def make_access_log(config: Config, stream: Any = None) -> AccessLog | None:
-    if not config.log.access or config.log.quiet or not config.diagnostics:
-        return None
-    stream = stream or sys.stdout.buffer
-    fmt = config.log.format
-    if fmt == "auto":
-        fmt = "pretty" if os.isatty(stream.fileno()) else "json"
-    line_of = pretty_line_of if fmt == "pretty" else json_line_of
-    return AccessLog(stream, line_of, config.log.redact_query)
+def build_context(
+    config: Config, loop: asyncio.AbstractEventLoop, telemetry: Telemetry, instance_id: str
+) -> tuple[ForwardContext, HeaderPolicy, Memo[bytes, RequestHead]]:
+    """The core's shared context, wired to its sinks and to the HTTP/1.1 codec's origin
+    side; and what every HTTP/1.1 client connection shares (`DownstreamProtocol`)."""
+    diagnostics = config.diagnostics
+    headers = HeaderPolicy(
+        proxy_name=config.proxy_name,
+        instance_id=instance_id,
+        upstream_authority=config.upstream_authority,
+        proxy_status=config.headers.proxy_status and diagnostics,
+        server_timing=config.headers.server_timing and diagnostics,
+        forwarded=config.headers.forwarded,
+        via=config.headers.via,
+    )
+    outbox = Outbox(loop)
+    origins = OriginSide(headers, outbox, config.limits.max_response_header_bytes)
+    ctx = ForwardContext(
+        config, loop, outbox, telemetry.record, telemetry.stats, origins, instance_id
+    )
+    # Reads that were one whole bodiless request head -> that head, parsed and validated
+    # under this configuration: at most 1024 heads of at most 4 KiB.
+    known_heads: Memo[bytes, RequestHead] = Memo(1024, 4096)
+    return ctx, headers, known_heads
 
 
 class ProxyServer:
@@ -194,7 +83,10 @@ class ProxyServer:
     def __init__(self, config: Config, access_stream: Any = None) -> None:
         self.config = config
         self.access_stream = access_stream
-        self.ctx: ProxyContext | None = None
+        self.ctx: ForwardContext | None = None
+        self.telemetry: Telemetry | None = None
+        self.headers: HeaderPolicy | None = None
+        self.known_heads: Memo[bytes, RequestHead] | None = None
         self.ready = False
         self.listen_address: tuple[str, int] | None = None
         self.admin_address: tuple[str, int] | None = None
@@ -208,11 +100,17 @@ class ProxyServer:
         config = self.config
         stats = Stats(config.stats.recent_errors)
         telemetry = Telemetry(stats, make_access_log(config, self.access_stream))
-        ctx = self.ctx = ProxyContext(config, loop, telemetry, os.urandom(8).hex())
+        self.telemetry = telemetry
+        ctx, headers, known_heads = build_context(config, loop, telemetry, os.urandom(8).hex())
+        self.ctx, self.headers, self.known_heads = ctx, headers, known_heads
         host, port = config.listen
         try:
             self._server = await loop.create_server(
-                lambda: DownstreamProtocol(ctx), host, port, backlog=4096, reuse_address=True
+                lambda: DownstreamProtocol(ctx, headers, known_heads),
+                host,
+                port,
+                backlog=4096,
+                reuse_address=True,
             )
         except OSError as exc:
             raise StartupError(_bind_error("listen", config.listen, exc)) from None
@@ -220,7 +118,9 @@ class ProxyServer:
         from .admin import start_admin  # prometheus_client only when the proxy starts
 
         try:
-            self._admin, self.admin_address = await start_admin(self, config)
+            self._admin, self.admin_address = await start_admin(
+                config, telemetry, lambda: self.ready, ctx.pool.counts
+            )
         except OSError as exc:
             self._server.close()
             raise StartupError(_bind_error("admin.listen", config.admin.listen, exc)) from None
@@ -232,7 +132,8 @@ class ProxyServer:
         ctx = self.ctx
         assert ctx is not None
         interval = ctx.sweep_interval_s()
-        telemetry = ctx.telemetry
+        telemetry = self.telemetry
+        assert telemetry is not None
         while True:
             await asyncio.sleep(interval)
             now = perf_ns()
@@ -243,6 +144,11 @@ class ProxyServer:
                     log.exception("internal error while checking deadlines")
             ctx.pool.sweep(now)
             telemetry.settle()
+
+    def settle(self) -> None:
+        """Finished exchanges go to the sinks now (whoever reads the stats does this)."""
+        if self.telemetry is not None:
+            self.telemetry.settle()
 
     def request_stop(self) -> None:
         if self._stopping is not None:
@@ -271,15 +177,12 @@ class ProxyServer:
         #    so waiting for it would only hold the exit for the whole drain: it closes now.
         ctx.draining = True
         for conn in list(ctx.connections):
-            if conn.raw:
-                conn.close_tunnel()
-            elif conn.current is None and conn.parsing is None:
-                conn.close()
+            conn.drain()
         ctx.pool.close_idle()
         # 5. Let in-flight exchanges finish and their connections flush and close (a slow
         #    client still reading its response is in flight too), up to the drain time.
         deadline = perf_ns() + _ns(timeouts.drain)
-        while (ctx.stats.in_flight > 0 or ctx.connections) and perf_ns() < deadline:
+        while (ctx.counters.in_flight > 0 or ctx.connections) and perf_ns() < deadline:
             await asyncio.sleep(0.02)
         # 6. The deadline passed: what is still in flight is cut by the proxy, and recorded
         #    as the proxy's (a 503 + close where no response had started, else a reset).
@@ -290,13 +193,12 @@ class ProxyServer:
         while ctx.connections and perf_ns() < closing:
             await asyncio.sleep(0.01)  # the 503s reach their clients
         for conn in list(ctx.connections):
-            if conn.transport is not None:
-                conn.transport.abort()
+            conn.abort()
         await asyncio.sleep(0)
         # 7. Flush what is left and stop the admin server.
         for task in self._tasks:
             task.cancel()
-        ctx.telemetry.settle()
+        self.settle()
         if self._admin is not None:
             await self._admin.cleanup()
         ctx.pool.close_idle()
@@ -309,10 +211,9 @@ class ProxyServer:
             self._server.close()
         if self.ctx is not None:
             for conn in list(self.ctx.connections):
-                if conn.transport is not None:
-                    conn.transport.abort()
+                conn.abort()
             self.ctx.pool.close_idle()
-            self.ctx.telemetry.settle()
+        self.settle()
         if self._admin is not None:
             await self._admin.cleanup()
         await asyncio.sleep(0)
@@ -327,8 +228,7 @@ class ProxyServer:
             log.warning(
                 "second %s: exiting without waiting for the drain", signal.Signals(sig).name
             )
-            if self.ctx is not None:
-                self.ctx.telemetry.settle()  # what finished is still logged
+            self.settle()  # what finished is still logged
             os._exit(0)
         log.info("%s: draining (readyz now 503)", signal.Signals(sig).name)
         self.request_stop()

@@ -16,7 +16,7 @@ import aiohttp
 import orjson
 import pytest
 
-from proxy.stats import layer_of
+from proxy.telemetry.stats import layer_of
 
 from support import OriginConnection
 

@@ -28,7 +28,7 @@ import httptools
 import orjson
 import pytest
 
-from proxy import compiled
+from proxy.cli import compiled
 from proxy.config import load_config
 from proxy.server import ProxyServer
 
@@ -92,8 +92,8 @@ class RunningProxy:
     def stats(self) -> Any:
         """The proxy's stats, with every exchange finished so far settled into them."""
         assert self.server.ctx is not None
-        self.server.ctx.telemetry.settle()
-        return self.server.ctx.stats
+        self.server.settle()
+        return self.server.telemetry.stats
 
     @property
     def pool(self) -> Any:
@@ -101,9 +101,9 @@ class RunningProxy:
         return self.server.ctx.pool
 
     def access_log(self) -> list[dict[str, Any]]:
-        ctx = self.server.ctx
-        assert ctx is not None and ctx.telemetry.access_log is not None
-        ctx.telemetry.settle()
+        telemetry = self.server.telemetry
+        assert telemetry is not None and telemetry.access_log is not None
+        telemetry.settle()
         return self.log.lines()
 
     async def settle(self, timeout: float = 5.0) -> None:

@@ -11,8 +11,8 @@ import aiohttp
 import orjson
 import pytest
 
-from proxy.accesslog import Clock, json_line_of, log_record, redact_target
-from proxy.exchange import Exchange
+from proxy.diagnosis.record import Exchange
+from proxy.telemetry.accesslog import Clock, json_line_of, log_record, redact_target
 
 from support import LOOPBACK, OriginConnection, free_port, read_terminal, spawn_proxy
 

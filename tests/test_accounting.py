@@ -22,8 +22,8 @@ import orjson
 from admin_support import Key, answer_by_path, breakdowns, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.faults import CLIENT_CLOSED_STATUS, TAXONOMY, Fault, Layer, Source
-from proxy.stats import layer_of
+from proxy.diagnosis.faults import CLIENT_CLOSED_STATUS, TAXONOMY, Fault, Layer, Source
+from proxy.telemetry.stats import layer_of
 
 from support import LOOPBACK, OriginConnection, parse_responses, read_until_reset
 

@@ -12,7 +12,7 @@ import pytest
 from admin_support import admin_get, fetch, require_tool, routed_origin, wait_for
 
 from proxy.config import load_config
-from proxy.faults import REQUEST_PROBLEMS, TAXONOMY, Fault, Source
+from proxy.diagnosis.faults import REQUEST_PROBLEMS, TAXONOMY, Fault, Source
 from proxy.server import ProxyServer
 
 from support import LOOPBACK, LogCapture, start_proxy

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy import compiled, stale_compiled
+from proxy.cli import compiled, stale_compiled
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -92,21 +92,23 @@ def test_compiling_needs_what_the_code_imports_and_nothing_kept_twice():
 
 
 def test_a_source_edited_after_compiling_is_named(tmp_path):
-    """stale_compiled() on a work tree: a module whose .py is newer than its .so."""
+    """stale_compiled() on a work tree: a module whose .py is newer than its .so, in any
+    sub-package."""
     package = tmp_path / "proxy"
-    package.mkdir()
+    (package / "forward").mkdir(parents=True)
     shutil.copy2(ROOT / "proxy" / "__init__.py", package / "__init__.py")
-    for name, when in (("forward", 1_000), ("upstream", 3_000)):
+    shutil.copy2(ROOT / "proxy" / "cli.py", package / "cli.py")
+    for name, when in (("forward/forwarder", 1_000), ("forward/pool", 3_000)):
         (package / f"{name}.py").write_text("")
         os.utime(package / f"{name}.py", (2_000, 2_000))
         library = package / f"{name}.cpython-311-x86_64-linux-gnu.so"
         library.write_bytes(b"")
-        os.utime(library, (when, when))  # forward compiled before its edit, upstream after
+        os.utime(library, (when, when))  # forwarder compiled before its edit, pool after
     res = subprocess.run(
-        [sys.executable, "-c", "import proxy; print(proxy.stale_compiled())"],
+        [sys.executable, "-c", "from proxy.cli import stale_compiled; print(stale_compiled())"],
         cwd=tmp_path,
         capture_output=True,
         text=True,
         timeout=30,
     )
-    assert res.stdout.strip() == "['forward.py']", res.stdout + res.stderr
+    assert res.stdout.strip() == "['forward/forwarder.py']", res.stdout + res.stderr

@@ -8,11 +8,11 @@ import pty
 import re
 import socket
 
-from proxy import console
-from proxy.console import TIMES, BurstSummary, install_summary, pretty_line
-from proxy.diagnosis import FAULT_BEHIND_ORIGIN, HINT_TEXT, ORIGIN_5XX_FOR_CLIENT_ERROR
-from proxy.exchange import Exchange
-from proxy.faults import REQUEST_PROBLEMS, TAXONOMY, Fault, Source
+from proxy.diagnosis.faults import REQUEST_PROBLEMS, TAXONOMY, Fault, Source
+from proxy.diagnosis.hops import FAULT_BEHIND_ORIGIN, HINT_TEXT, ORIGIN_5XX_FOR_CLIENT_ERROR
+from proxy.diagnosis.record import Exchange
+from proxy.telemetry import console
+from proxy.telemetry.console import TIMES, BurstSummary, install_summary, pretty_line
 
 from support import LOOPBACK, free_port, read_terminal, spawn_proxy
 
@@ -223,9 +223,9 @@ async def test_json_logs_get_no_summary(origin_factory, proxy_factory):
 
     origin = await origin_factory(ok)
     proxy = await proxy_factory(origin.url)  # JSON lines
-    observers = proxy.server.ctx.telemetry.observers
+    observers = proxy.server.telemetry.observers
     before = list(observers)
-    assert install_summary(proxy.server) is None
+    assert install_summary(proxy.server.telemetry) is None
     assert observers == before
 
 

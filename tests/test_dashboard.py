@@ -24,8 +24,8 @@ from admin_support import (
 )
 
 from proxy.demo import start_demo_origin
-from proxy.faults import TAXONOMY, Fault
-from proxy.stats import BUCKETS_S, PHASES
+from proxy.diagnosis.faults import TAXONOMY, Fault
+from proxy.telemetry.stats import BUCKETS_S, PHASES
 
 from support import LOOPBACK, ROOT, raw_request
 

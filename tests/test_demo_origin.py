@@ -29,7 +29,7 @@ import httptools
 import pytest
 
 from proxy.demo import ROUTES, DemoOrigin, DemoRoute, make_demo_app, start_demo_origin
-from proxy.diagnosis import Evidence, diagnose
+from proxy.diagnosis.hops import Evidence, diagnose
 
 # The proxy settings the demo's expectations assume.
 RESPONSE_HEADERS_TIMEOUT_S = 2.0

@@ -335,7 +335,11 @@ def test_wheel_installs_into_fresh_venv(faultline_venv):
     assert res.returncode == 0 and "site-packages" in res.stdout, res.stdout + res.stderr
     # The image's build: the per-exchange modules compiled (setup.py, FAULTLINE_COMPILE=1).
     res = run(
-        [str(faultline_venv / "bin" / "python"), "-c", "import proxy; print(proxy.compiled())"],
+        [
+            str(faultline_venv / "bin" / "python"),
+            "-c",
+            "from proxy.cli import compiled; print(compiled())",
+        ],
         cwd="/",
     )
     assert res.stdout.strip() == "True", res.stdout + res.stderr

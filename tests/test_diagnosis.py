@@ -18,7 +18,8 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.diagnosis import (
+from proxy.diagnosis.faults import Fault
+from proxy.diagnosis.hops import (
     FAULT_BEHIND_ORIGIN,
     HINT_TEXT,
     HOP_NAMES_MAX,
@@ -34,9 +35,8 @@ from proxy.diagnosis import (
     proxy_status_author,
     recognise,
 )
-from proxy.exchange import Exchange
-from proxy.faults import Fault
-from proxy.stats import Stats
+from proxy.diagnosis.record import Exchange
+from proxy.telemetry.stats import Stats
 
 from support import OriginConnection, ScriptedOrigin, proxy_status_members, spawn_proxy
 

@@ -10,8 +10,8 @@ import asyncio
 
 import pytest
 
-from proxy.faults import Fault
-from proxy.metrics import make_registry, render
+from proxy.diagnosis.faults import Fault
+from proxy.telemetry.metrics import make_registry, render
 
 from support import LOOPBACK, OriginConnection, parse_responses, proxy_status_members
 
@@ -36,8 +36,8 @@ async def _read_all(reader: asyncio.StreamReader) -> tuple[bytes, str]:
     return bytes(data), "eof"
 
 
-def _metric(ctx, name: str, **labels: str) -> float:
-    text = render(make_registry(ctx), None)[0].decode()
+def _metric(server, name: str, **labels: str) -> float:
+    text = render(make_registry(server.telemetry, server.ctx.pool.counts), None)[0].decode()
     want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
     for line in text.splitlines():
         if line.startswith(name + "{"):
@@ -93,9 +93,9 @@ async def test_a_request_waiting_for_its_response_gets_a_503_that_names_the_drai
         "proxy",
         CUT,
     )
-    counts = proxy.server.ctx.stats.counts
+    counts = proxy.server.telemetry.stats.counts
     assert counts == {(503, "proxy", CUT): 1}  # not a 499, not a client abort
-    ctx = proxy.server.ctx
+    ctx = proxy.server
     assert (
         _metric(
             ctx, "faultline_responses_total", code="503", source="proxy", layer="proxy", error=CUT
@@ -131,7 +131,7 @@ async def test_a_response_already_started_is_reset_and_charged_to_the_proxy(
     (record,) = proxy.log.lines()
     assert (record["status"], record["layer"], record["error"]) == (200, "proxy", CUT), record
     assert "timeouts.drain" in record["details"]
-    assert proxy.server.ctx.stats.counts == {(200, "origin", CUT): 1}
+    assert proxy.server.telemetry.stats.counts == {(200, "origin", CUT): 1}
 
 
 async def test_an_exchange_that_finishes_within_the_drain_is_not_cut(origin_factory, proxy_factory):
@@ -156,4 +156,4 @@ async def test_an_exchange_that_finishes_within_the_drain_is_not_cut(origin_fact
     assert response.status == 200 and response.body == b"in time"
     (record,) = proxy.log.lines()
     assert (record["source"], record["error"]) == ("origin", None)
-    assert proxy.server.ctx.stats.counts == {(200, "origin", None): 1}
+    assert proxy.server.telemetry.stats.counts == {(200, "origin", None): 1}

@@ -598,7 +598,7 @@ async def test_internal_defect_is_a_500_with_the_traceback_only_in_the_log(
 ):
     """Fault injection into our own code: a header builder that raises stands for any
     defect; the client gets a plain 500, the log gets the traceback."""
-    from proxy.headers import HeaderPolicy
+    from proxy.http1.headers import HeaderPolicy
 
     def defect(self, *args):
         raise RuntimeError("deliberate defect /secret/path")
@@ -628,7 +628,7 @@ async def test_a_defect_in_one_sink_spares_the_others_and_the_proxy(
 ):
     """Finished exchanges are settled into stats, log and observers in batches: a defect in
     the stats must not cost the access log its lines, nor stop the proxy serving."""
-    from proxy.stats import Stats
+    from proxy.telemetry.stats import Stats
 
     def defect(self, batch):
         raise RuntimeError("deliberate defect in the stats")

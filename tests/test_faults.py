@@ -14,7 +14,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from proxy.classify import (
+from proxy.diagnosis.classify import (
     DeadlineExpired,
     ResponseHeadersTooLarge,
     UpgradeBroken,
@@ -22,8 +22,7 @@ from proxy.classify import (
     classify,
     duration_text,
 )
-from proxy.exchange import Exchange, Phase
-from proxy.faults import (
+from proxy.diagnosis.faults import (
     CLIENT_CLOSED_STATUS,
     REQUEST_PROBLEMS,
     TAXONOMY,
@@ -33,6 +32,8 @@ from proxy.faults import (
     Source,
     info,
 )
+from proxy.diagnosis.record import Exchange, Phase
+from proxy.forward.pool import handshake_failure, name_failure
 from proxy.replies import problem_document
 
 from support import LOOPBACK, ROOT, check_detail
@@ -191,8 +192,8 @@ def test_nothing_outside_the_taxonomy_spells_a_fault_token():
 # -- classify ---------------------------------------------------------------------------------
 
 CASES = [
-    (Phase.DNS, socket.gaierror(socket.EAI_NONAME, "not known"), {}, Fault.DNS_ERROR),
-    (Phase.DNS, socket.gaierror(socket.EAI_AGAIN, "again"), {}, Fault.DNS_TIMEOUT),
+    (Phase.DNS, name_failure(socket.gaierror(socket.EAI_NONAME, "not known")), {}, Fault.DNS_ERROR),
+    (Phase.DNS, name_failure(socket.gaierror(socket.EAI_AGAIN, "again")), {}, Fault.DNS_TIMEOUT),
     (Phase.DNS, DeadlineExpired(), {}, Fault.DNS_TIMEOUT),
     (
         Phase.CONNECT,
@@ -203,8 +204,13 @@ CASES = [
     (Phase.CONNECT, DeadlineExpired(), {}, Fault.CONNECTION_TIMEOUT),
     (Phase.CONNECT, OSError(errno.ETIMEDOUT, "timed out"), {}, Fault.CONNECTION_TIMEOUT),
     (Phase.CONNECT, OSError(errno.EHOSTUNREACH, "unreachable"), {}, Fault.CONNECTION_REFUSED),
-    (Phase.TLS, ssl.SSLCertVerificationError(1, "bad cert"), {}, Fault.TLS_CERTIFICATE_ERROR),
-    (Phase.TLS, ssl.SSLError(1, "wrong version"), {}, Fault.TLS_PROTOCOL_ERROR),
+    (
+        Phase.TLS,
+        handshake_failure(ssl.SSLCertVerificationError(1, "bad cert")),
+        {},
+        Fault.TLS_CERTIFICATE_ERROR,
+    ),
+    (Phase.TLS, handshake_failure(ssl.SSLError(1, "wrong version")), {}, Fault.TLS_PROTOCOL_ERROR),
     (Phase.TLS, ConnectionResetError(), {}, Fault.TLS_PROTOCOL_ERROR),
     (Phase.TLS, DeadlineExpired(), {}, Fault.CONNECTION_TIMEOUT),
     (Phase.SEND, None, {}, Fault.CONNECTION_TERMINATED),
@@ -236,7 +242,9 @@ def test_classify(phase, error, facts, fault):
 
 def _problem(fault: Fault, detail: str | None, problem: RequestProblem | None = None) -> dict:
     row = REQUEST_PROBLEMS[problem] if problem is not None else TAXONOMY[fault]
-    return problem_document(row, Exchange(0, "127.0.0.1", "app:3000"), detail, "http://app:3000")
+    return problem_document(
+        row, Exchange(0, "127.0.0.1", "app:3000").request_id, detail, "http://app:3000"
+    )
 
 
 @pytest.mark.parametrize(
@@ -282,7 +290,7 @@ def test_durations_read_as_configured(ns, text):
 
 
 def test_dns_error_detail_is_the_rcode():
-    assert classify(Phase.DNS, socket.gaierror(socket.EAI_NONAME, "x")) == (
+    assert classify(Phase.DNS, name_failure(socket.gaierror(socket.EAI_NONAME, "x"))) == (
         Fault.DNS_ERROR,
         "NXDOMAIN",
     )
@@ -296,19 +304,18 @@ def test_dns_error_detail_is_the_rcode():
 MS700 = 700_000_000
 
 
-def _cert_error(
-    verify_message: str | None, reason: str | None = None
-) -> ssl.SSLCertVerificationError:
+def _cert_error(verify_message: str | None, reason: str | None = None) -> BaseException:
+    """What the pool makes of the ssl module's certificate error (`handshake_failure`)."""
     error = ssl.SSLCertVerificationError(1, "certificate verify failed")
     error.verify_message = verify_message  # type: ignore[attr-defined]
     error.reason = reason  # type: ignore[misc]
-    return error
+    return handshake_failure(error)
 
 
-def _ssl_error(reason: str | None) -> ssl.SSLError:
+def _ssl_error(reason: str | None) -> BaseException:
     error = ssl.SSLError(1, "[SSL] record layer failure")
     error.reason = reason  # type: ignore[misc]
-    return error
+    return handshake_failure(error)
 
 
 def _setting(setting: str) -> DeadlineExpired:
@@ -369,7 +376,7 @@ DETAILS: list[tuple[str, Phase, BaseException | None, dict, Fault, str]] = [
     (
         "dns-eai-again",
         Phase.DNS,
-        socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution"),
+        name_failure(socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")),
         {},
         Fault.DNS_TIMEOUT,
         "temporary failure in name resolution (EAI_AGAIN)",
@@ -746,7 +753,11 @@ GAI_CASES = [
     ("code", "fault", "rcode"), [c[1:] for c in GAI_CASES], ids=[c[0] for c in GAI_CASES]
 )
 def test_each_getaddrinfo_error_gives_its_rcode(code, fault, rcode):
-    error = socket.gaierror("lookup failed") if code is None else socket.gaierror(code, "x")
+    error = (
+        name_failure(socket.gaierror("lookup failed"))
+        if code is None
+        else name_failure(socket.gaierror(code, "x"))
+    )
     got, detail = classify(Phase.DNS, error)
     assert got is fault
     if rcode is not None:

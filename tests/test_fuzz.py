@@ -26,7 +26,7 @@ from hostile_support import Received, RecordingOrigin
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from proxy.faults import TAXONOMY, Fault, Layer
+from proxy.diagnosis.faults import TAXONOMY, Fault, Layer
 
 from support import LOOPBACK, RunningProxy, parse_responses, read_until_reset
 

@@ -23,7 +23,7 @@ from hostile_support import (
     send_raw,
 )
 
-from proxy.faults import Fault
+from proxy.diagnosis.faults import Fault
 
 from support import LOOPBACK, Response, parse_responses, proxy_status_members
 

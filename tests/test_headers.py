@@ -20,21 +20,10 @@ from dataclasses import dataclass
 import pytest
 from hostile_support import Received, RecordingOrigin, ResponseReader, send_raw
 
-from proxy.headers import (
-    CONNECTION_OPTIONS,
-    HOP_BY_HOP,
-    MS_TABLE,
-    MS_TABLE_SIZE,
-    HeaderPolicy,
-    http_date,
-    ms_text,
-    prefers_html,
-    proxy_status_error,
-    safe_value,
-    server_timing,
-    sf_string,
-    valid_request_id,
-)
+from proxy.base.text import MS_TABLE, MS_TABLE_SIZE, http_date, ms_text
+from proxy.forward.fields import proxy_status_error, safe_value, server_timing, sf_string
+from proxy.http1.headers import CONNECTION_OPTIONS, HOP_BY_HOP, HeaderPolicy, valid_request_id
+from proxy.replies import prefers_html
 
 from support import LOOPBACK, parse_responses, proxy_status_members
 
@@ -614,7 +603,7 @@ def test_the_reason_phrase_guard_byte_by_byte():
     sanitised = set()
     for code in set(range(256)) - {0x0A, 0x0D}:
         head = b"HTTP/1.1 404 N" + bytes([code]) + b"t\r\n" + DATE
-        prefix, _ = policy.response_prefix(head, 404)
+        prefix = policy.origin_head(head, 404).prefix
         if prefix.startswith(b"HTTP/1.1 404 Faultline-Sanitised\r\nDate: "):
             sanitised.add(code)
         else:
@@ -774,10 +763,10 @@ async def test_response_heads_are_remembered_up_to_2_kib(size, kept, origins, pr
     origin = await origins(replying(head + b"\r\nok"))
     proxy = await proxy_factory(origin.url, **{"headers.server_timing": False})
     got = await keep_alive_exchange(proxy.port, [get(), get()], None)
-    memo = proxy.server.ctx.headers.response_prefixes
+    memo = proxy.server.headers.origin_heads
     assert (head in memo) is kept
     if kept:
-        assert memo[head][0].startswith(b"HTTP/1.1 200 OK\r\n" + DATE)
+        assert memo[head].prefix.startswith(b"HTTP/1.1 200 OK\r\n" + DATE)
     first, second = ([(k, v) for k, v in h if k.lower() != b"x-request-id"] for _, h, _ in got)
     assert first == second and got[0][2] == got[1][2] == b"ok"
 
@@ -794,10 +783,10 @@ def test_response_heads_memo_holds_256_and_then_starts_again():
     )
     heads = [b"HTTP/1.1 200 OK\r\n" + DATE + b"X-N: %d\r\n" % n for n in range(257)]
     for head in heads[:256]:
-        policy.response_prefix(head, 200)
-    assert len(policy.response_prefixes) == 256
-    policy.response_prefix(heads[256], 200)
-    assert list(policy.response_prefixes) == [heads[256]]
+        policy.origin_head(head, 200)
+    assert len(policy.origin_heads) == 256
+    policy.origin_head(heads[256], 200)
+    assert list(policy.origin_heads) == [heads[256]]
 
 
 # -- the pure formatting rules ------------------------------------------------------------------

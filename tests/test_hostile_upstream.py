@@ -18,7 +18,7 @@ import aiohttp
 import pytest
 from hostile_support import open_fds, raise_fd_limit, rss_bytes
 
-from proxy.faults import Fault
+from proxy.diagnosis.faults import Fault
 
 from support import LOOPBACK, free_port, parse_responses, read_until_reset, spawn_proxy
 

@@ -9,8 +9,8 @@ import asyncio
 import pytest
 from hostile_support import RecordingOrigin
 
-from proxy.downstream import DownstreamProtocol
-from proxy.memo import Memo
+from proxy.base.memo import Memo
+from proxy.http1.client import DownstreamProtocol
 
 from support import LOOPBACK, interpreted_only, parse_responses, start_proxy
 
@@ -62,7 +62,7 @@ async def test_a_repeated_head_is_forwarded_exactly_as_the_first(origin, remembe
     proxy = await start_proxy(origin.url)
     try:
         responses = await one_by_one(proxy.port, [GET] * 5)
-        known = dict(proxy.server.ctx.known_heads)
+        known = dict(proxy.server.known_heads)
         stats = proxy.stats
     finally:
         await proxy.server.close()
@@ -103,7 +103,7 @@ async def test_only_one_whole_bodiless_keep_alive_head_is_remembered(origin, req
         await asyncio.sleep(0.3)
         writer.close()
         await proxy.settle()
-        known = dict(proxy.server.ctx.known_heads)
+        known = dict(proxy.server.known_heads)
     finally:
         await proxy.server.close()
     assert known == {}
@@ -120,7 +120,7 @@ async def test_a_refused_head_stays_refused_every_time(origin):
             writer.close()
             (response,), _ = parse_responses(data)
             assert response.status == 400
-        known = dict(proxy.server.ctx.known_heads)
+        known = dict(proxy.server.known_heads)
     finally:
         await proxy.server.close()
     assert known == {} and origin.requests == []
@@ -136,7 +136,7 @@ async def test_a_remembered_head_still_meets_the_in_flight_limit(remembered):
         _first_reader, first = await asyncio.open_connection(LOOPBACK, proxy.port)
         first.write(GET)
         await asyncio.sleep(0.2)
-        assert GET in proxy.server.ctx.known_heads  # parsed once, remembered
+        assert GET in proxy.server.known_heads  # parsed once, remembered
         reader, second = await asyncio.open_connection(LOOPBACK, proxy.port)
         second.write(GET)
         data = await asyncio.wait_for(reader.read(65536), 5)

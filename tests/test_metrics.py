@@ -19,8 +19,8 @@ from prometheus_client.openmetrics.parser import (
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy import __version__
-from proxy.faults import Fault, Source
-from proxy.stats import PHASES, layer_of
+from proxy.diagnosis.faults import Fault, Source
+from proxy.telemetry.stats import PHASES, layer_of
 
 from support import LOOPBACK, free_port, raw_request
 

@@ -10,17 +10,17 @@ import time
 
 import pytest
 
-from proxy.classify import DeadlineExpired, classify
-from proxy.diagnosis import (
+from proxy.diagnosis.classify import DeadlineExpired, classify
+from proxy.diagnosis.faults import Fault, Source
+from proxy.diagnosis.hops import (
     FAULT_BEHIND_ORIGIN,
     Evidence,
     diagnose,
     is_invalid_json_request,
     proxy_status_author,
 )
-from proxy.exchange import Exchange, Phase
-from proxy.faults import Fault, Source
-from proxy.stats import Histogram, Stats
+from proxy.diagnosis.record import Exchange, Phase
+from proxy.telemetry.stats import Histogram, Stats
 
 from support import LOOPBACK, OriginConnection, Response, parse_responses
 

@@ -12,7 +12,7 @@ import socket
 
 import pytest
 
-from proxy.outbox import COALESCE_MAX_BYTES, Outbox
+from proxy.forward.outbox import COALESCE_MAX_BYTES, Outbox
 
 
 async def pair() -> tuple[asyncio.Transport, socket.socket, asyncio.Server]:

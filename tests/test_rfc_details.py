@@ -19,7 +19,7 @@ import aiohttp
 import pytest
 from hostile_support import RecordingOrigin, send_raw
 
-from proxy.faults import Fault
+from proxy.diagnosis.faults import Fault
 
 from support import OriginConnection, parse_responses
 

@@ -33,7 +33,7 @@ from hostile_support import (
     rss_bytes,
 )
 
-from proxy.faults import CLIENT_CLOSED_STATUS, Fault, Source
+from proxy.diagnosis.faults import CLIENT_CLOSED_STATUS, Fault, Source
 
 from support import LOOPBACK, parse_responses, read_until_reset, spawn_proxy
 

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.exchange import Exchange
-from proxy.faults import Fault, Source
-from proxy.stats import BUCKETS_S, Histogram, Stats
+from proxy.diagnosis.faults import Fault, Source
+from proxy.diagnosis.record import Exchange
+from proxy.telemetry.stats import BUCKETS_S, Histogram, Stats
 
 # The hop label's cap, spelled out: distinct Proxy-Status names with a label of their own,
 # and the label every later one shares (a changed cap must fail here).

@@ -10,9 +10,9 @@ import time
 import aiohttp
 import pytest
 
-from proxy.console import pretty_line
-from proxy.faults import Fault
-from proxy.metrics import make_registry, render
+from proxy.diagnosis.faults import Fault
+from proxy.telemetry.console import pretty_line
+from proxy.telemetry.metrics import make_registry, render
 
 from support import LOOPBACK, free_port
 
@@ -187,7 +187,8 @@ async def test_held_then_expired_says_the_upstream_never_accepted(proxy_factory)
     assert "the upstream never accepted]" in line and "until the upstream accepted" not in line
     stats = proxy.stats.snapshot(proxy={})
     assert stats["upstream_wait"] == {"held": 1, "expired": 1}
-    metrics = render(make_registry(proxy.server.ctx), None)[0].decode().splitlines()
+    registry = make_registry(proxy.server.telemetry, proxy.server.ctx.pool.counts)
+    metrics = render(registry, None)[0].decode().splitlines()
     assert "faultline_held_requests_total 1.0" in metrics
     assert "faultline_held_requests_expired_total 1.0" in metrics
     assert any(

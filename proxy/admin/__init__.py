@@ -31,21 +31,22 @@ import hashlib
 import hmac
 import html
 import re
+from collections.abc import Callable
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from .. import __version__
-from ..faults import REQUEST_PROBLEMS, TAXONOMY, Fault, FaultInfo, Source
-from ..metrics import make_registry, render
+from ..diagnosis.faults import REQUEST_PROBLEMS, TAXONOMY, Fault, FaultInfo, Source
 from ..replies import reason
-from ..stats import WINDOWS_S
+from ..telemetry.metrics import make_registry, render
+from ..telemetry.sink import Telemetry
+from ..telemetry.stats import WINDOWS_S
 from .listener import AdminListener, AdminRequest, AdminResponse, Handler, problem
 
 if TYPE_CHECKING:
     from ..config import Config
-    from ..server import ProxyServer
 
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 DASHBOARD_PATH = "/dashboard"
@@ -159,13 +160,18 @@ _DASHBOARD_LOGIN = (resources.files(__package__) / "dashboard" / "login.html").r
 # -- the application ----------------------------------------------------------------------------
 
 
-def build_app(server: ProxyServer, config: Config) -> Handler:
-    """The admin app: one synchronous function from a request to its response."""
-    ctx = server.ctx
-    assert ctx is not None
-    stats = ctx.stats
+def build_app(
+    config: Config,
+    telemetry: Telemetry,
+    ready: Callable[[], bool],
+    pool_counts: Callable[[], tuple[int, int]],
+) -> Handler:
+    """The admin app: one synchronous function from a request to its response. `ready`
+    says whether the proxy takes new traffic (/readyz); `pool_counts` gives the upstream
+    pool's idle and busy connections (/metrics)."""
+    stats = telemetry.stats
     token = config.admin.token.encode() if config.admin.token else None
-    registry = make_registry(ctx)
+    registry = make_registry(telemetry, pool_counts)
     dashboard_page, dashboard_csp = load_dashboard()
     faults_body = orjson.dumps(faults_document())
     sources = [s.value for s in Source]
@@ -218,7 +224,7 @@ def build_app(server: ProxyServer, config: Config) -> Handler:
         return AdminResponse(200, TEXT, b"ok\n")
 
     def readyz(request: AdminRequest) -> AdminResponse:
-        if server.ready:
+        if ready():
             return AdminResponse(200, TEXT, b"ready\n")
         return AdminResponse(503, TEXT, b"draining\n")
 
@@ -230,7 +236,7 @@ def build_app(server: ProxyServer, config: Config) -> Handler:
         source = _choice(request, "source", sources)
         error = _choice(request, "error", tokens)
         limit = _integer(request, "limit", 0, MAX_LIMIT)
-        ctx.telemetry.settle()
+        telemetry.settle()
         return json(stats.snapshot(proxy=proxy_info, source=source, error=error, limit=limit))
 
     def metrics_handler(request: AdminRequest) -> AdminResponse:
@@ -244,12 +250,12 @@ def build_app(server: ProxyServer, config: Config) -> Handler:
     def series_handler(request: AdminRequest) -> AdminResponse:
         _check_names(request, ("seconds",))
         seconds = _integer(request, "seconds", 1, WINDOWS_S[-1])
-        ctx.telemetry.settle()
+        telemetry.settle()
         return json(stats.series(seconds or WINDOWS_S[-1]))
 
     def latency_handler(request: AdminRequest) -> AdminResponse:
         _check_names(request, ())
-        ctx.telemetry.settle()
+        telemetry.settle()
         return json(stats.latency())
 
     def dashboard(request: AdminRequest) -> AdminResponse:
@@ -321,10 +327,16 @@ def build_app(server: ProxyServer, config: Config) -> Handler:
     return app
 
 
-async def start_admin(server: ProxyServer, config: Config) -> tuple[AdminListener, tuple[str, int]]:
+async def start_admin(
+    config: Config,
+    telemetry: Telemetry,
+    ready: Callable[[], bool],
+    pool_counts: Callable[[], tuple[int, int]],
+) -> tuple[AdminListener, tuple[str, int]]:
     """Listen on `admin.listen` (OSError when the address is busy or unusable): the
     listener, whose `cleanup()` closes it and every admin connection, and its address."""
     timeouts = config.timeouts
-    listener = AdminListener(build_app(server, config), timeouts.client_headers, timeouts.keepalive)
+    app = build_app(config, telemetry, ready, pool_counts)
+    listener = AdminListener(app, timeouts.client_headers, timeouts.keepalive)
     host, port = config.admin.listen
     return listener, await listener.listen(host, port)

@@ -37,8 +37,9 @@ from httptools import (
     parse_url,
 )
 
-from ..replies import http_date, reason
-from ..upstream import parser_error_text
+from ..base.text import http_date
+from ..http1.errors import parser_error_text
+from ..replies import reason
 
 log = logging.getLogger("faultline")
 

@@ -10,7 +10,7 @@ import json
 
 from aiohttp import WSMsgType, web
 
-from ..faults import Fault
+from ..diagnosis.faults import Fault
 from .landing import LANDING_HTML
 from .wire import (
     BYTES_BLOCK,

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ..diagnosis import FAULT_BEHIND_ORIGIN, ORIGIN_5XX_FOR_CLIENT_ERROR
-from ..faults import Fault
+from ..diagnosis.faults import Fault
+from ..diagnosis.hops import FAULT_BEHIND_ORIGIN, ORIGIN_5XX_FOR_CLIENT_ERROR
 
 SECTION_NORMAL = "Normal traffic"
 SECTION_ORIGIN_ERRORS = "The origin's own errors"

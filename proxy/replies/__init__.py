@@ -3,7 +3,7 @@
 Rule: a proxy-made body says what failed, at which hop, and what to check first (all from
 the taxonomy row), plus the request id and upstream; never a stack trace, a file path or
 a secret. Every value comes from the taxonomy, the exchange's own sanitised facts, or the
-configuration.
+configuration. What a reply is made of is decided here; how it is framed is the codec's.
 """
 
 from __future__ import annotations
@@ -12,19 +12,10 @@ import html
 from http import HTTPStatus
 from importlib.resources import files
 from string import Template
-from typing import TYPE_CHECKING
 
 import orjson
 
-from ..faults import CLIENT_CLOSED_STATUS, Fault, FaultInfo, RequestProblem, info
-from ..headers import http_date, prefers_html
-
-if TYPE_CHECKING:
-    from ..downstream import RequestHead
-    from ..exchange import Exchange
-    from ..server import ProxyContext
-
-__all__ = ["CLIENT_CLOSED_STATUS", "http_date", "render"]
+from ..diagnosis.faults import FaultInfo
 
 PROBLEM_TYPE_BASE = "urn:faultline:fault:"
 # Reason phrases for every reply the proxy and its admin port make: RFC 9110's names where
@@ -47,7 +38,7 @@ def sentence(fact: str) -> str:
     return text if text.endswith((".", "?", "!")) else text + "."
 
 
-def problem_document(row: FaultInfo, ex: Exchange, detail: str | None, upstream: str) -> dict:
+def problem_document(row: FaultInfo, request_id: str, detail: str | None, upstream: str) -> dict:
     assert row.status is not None
     return {
         "type": PROBLEM_TYPE_BASE + row.token,
@@ -59,7 +50,7 @@ def problem_document(row: FaultInfo, ex: Exchange, detail: str | None, upstream:
         "source": "proxy",
         "hop": row.hop,
         "check_first": row.advice,
-        "request_id": ex.request_id,
+        "request_id": request_id,
         "upstream": upstream,
     }
 
@@ -73,50 +64,29 @@ def html_page(doc: dict, proxy_name: str) -> bytes:
     return _PAGE.substitute(values, proxy_name=html.escape(proxy_name)).encode()
 
 
-def render(
-    ctx: ProxyContext,
-    ex: Exchange,
-    head: RequestHead | None,
-    fault: Fault,
-    problem: RequestProblem | None,
+def prefers_html(accept: bytes | None) -> bool:
+    """True when the client asks for HTML before any JSON type (a browser, typically)."""
+    if not accept:
+        return False
+    accept = accept.lower()
+    html = accept.find(b"text/html")
+    if html < 0:
+        return False
+    json = accept.find(b"json")
+    return json < 0 or html < json
+
+
+def body(
+    row: FaultInfo,
+    request_id: str,
     detail: str | None,
-    params: dict[str, str] | None,
-    *,
-    close: bool,
-) -> bytes:
-    """The whole response (head and body) for a fault; sets the exchange's status."""
-    row = info(fault, problem)
-    assert row.status is not None, f"{fault} has no status of its own"
-    ex.status = row.status
-    upstream = ctx.config.upstream
-    doc = problem_document(row, ex, detail, upstream)
-    if head is not None and prefers_html(head.accept) and head.method != b"HEAD":
-        body, content_type = html_page(doc, ctx.config.proxy_name), b"text/html; charset=utf-8"
-    else:
-        body, content_type = orjson.dumps(doc), b"application/problem+json"
-    hp = ctx.headers
-    lines = [
-        b"HTTP/1.1 %d %s\r\n" % (row.status, reason(row.status).encode()),
-        b"Date: " + http_date() + b"\r\n",
-        b"Content-Type: " + content_type + b"\r\n",
-        b"Content-Length: %d\r\n" % len(body),
-        b"Cache-Control: no-store\r\n",
-    ]
-    if hp.proxy_status:
-        next_hop = (
-            ctx.config.upstream_authority if row.layer.value in ("transport", "upstream") else None
-        )
-        lines.append(hp.error_status(row.token, detail, next_hop, params))
-    if hp.server_timing:
-        lines.append(hp.timing(ex.connect_ns(), ex.ttfb_ns(), ex.own_ns(0), ex.wait_ns()))
-    lines.append(b"X-Request-Id: " + ex.request_id.encode() + b"\r\n")
-    if fault is Fault.CONNECTION_LIMIT_REACHED:
-        lines.append(b"Retry-After: %d\r\n" % RETRY_AFTER_S)
-    if close:
-        lines.append(b"Connection: close\r\n")
-    elif head is not None and not head.http11:
-        lines.append(b"Connection: keep-alive\r\n")
-    lines.append(b"\r\n")
-    if head is None or head.method != b"HEAD":
-        lines.append(body)
-    return b"".join(lines)
+    upstream: str,
+    proxy_name: str,
+    accept: bytes | None,
+) -> tuple[bytes, bytes]:
+    """The body of a proxy-made reply and its content type: the HTML page for a client
+    that prefers HTML (`accept`: its Accept field), else the problem document."""
+    doc = problem_document(row, request_id, detail, upstream)
+    if prefers_html(accept):
+        return html_page(doc, proxy_name), b"text/html; charset=utf-8"
+    return orjson.dumps(doc), b"application/problem+json"

@@ -17,11 +17,11 @@ from bisect import bisect_left
 from collections import deque
 from typing import TYPE_CHECKING, Any, Final
 
-from .diagnosis import HOP_NAMES_MAX, HOP_OTHER, HOPS
-from .faults import TAXONOMY, Fault, Layer, Source
+from ..diagnosis.faults import TAXONOMY, Fault, Layer, Source
+from ..diagnosis.hops import HOP_NAMES_MAX, HOP_OTHER, HOPS
 
 if TYPE_CHECKING:
-    from .exchange import Exchange
+    from ..diagnosis.record import Exchange
 
 # Bucket upper bounds in seconds: 1-1.5-2-3-5-7 per decade, 50 µs .. 300 s.
 BUCKETS_S: Final[tuple[float, ...]] = (
@@ -144,7 +144,7 @@ class Stats:
     # -- hot path ------------------------------------------------------------------------------
 
     def record_batch(self, batch: list[Exchange]) -> None:
-        """Finished exchanges, already counted out of `in_flight` (`Telemetry.record`).
+        """Finished exchanges, already counted out of `in_flight` (`Forwarder.finish`).
 
         The common exchange (the origin answered below 400 on a pooled connection, no
         fault) is aggregated in locals: counts per status, histogram sums and maxima,

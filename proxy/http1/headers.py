@@ -9,14 +9,14 @@ the wire: header injection is impossible by construction).
 from __future__ import annotations
 
 import re
-from email.utils import formatdate
-from time import time
 from typing import TYPE_CHECKING, Final
 
-from .memo import Memo
+from ..base.memo import Memo
+from ..base.text import http_date
+from ..forward.fields import proxy_status_error, proxy_status_received, safe_value, server_timing
 
 if TYPE_CHECKING:
-    from .downstream import RequestHead
+    from ..forward.codec import RequestHead
 
 # RFC 9110 §7.6.1: connection-specific fields never forwarded; plus the fields that only
 # make sense for one hop (Proxy-Authorization is addressed to a proxy, Trailer/TE describe
@@ -38,17 +38,9 @@ HOP_BY_HOP: Final = frozenset(
 # Tokens of Connection that are not header names (they are dropped with Connection itself).
 CONNECTION_OPTIONS: Final = frozenset({b"close", b"keep-alive", b"upgrade"})
 
-_UNSAFE: Final = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 # llhttp lets control bytes through in a reason phrase: they are never passed on.
 _STATUS_CONTROL: Final = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _REQUEST_ID: Final = re.compile(rb"^[A-Za-z0-9._:@/+=\-]{1,200}$")
-
-
-def safe_value(value: bytes) -> bytes:
-    """Reject control characters in a value we write (header injection guard)."""
-    if _UNSAFE.search(value):
-        raise ValueError(f"refusing to write a header value with control characters: {value!r}")
-    return value
 
 
 def valid_request_id(value: bytes) -> bool:
@@ -58,94 +50,6 @@ def valid_request_id(value: bytes) -> bool:
 def connection_tokens(value: bytes) -> set[bytes]:
     """The lower-cased tokens of a Connection header value."""
     return {token.strip().lower() for token in value.split(b",") if token.strip()}
-
-
-def sf_string(text: str) -> str:
-    """An RFC 8941 sf-string (printable ASCII, quotes and backslashes escaped)."""
-    cleaned = "".join(ch if " " <= ch <= "~" else "?" for ch in text)
-    return '"' + cleaned.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def proxy_status_received(name: str, next_hop: str) -> tuple[bytes, bytes]:
-    """The two halves of a received-status member, to be joined around the status digits."""
-    prefix = f"{name}; received-status=".encode()
-    suffix = f"; next-hop={sf_string(next_hop)}".encode()
-    return safe_value(prefix), safe_value(suffix)
-
-
-def proxy_status_error(
-    name: str,
-    token: str,
-    details: str | None,
-    next_hop: str | None,
-    params: dict[str, str] | None = None,
-) -> bytes:
-    """A Proxy-Status member for a response the proxy made (RFC 9209 §2.1)."""
-    parts = [f"{name}; error={token}"]
-    if next_hop:
-        parts.append(f"next-hop={sf_string(next_hop)}")
-    for key, value in (params or {}).items():
-        parts.append(f"{key}={sf_string(value)}")
-    if details:
-        parts.append(f"details={sf_string(details[:300])}")
-    return safe_value("; ".join(parts).encode())
-
-
-# Every whole microsecond below MS_TABLE_SIZE as milliseconds with three decimals: the
-# Server-Timing of a typical exchange is two lookups instead of two float formats (those
-# were ~5% of an exchange's instructions). ~190 KB.
-MS_TABLE_SIZE: Final = 4096
-MS_TABLE: Final = tuple(b"%d.%03d" % divmod(us, 1000) for us in range(MS_TABLE_SIZE))
-
-
-def ms_text(us: int) -> bytes:
-    """Microseconds as milliseconds with three decimals ("0.150")."""
-    if us < MS_TABLE_SIZE:
-        return MS_TABLE[us]
-    return b"%d.%03d" % (us // 1000, us % 1000)
-
-
-# Each Server-Timing metric carries a short `desc` (what DevTools shows as its label).
-ST_WAIT_DESC: Final = b';desc="held: upstream refused"'
-ST_CONNECT_DESC: Final = b';desc="upstream connect"'
-ST_TTFB_DESC: Final = b';desc="upstream first byte"'
-ST_PROXY_DESC: Final = b';desc="in proxy"'
-
-
-def server_timing(connect_ns: int, ttfb_ns: int, proxy_ns: int, wait_ns: int = 0) -> bytes:
-    """W3C Server-Timing for the phases known when the response head goes out (ms)."""
-    proxy = b"proxy;dur=" + ms_text(max(proxy_ns, 0) // 1000) + ST_PROXY_DESC
-    if ttfb_ns:
-        proxy = b"ttfb;dur=" + ms_text(ttfb_ns // 1000) + ST_TTFB_DESC + b", " + proxy
-    if connect_ns:
-        proxy = b"connect;dur=" + ms_text(connect_ns // 1000) + ST_CONNECT_DESC + b", " + proxy
-    if wait_ns:
-        proxy = b"wait;dur=" + ms_text(wait_ns // 1000) + ST_WAIT_DESC + b", " + proxy
-    return proxy
-
-
-_date_cache: tuple[int, bytes] = (-1, b"")
-
-
-def http_date() -> bytes:
-    """The IMF-fixdate for now (RFC 9110 §5.6.7), recomputed at most once a second."""
-    global _date_cache
-    now = int(time())
-    if _date_cache[0] != now:
-        _date_cache = (now, formatdate(now, usegmt=True).encode())
-    return _date_cache[1]
-
-
-def prefers_html(accept: bytes | None) -> bool:
-    """True when the client asks for HTML before any JSON type (a browser, typically)."""
-    if not accept:
-        return False
-    accept = accept.lower()
-    html = accept.find(b"text/html")
-    if html < 0:
-        return False
-    json = accept.find(b"json")
-    return json < 0 or html < json
 
 
 # Response header lines Faultline must see or drop; everything else passes through as the
@@ -175,6 +79,21 @@ class ResponseFields:
 
 
 CONTENT_LENGTH_FIELDS: Final = ResponseFields(content_length=True)  # shared: the common head
+
+
+class OriginHead:
+    """An origin's response head as the HTTP/1.1 codecs pass it through the core (its
+    `ResponseHead`): the raw head (status line and field lines), what an HTTP/1.1 client
+    is sent for it (`prefix`: status line, filtered lines, Proxy-Status, Via) and what its
+    fields said. Made once per distinct head (`HeaderPolicy.origin_head`)."""
+
+    __slots__ = ("fields", "prefix", "raw")
+
+    def __init__(self, raw: bytes, prefix: bytes, fields: ResponseFields) -> None:
+        self.raw = raw
+        self.prefix = prefix
+        self.fields = fields
+
 
 # Names that send a head down the full scan; most responses carry none of them.
 _RARE_RESPONSE_FIELD: Final = re.compile(
@@ -287,9 +206,9 @@ class HeaderPolicy:
         self._via_response_line = _line(b"Via", self.via_response)
         self._ps_prefix, self._ps_suffix = proxy_status_received(proxy_name, upstream_authority)
         self._received_lines: dict[int, bytes] = {}
-        # Raw origin head -> (what to send for it, its fields): see `response_prefix`.
+        # Raw origin head -> what is sent for it and its fields: see `origin_head`.
         # At most 256 heads of at most 2 KiB.
-        self.response_prefixes: Memo[bytes, tuple[bytes, ResponseFields]] = Memo(256, 2048)
+        self.origin_heads: Memo[bytes, OriginHead] = Memo(256, 2048)
 
     # -- request to the upstream ----------------------------------------------------------
 
@@ -358,7 +277,7 @@ class HeaderPolicy:
 
     # -- response to the client -----------------------------------------------------------
 
-    def response_prefix(self, head: bytes, status: int) -> tuple[bytes, ResponseFields]:
+    def origin_head(self, head: bytes, status: int) -> OriginHead:
         """What goes out for the origin's raw head (status line and header lines): the
         status line, the filtered header lines, Proxy-Status and Via; and what the head
         said. A pure function of the head, so it is memoised: an origin repeats its heads
@@ -379,9 +298,9 @@ class HeaderPolicy:
             # RFC 9110 §6.6.1: a recipient with a clock adds the Date an origin left out.
             # Such a head is not remembered: its Date line would go stale.
             parts.append(b"Date: " + http_date() + b"\r\n")
-            return b"".join(parts), fields
-        entry = (b"".join(parts), fields)
-        self.response_prefixes.remember(head, entry)
+            return OriginHead(head, b"".join(parts), fields)
+        entry = OriginHead(head, b"".join(parts), fields)
+        self.origin_heads.remember(head, entry)
         return entry
 
     def received_status(self, status: int, upstream: list[bytes] | None) -> bytes:

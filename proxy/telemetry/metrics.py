@@ -18,7 +18,7 @@ Rules:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry
@@ -32,11 +32,11 @@ from prometheus_client.metrics_core import (
 )
 from prometheus_client.utils import floatToGoString
 
-from . import __version__
+from .. import __version__
 from .stats import BUCKETS_S, Histogram, layer_of
 
 if TYPE_CHECKING:
-    from .server import ProxyContext
+    from .sink import Telemetry
 
 
 # The `le` label of every finite bucket, formatted once.
@@ -57,13 +57,13 @@ def _buckets(h: Histogram) -> list[tuple[str, float]]:
 class FaultlineCollector:
     """Builds every `faultline_*` family from the live `Stats` and the upstream pool."""
 
-    def __init__(self, ctx: ProxyContext) -> None:
-        self.ctx = ctx
+    def __init__(self, telemetry: Telemetry, pool_counts: Callable[[], tuple[int, int]]) -> None:
+        self.telemetry = telemetry
+        self.pool_counts = pool_counts
 
     def collect(self) -> Iterator[Metric]:
-        ctx = self.ctx
-        ctx.telemetry.settle()
-        stats = ctx.stats
+        self.telemetry.settle()
+        stats = self.telemetry.stats
 
         build = InfoMetricFamily("faultline_build", "Faultline build information.")
         build.add_metric([], {"version": __version__})
@@ -142,21 +142,24 @@ class FaultlineCollector:
                 hops.add_metric([hop, str(status)], n)
             yield hops
 
-        pool = ctx.pool
+        idle, busy = self.pool_counts()
         connections = GaugeMetricFamily(
             "faultline_upstream_pool_connections",
             "Upstream connections: idle (kept for reuse) and busy (serving an exchange).",
             labels=("state",),
         )
-        connections.add_metric(["idle"], sum(1 for conn in pool.idle if not conn.closed))
-        connections.add_metric(["busy"], pool.busy)
+        connections.add_metric(["idle"], idle)
+        connections.add_metric(["busy"], busy)
         yield connections
 
 
-def make_registry(ctx: ProxyContext) -> CollectorRegistry:
-    """A registry of this server's own (not the process-wide default one)."""
+def make_registry(
+    telemetry: Telemetry, pool_counts: Callable[[], tuple[int, int]]
+) -> CollectorRegistry:
+    """A registry of this server's own (not the process-wide default one); `pool_counts`
+    gives the upstream pool's idle and busy connections."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(FaultlineCollector(ctx))
+    registry.register(FaultlineCollector(telemetry, pool_counts))
     return registry
 
 

@@ -1,19 +1,22 @@
 """Turn an upstream failure into a fault: the phase it happened in plus what the OS said.
 
-Rule 1: this is the one boundary where foreign exceptions (OSError, ssl.SSLError,
-socket.gaierror, httptools errors) become faults; the map is ordered, most specific first.
-Rule 2: pure functions, no I/O: the protocol code reports (phase, error, facts) and gets a
-fault and a one-line detail for Proxy-Status and the logs.
+Rule 1: this is the one place where failures become faults; the map is ordered, most
+specific first. A failure is a fact: an OSError as the OS reported it (errno), an EOF
+(None), or one of the `UpstreamError`s below, which the codecs and the pool raise for what
+they detect themselves and for what a library reported in its own types (a resolver's
+gaierror, an ssl error: `proxy.forward.pool` translates those, so nothing here knows a
+socket or ssl type).
+Rule 2: pure functions, no I/O: the core reports (phase, failure, facts) and gets a fault
+and a one-line detail for Proxy-Status and the logs.
 """
 
 from __future__ import annotations
 
 import errno
-import socket
-import ssl
 
-from .exchange import Phase
+from ..base.text import duration_text
 from .faults import Fault
+from .record import Phase
 
 
 class UpstreamError(Exception):
@@ -36,16 +39,6 @@ class DeadlineExpired(UpstreamError, TimeoutError):
         return f" within {duration_text(self.limit_ns)} ({self.setting})"
 
 
-def duration_text(ns: int) -> str:
-    """A configured duration as its user wrote it: 700ms, 5s, 1.5s, 2m."""
-    ms = round(ns / 1e6)
-    if ms < 1000:
-        return f"{ms}ms"
-    if ms % 60_000 == 0 and ms >= 120_000:
-        return f"{ms // 60_000}m"
-    return f"{ms / 1000:g}s"
-
-
 class UpstreamProtocolError(UpstreamError):
     """The upstream sent bytes that are not valid HTTP/1.x."""
 
@@ -58,12 +51,24 @@ class UpgradeBroken(UpstreamError):
     """The upstream answered an Upgrade request with a malformed 101."""
 
 
-# getaddrinfo errors -> DNS rcode names (RFC 9209 dns_error carries `rcode`).
-_GAI_RCODE = {
-    socket.EAI_NONAME: "NXDOMAIN",
-    getattr(socket, "EAI_NODATA", -5): "NOERROR",  # name exists, no address record
-    socket.EAI_FAIL: "SERVFAIL",
-}
+class NameNotResolved(UpstreamError):
+    """Name resolution failed: `rcode` names the answer (NXDOMAIN, NOERROR: no address
+    record, SERVFAIL), `temporary` a resolver that could not answer now (EAI_AGAIN)."""
+
+    def __init__(self, rcode: str, temporary: bool = False) -> None:
+        super().__init__(rcode)
+        self.rcode = rcode
+        self.temporary = temporary
+
+
+class HandshakeFailed(UpstreamError):
+    """The TLS handshake failed: `reason` as the TLS library put it, `certificate` when
+    the upstream's certificate was rejected."""
+
+    def __init__(self, reason: str, certificate: bool = False) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.certificate = certificate
 
 
 def _errno_name(exc: BaseException) -> str:
@@ -133,11 +138,10 @@ def _classify_dns(error: BaseException | None) -> tuple[Fault, str]:
         return Fault.DNS_TIMEOUT, f"name resolution did not finish{error.within()}"
     if isinstance(error, TimeoutError):
         return Fault.DNS_TIMEOUT, "name resolution did not finish in time"
-    if isinstance(error, socket.gaierror):
-        if error.errno == socket.EAI_AGAIN:
+    if isinstance(error, NameNotResolved):
+        if error.temporary:
             return Fault.DNS_TIMEOUT, "temporary failure in name resolution (EAI_AGAIN)"
-        rcode = _GAI_RCODE.get(error.errno or 0, "SERVFAIL")
-        return Fault.DNS_ERROR, rcode
+        return Fault.DNS_ERROR, error.rcode
     return Fault.DNS_ERROR, "SERVFAIL"
 
 
@@ -156,16 +160,10 @@ def _classify_tls(error: BaseException | None) -> tuple[Fault, str]:
         return Fault.CONNECTION_TIMEOUT, f"TLS handshake did not finish{error.within()}"
     if isinstance(error, TimeoutError):
         return Fault.CONNECTION_TIMEOUT, "TLS handshake timed out"
-    if isinstance(error, ssl.SSLCertVerificationError):
-        reason = (
-            getattr(error, "verify_message", None)
-            or getattr(error, "reason", None)
-            or "verification failed"
-        )
-        return Fault.TLS_CERTIFICATE_ERROR, f"certificate rejected: {reason}"
-    if isinstance(error, ssl.SSLError):
-        reason = getattr(error, "reason", None) or error
-        return Fault.TLS_PROTOCOL_ERROR, f"TLS handshake failed: {reason}"
+    if isinstance(error, HandshakeFailed):
+        if error.certificate:
+            return Fault.TLS_CERTIFICATE_ERROR, f"certificate rejected: {error.reason}"
+        return Fault.TLS_PROTOCOL_ERROR, f"TLS handshake failed: {error.reason}"
     return Fault.TLS_PROTOCOL_ERROR, _describe(error, "connection closed during the TLS handshake")
 
 

@@ -1,4 +1,6 @@
-"""The client side: parse requests with httptools, answer them in order on one connection.
+"""The client side of the HTTP/1.1 codec: parse requests with httptools, answer them in
+order on one connection (a `ClientConnection` of `proxy.forward.codec`; its responses are
+written by its `ResponseWriter`).
 
 Rules:
 1. One exchange is answered at a time (`current`); pipelined requests wait in `queue`
@@ -14,12 +16,9 @@ Rules:
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
-import re
 from collections import deque
-from typing import TYPE_CHECKING, Any, Final
-from urllib.parse import urlsplit
+from typing import Any, Final
 
 from httptools import (
     HttpParserCallbackError,
@@ -28,269 +27,46 @@ from httptools import (
     HttpRequestParser,
 )
 
-from .classify import duration_text
-from .exchange import Phase, perf_ns
-from .faults import RequestProblem
-from .forward import Forwarder
-from .headers import CONNECTION_OPTIONS, HOP_BY_HOP, connection_tokens, valid_request_id
-from .memo import Memo
-from .upstream import parser_error_text
-
-if TYPE_CHECKING:
-    from .server import ProxyContext
+from ..base.memo import Memo
+from ..base.text import duration_text
+from ..diagnosis.faults import RequestProblem
+from ..diagnosis.record import Phase, perf_ns
+from ..forward.codec import PAUSE_BUFFER, PAUSE_CODEC, PAUSE_UPLOAD
+from ..forward.context import ForwardContext
+from ..forward.deadlines import check_deadline
+from ..forward.forwarder import Forwarder
+from .errors import parser_error_text
+from .headers import HeaderPolicy
+from .request import (
+    METHOD_NAMES,
+    NOT_IMPLEMENTED_CODING,
+    REQUEST_SPECIAL,
+    RequestHead,
+    RequestRejected,
+)
+from .respond import ResponseWriter
 
 log: Final = logging.getLogger("faultline")
-
-# Request header names handled specially (anything else passes through as is); Final
-# ints are constants in compiled code.
-_Q_DROP: Final = 0
-_Q_HOST: Final = 1
-_Q_CONNECTION: Final = 2
-_Q_CL: Final = 3
-_Q_TE: Final = 4
-_Q_UPGRADE: Final = 5
-_Q_XFF: Final = 6
-_Q_XFP: Final = 7
-_Q_XFH: Final = 8
-_Q_VIA: Final = 9
-_Q_RID: Final = 10
-_Q_ACCEPT: Final = 11
-_Q_CONTENT_TYPE: Final = 12
-_Q_CONTENT_ENCODING: Final = 13
-_METHOD_NAMES: Final = {
-    m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")
-}
-_REQUEST_SPECIAL: Final = {
-    **dict.fromkeys(HOP_BY_HOP, _Q_DROP),
-    b"forwarded": _Q_DROP,  # rewritten as X-Forwarded-*; a client's own is not trusted
-    b"host": _Q_HOST,
-    b"connection": _Q_CONNECTION,
-    b"content-length": _Q_CL,
-    b"transfer-encoding": _Q_TE,
-    b"upgrade": _Q_UPGRADE,
-    b"x-forwarded-for": _Q_XFF,
-    b"x-forwarded-proto": _Q_XFP,
-    b"x-forwarded-host": _Q_XFH,
-    b"via": _Q_VIA,
-    b"x-request-id": _Q_RID,
-    b"accept": _Q_ACCEPT,
-    b"content-type": _Q_CONTENT_TYPE,
-    b"content-encoding": _Q_CONTENT_ENCODING,
-}
-
-
-# RFC 9112 §3.2 / RFC 3986: uri-host [ ":" port ] (IP-literal, IPv4 or reg-name).
-_HOST: Final = re.compile(
-    rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]+)(?::[0-9]{0,5})?\Z"
-)
-_FRAGMENT_MARK: Final = ord("#")
-_SLASH: Final = ord("/")
-# Host values that matched _HOST (a client repeats its own); at most a DNS name and a port.
-_VALID_HOSTS: Final[Memo[bytes, bool]] = Memo(1024, 262)
-
-
-# The start of a refusal's detail for a transfer coding the proxy does not implement (501).
-NOT_IMPLEMENTED_CODING: Final = "the request's transfer coding is not implemented here: "
-
-
-class RequestRejected(Exception):
-    """Raised inside a parser callback to stop parsing a request we will not forward."""
-
-    def __init__(self, problem: RequestProblem, detail: str) -> None:
-        super().__init__(detail)
-        self.problem = problem
-        self.detail = detail
-
-
-class RequestHead:
-    """What the proxy needs of a client's request head, built header by header as the
-    parser reports them; the forwarded header lines are already filtered."""
-
-    __slots__ = (
-        "accept",
-        "chunked",
-        "content_encoding",
-        "content_length",
-        "content_type",
-        "host",
-        "hosts",
-        "http11",
-        "keep_alive",
-        "lines",
-        "loop_marker",
-        "method",
-        "method_name",
-        "nominated",
-        "problem",
-        "request_id",
-        "target",
-        "target_text",
-        "te_values",
-        "upgrade",
-        "upstream_fixed",
-        "via",
-        "xff",
-        "xfh",
-        "xfp",
-    )
-
-    def __init__(self) -> None:
-        self.lines: list[bytes] = []
-        self.method = b""
-        self.target = b""
-        self.http11 = True
-        self.keep_alive = True
-        self.host: bytes | None = None
-        self.hosts = 0
-        self.content_length: int | None = None
-        self.chunked = False
-        self.te_values: list[bytes] | None = None
-        self.nominated: set[bytes] | None = None
-        self.upgrade: bytes | None = None
-        self.xff: bytes | None = None
-        self.xfp: bytes | None = None
-        self.xfh: bytes | None = None
-        self.via: bytes | None = None
-        self.request_id: bytes | None = None  # the client's own, when valid
-        self.accept: bytes | None = None
-        self.content_type: bytes | None = None
-        self.content_encoding: bytes | None = None
-        self.loop_marker = False
-        self.problem: str | None = None
-        self.method_name = ""  # method and target as text, for the exchange's record
-        self.target_text = ""
-        self.upstream_fixed = b""  # HeaderPolicy.request_head's per-head part, once built
-
-    def add(self, code: int, name: bytes, value: bytes) -> None:
-        """A header field the proxy handles itself (`_REQUEST_SPECIAL`); RFC 9112 §3 and
-        §6.3 checks as they come."""
-        if code == _Q_HOST:
-            self.hosts += 1
-            self.host = value
-            if value not in _VALID_HOSTS:
-                if _HOST.match(value) is None:
-                    self.problem = self.problem or "invalid Host header (expected host[:port])"
-                else:
-                    _VALID_HOSTS.remember(value, True)
-        elif code == _Q_CL:
-            value = value.strip(b" \t")  # llhttp allows optional whitespace around it
-            if self.content_length is not None:
-                self.problem = self.problem or "more than one Content-Length"
-            elif not value.isdigit() or len(value) > 18:
-                self.problem = self.problem or "invalid Content-Length"
-            else:
-                self.content_length = int(value)
-        elif code == _Q_CONNECTION:
-            tokens = connection_tokens(value)
-            self.nominated = tokens if self.nominated is None else self.nominated | tokens
-        elif code == _Q_TE:
-            self.te_values = [value] if self.te_values is None else [*self.te_values, value]
-        elif code == _Q_UPGRADE:
-            self.upgrade = value
-        elif code == _Q_XFF:
-            self.xff = value if self.xff is None else self.xff + b", " + value
-        elif code == _Q_XFP:
-            self.xfp = value
-        elif code == _Q_XFH:
-            self.xfh = value
-        elif code == _Q_VIA:
-            self.via = value if self.via is None else self.via + b", " + value
-        elif code == _Q_RID:
-            self.request_id = value if valid_request_id(value) else None
-        elif code == _Q_ACCEPT:
-            self.accept = value
-            self.lines.append(name + b": " + value + b"\r\n")
-        elif code == _Q_CONTENT_TYPE:
-            self.content_type = value
-            self.lines.append(name + b": " + value + b"\r\n")
-        elif code == _Q_CONTENT_ENCODING:
-            self.content_encoding = value
-            self.lines.append(name + b": " + value + b"\r\n")
-
-    def complete(self, parser: HttpRequestParser, target: bytes) -> str | None:
-        """The head is whole: None when it may be forwarded, else why it must be refused."""
-        self.method = method = parser.get_method()
-        self.target = target
-        version = parser.get_http_version()
-        self.http11 = version == "1.1"
-        self.keep_alive = parser.should_keep_alive()
-        if self.problem:
-            return self.problem
-        if not self.http11 and version != "1.0":
-            return f"unsupported HTTP version {version}"
-        if self.hosts > 1:
-            return "more than one Host header"
-        if self.hosts == 0 and self.http11:
-            return "HTTP/1.1 request without a Host header"
-        if self.te_values is not None:
-            # Empty list elements are allowed (RFC 9110 §5.6.1) and mean nothing.
-            codings = [
-                c.strip().lower() for v in self.te_values for c in v.split(b",") if c.strip()
-            ]
-            if codings != [b"chunked"]:
-                if codings.count(b"chunked") == 1 and codings[-1] == b"chunked":
-                    # Framed (chunked last), but with a coding the proxy does not apply:
-                    # RFC 9112 §6.1 says 501. Passed on unannounced, the origin would take
-                    # coded bytes for the content.
-                    other = b", ".join(codings[:-1]).decode("latin-1")
-                    return f"{NOT_IMPLEMENTED_CODING}{other} (only chunked is)"
-                # chunked not last, twice, or missing: the body's length cannot be known
-                # (§6.3: 400, then close).
-                return "Transfer-Encoding whose final coding is not a single chunked"
-            if not self.http11:
-                return "Transfer-Encoding in an HTTP/1.0 request"
-            if self.content_length is not None:
-                return "both Content-Length and Transfer-Encoding"
-            self.chunked = True
-        if method == b"CONNECT":
-            return "CONNECT is not supported: this is a reverse proxy"
-        nominated = self.nominated
-        if self.upgrade is not None and not (
-            nominated and b"upgrade" in nominated and parser.should_upgrade()
-        ):
-            self.upgrade = None
-        if nominated:
-            nominated = nominated - CONNECTION_OPTIONS
-            if nominated:
-                self.lines = [
-                    line for line in self.lines if line.split(b":", 1)[0].lower() not in nominated
-                ]
-        # An int operand: `bytes in bytes` first tries the operand as an int on 3.11 and
-        # pays for a formatted TypeError (~2k instructions) before searching.
-        if _FRAGMENT_MARK in target:
-            return "a request target cannot carry a fragment"
-        if not target or target[0] != _SLASH:
-            return self._absolute_form()
-        return None
-
-    def _absolute_form(self) -> str | None:
-        """RFC 9112 §3.2.2: accept absolute-form, forward it in origin-form."""
-        target = self.target
-        if target == b"*" and self.method == b"OPTIONS":
-            return None
-        lowered = target[:8].lower()
-        if not (lowered.startswith(b"http://") or lowered.startswith(b"https://")):
-            return "invalid request target"
-        parts = urlsplit(target.decode("latin-1"))
-        if not parts.netloc or "@" in parts.netloc:
-            return "invalid absolute-form request target"
-        path = parts.path or "/"
-        self.target = (path + ("?" + parts.query if parts.query else "")).encode("latin-1")
-        self.host = parts.netloc.encode("latin-1")
-        return None
 
 
 class DownstreamProtocol(asyncio.Protocol):
     """One client connection."""
 
-    PAUSE_PIPELINE = 1  # an earlier exchange is still being answered
-    PAUSE_BUFFER = 2  # request body buffered while the upstream connects
-    PAUSE_UPLOAD = 4  # the upstream connection's write buffer is full
-    PAUSE_BROKEN = 8  # the request stream is unparseable; nothing more is read
+    # Why reading is paused, besides the core's reasons (PAUSE_BUFFER, PAUSE_UPLOAD):
+    PAUSE_PIPELINE = PAUSE_CODEC  # an earlier exchange is still being answered
+    PAUSE_BROKEN = PAUSE_CODEC << 1  # the request stream is unparseable; nothing more is read
 
-    def __init__(self, ctx: ProxyContext) -> None:
+    def __init__(
+        self, ctx: ForwardContext, headers: HeaderPolicy, known_heads: Memo[bytes, RequestHead]
+    ) -> None:
         self.ctx = ctx
+        self.headers = headers
+        # Reads that were one whole bodiless request head -> that head, parsed and
+        # validated under this configuration (`data_received`): shared by every
+        # connection, so a client that repeats a head skips parsing it.
+        self.known_heads = known_heads
         self.transport: Any = None
+        self.writer = ResponseWriter(ctx, headers)
         self.parser = HttpRequestParser(self)
         self.client_ip = ""
         self.client_ip_b = b""
@@ -322,11 +98,11 @@ class DownstreamProtocol(asyncio.Protocol):
     # -- connection life cycle --------------------------------------------------------------
 
     def connection_made(self, transport: Any) -> None:
-        self.transport = transport
+        self.transport = self.writer.transport = transport
         ctx = self.ctx
         if len(ctx.connections) >= ctx.max_connections:
             # Over limits.max_connections: refuse before reading a byte (no exchange).
-            ctx.stats.refused_connections += 1
+            ctx.counters.refused_connections += 1
             self.closed = True
             transport.abort()
             return
@@ -352,13 +128,18 @@ class DownstreamProtocol(asyncio.Protocol):
         for fw in dict.fromkeys(pending):
             fw.client_gone()
 
-    def close_tunnel(self) -> None:
-        """Shutting down: an upgraded connection closes both ways. Its exchange (the 101)
-        stays the origin's; the record says the proxy ended the tunnel."""
-        fw = self.upgrading
-        if fw is not None and not fw.done:
-            fw.details = "tunnel closed by the proxy's shutdown"
-        self.close()
+    def drain(self) -> None:
+        """Draining starts: an idle connection closes now, a busy one after its exchange
+        (`exchange_finished`). An upgraded one closes both ways now: a tunnel (a dev
+        server's HMR socket) never ends by itself. Its exchange (the 101) stays the
+        origin's; the record says the proxy ended the tunnel."""
+        if self.raw:
+            fw = self.upgrading
+            if fw is not None and not fw.done:
+                fw.details = "tunnel closed by the proxy's shutdown"
+            self.close()
+        elif self.current is None and self.parsing is None:
+            self.close()
 
     def cut_by_drain(self) -> None:
         """The drain deadline passed: every exchange still open on this connection is cut
@@ -379,6 +160,13 @@ class DownstreamProtocol(asyncio.Protocol):
             self.ctx.outbox.flush()  # bytes queued for this client go out before the FIN
             self.transport.close()
 
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    def has_queued(self) -> bool:
+        return bool(self.queue)
+
     def pause_reading(self, reason: int) -> None:
         if not self.read_pauses and not self.closed:
             self.transport.pause_reading()
@@ -393,14 +181,14 @@ class DownstreamProtocol(asyncio.Protocol):
     def pause_writing(self) -> None:
         self.write_paused = True
         fw = self.current
-        if fw is not None and fw.up is not None and fw.up.transport is not None:
-            fw.up.transport.pause_reading()
+        if fw is not None:
+            fw.client_write_paused(True)
 
     def resume_writing(self) -> None:
         self.write_paused = False
         fw = self.current
-        if fw is not None and fw.up is not None and fw.up.transport is not None:
-            fw.up.transport.resume_reading()
+        if fw is not None:
+            fw.client_write_paused(False)
 
     # -- bytes in ---------------------------------------------------------------------------
 
@@ -414,7 +202,7 @@ class DownstreamProtocol(asyncio.Protocol):
                     fw.on_internal_error(exc)
             return
         at_boundary = self.parsing is None and self.receiving is None and not self.read_pauses
-        known_heads = self.ctx.known_heads
+        known_heads = self.known_heads
         if at_boundary and len(data) <= known_heads.max_key_len:  # no hashing a long read
             head = known_heads.get(data)
             if head is not None:
@@ -481,10 +269,10 @@ class DownstreamProtocol(asyncio.Protocol):
         """Bytes for the upstream produced while handling one read leave in one write."""
         try:
             current = self.current
-            if current is not None and current.up_out:
+            if current is not None:
                 current.flush_upstream()
             receiving = self.receiving
-            if receiving is not None and receiving.up_out:
+            if receiving is not None and receiving is not current:
                 receiving.flush_upstream()
         except Exception as exc:
             self._defect(exc)
@@ -497,8 +285,7 @@ class DownstreamProtocol(asyncio.Protocol):
     # -- httptools callbacks ----------------------------------------------------------------
 
     def on_message_begin(self) -> None:
-        self.parsing = Forwarder(self, perf_ns())
-        self.ctx.stats.in_flight += 1
+        self.parsing = self._new_exchange()
         self.url = b""
         self.head = RequestHead()
         self.head_bytes = 0
@@ -519,7 +306,7 @@ class DownstreamProtocol(asyncio.Protocol):
                 RequestProblem.HEADERS_TOO_LARGE,
                 f"request head over {self.ctx.max_request_header_bytes} bytes",
             )
-        code = _REQUEST_SPECIAL.get(name.lower())
+        code = REQUEST_SPECIAL.get(name.lower())
         if code is None:
             self.head.lines.append(name + b": " + value + b"\r\n")
         else:
@@ -532,11 +319,11 @@ class DownstreamProtocol(asyncio.Protocol):
         head = self.head
         problem = head.complete(self.parser, self.url)
         method = head.method
-        head.method_name = _METHOD_NAMES.get(method) or method.decode("latin-1")
+        head.method_name = METHOD_NAMES.get(method) or method.decode("latin-1")
         head.target_text = head.target.decode("latin-1")
         ctx = self.ctx
         if problem is None and head.via is not None:
-            head.loop_marker = ctx.headers.is_loop(head.via)
+            head.loop_marker = self.headers.is_loop(head.via)
         self.heads_in_feed += 1
         self.repeatable = (
             head
@@ -597,11 +384,15 @@ class DownstreamProtocol(asyncio.Protocol):
         else:
             self._enqueue(fw)
 
+    def _new_exchange(self) -> Forwarder:
+        fw = Forwarder(self.ctx, self, self.writer, perf_ns())
+        self.ctx.counters.in_flight += 1
+        return fw
+
     def _known_head(self, head: RequestHead) -> None:
         """`data` repeats a bodiless request head already parsed and validated on this
         proxy: the exchange starts from that head, as the parser would have made it."""
-        fw = Forwarder(self, perf_ns())
-        self.ctx.stats.in_flight += 1
+        fw = self._new_exchange()
         self._head_complete(fw, head)
         self.receiving = None
         fw.on_request_complete()
@@ -634,7 +425,7 @@ class DownstreamProtocol(asyncio.Protocol):
         self.current = None
         self.served += 1
         if self.read_pauses:
-            self.resume_reading(self.PAUSE_UPLOAD | self.PAUSE_BUFFER)
+            self.resume_reading(PAUSE_UPLOAD | PAUSE_BUFFER)
         if self.closed:
             return
         if fw.close_after or (self.ctx.draining and not self.queue):
@@ -694,8 +485,7 @@ class DownstreamProtocol(asyncio.Protocol):
             # Already refused (the same bad stream), or bytes after a request that closes
             # the connection: nobody will read an answer, so no exchange is made up.
             return
-        fw = Forwarder(self, perf_ns())
-        self.ctx.stats.in_flight += 1
+        fw = self._new_exchange()
         fw.request_id = self.ctx.new_request_id().decode()
         fw.attach(None, (problem, detail))
         self._enqueue(fw)
@@ -719,7 +509,7 @@ class DownstreamProtocol(asyncio.Protocol):
     def check_deadline(self, now: int) -> None:
         fw = self.current
         if fw is not None:
-            fw.check_deadline(now)
+            check_deadline(fw, now)
             return
         ctx = self.ctx
         parsing = self.parsing
@@ -743,15 +533,3 @@ class _StopParsing(Exception):
 
 class _Discard:
     """Parser sink for a connection whose request stream is broken."""
-
-
-def client_is_trusted(
-    address: str, networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network]
-) -> bool:
-    if not networks or not address:
-        return False
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return False
-    return any(ip in net for net in networks)

@@ -20,10 +20,10 @@ from urllib.parse import parse_qsl, quote
 
 import orjson
 
-from .exchange import Exchange
-from .faults import TAXONOMY
-from .headers import MS_TABLE, MS_TABLE_SIZE, ms_text
-from .memo import Memo
+from ..base.memo import Memo
+from ..base.text import MS_TABLE, MS_TABLE_SIZE, ms_text
+from ..diagnosis.faults import TAXONOMY
+from ..diagnosis.record import Exchange
 
 LAYERS: Final = {fault: row.layer._value_ for fault, row in TAXONOMY.items()}
 

@@ -16,18 +16,19 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 import time
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
-from .accesslog import Clock, log_record
-from .diagnosis import HINT_TEXT, ORIGIN_5XX_FOR_CLIENT_ERROR, hop_product
-from .faults import REQUEST_PROBLEMS, Fault, FaultInfo, Source, info
+from ..config import Config
+from ..diagnosis.faults import REQUEST_PROBLEMS, Fault, FaultInfo, Source, info
+from ..diagnosis.hops import HINT_TEXT, ORIGIN_5XX_FOR_CLIENT_ERROR, hop_product
+from .accesslog import AccessLog, Clock, json_line_of, log_record
+from .sink import Telemetry
 
 if TYPE_CHECKING:
-    from .accesslog import AccessLog
-    from .exchange import Exchange
-    from .server import Telemetry
+    from ..diagnosis.record import Exchange
 
 RESET = "\x1b[0m"
 DIM = "\x1b[2m"
@@ -278,17 +279,29 @@ class ConsoleSummary:
         self.access_log.write_raw(line)
 
 
-def install_summary(server: Any) -> ConsoleSummary | None:
-    """Add the burst summary to a started `ProxyServer` whose access log is pretty.
+def make_access_log(config: Config, stream: Any = None) -> AccessLog | None:
+    """The access log `config.log` asks for (None: off, --quiet, or diagnostics off):
+    pretty lines at a terminal, JSON lines otherwise, unless `log.format` says which."""
+    if not config.log.access or config.log.quiet or not config.diagnostics:
+        return None
+    stream = stream or sys.stdout.buffer
+    fmt = config.log.format
+    if fmt == "auto":
+        fmt = "pretty" if os.isatty(stream.fileno()) else "json"
+    line_of = pretty_line_of if fmt == "pretty" else json_line_of
+    return AccessLog(stream, line_of, config.log.redact_query)
+
+
+def install_summary(telemetry: Telemetry) -> ConsoleSummary | None:
+    """Add the burst summary to a running proxy's telemetry whose access log is pretty.
 
     The summary observes every finished exchange (`Telemetry.observers`) and runs its own
-    timer in the server's loop; with JSON lines, --quiet or no access log it is not added.
+    timer in the running loop; with JSON lines, --quiet or no access log it is not added.
     """
-    ctx = server.ctx
-    access_log = ctx.telemetry.access_log if ctx is not None else None
+    access_log = telemetry.access_log
     if access_log is None or access_log.line_of is not pretty_line_of:
         return None
-    console = ConsoleSummary(ctx.telemetry, access_log)
-    ctx.telemetry.observers.append(console.summary.observe)
+    console = ConsoleSummary(telemetry, access_log)
+    telemetry.observers.append(console.summary.observe)
     console.start()
     return console

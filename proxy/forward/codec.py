@@ -1,0 +1,122 @@
+"""The seam between the forwarding core and the protocol codecs: what a codec gives the core
+and what the core calls on it. A protocol is a codec package beside `proxy.http1` that
+implements these; the core (`Forwarder`, `UpstreamPool`) imports no codec.
+
+Calls are synchronous callbacks both ways, as httpcore's pool talks to its connections
+and hypercorn's `HTTPStream` to its protocols: no task per exchange on the hot path.
+
+    client codec --on_request_*-->  Forwarder  --begin/send_*-->  origin codec
+    client codec <--send_*/abort--  Forwarder  <--on_response_*--  origin codec
+
+Neutral data: a request head is read through `RequestHead` (HTTP/1.1-style field lines:
+the message model both codecs speak, as in httpcore); an origin's response head reaches the
+client codec as an opaque `ResponseHead` the origin codec made (an HTTP/1.1 origin's head,
+filtered once and memoised, which an HTTP/1.1 client codec writes as it is). Failures
+reach the core as exceptions that `proxy.diagnosis.classify` understands.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final, Protocol
+
+from ..diagnosis.faults import FaultInfo
+
+# The exchange a codec reports to and is called for: the core's `Forwarder`. This module
+# sits below it (the forwarder implements the core's side of the seam), so it is named here,
+# not imported; codecs, which sit above the core, type it as `Forwarder` themselves.
+Forwarder = Any
+
+# Why a client codec stops reading (`ClientConnection.pause_reading`): one bit each, reading
+# resumes when none is left. Codecs add their own bits from PAUSE_CODEC up.
+PAUSE_BUFFER: Final = 1  # request body buffered while the upstream connects
+PAUSE_UPLOAD: Final = 2  # the upstream connection's write buffer is full
+PAUSE_CODEC: Final = 4
+
+
+class RequestHead(Protocol):
+    """A client's request head as the core and an origin codec read it."""
+
+    method: bytes
+    target: bytes
+    http11: bool  # the client speaks HTTP/1.1 (interim responses may be relayed)
+    keep_alive: bool  # the client wants the connection kept after this exchange
+    host: bytes | None  # the authority the client asked for
+    lines: list[bytes]  # end-to-end field lines to forward, each `name: value\r\n`
+    content_length: int | None
+    chunked: bool  # the body's length is not known in advance
+    upgrade: bytes | None  # the protocol an Upgrade request asks for
+    via: bytes | None
+    xff: bytes | None
+    xfp: bytes | None
+    xfh: bytes | None
+    accept: bytes | None
+    content_type: bytes | None
+    content_encoding: bytes | None
+    loop_marker: bool  # the request already passed through this proxy
+    upstream_fixed: bytes  # an origin codec's cache of this head's own part of its request
+
+
+class ResponseHead(Protocol):
+    """An origin's response head, made by the origin codec for the client codec."""
+
+    raw: bytes  # status line and field lines in HTTP/1.1 form: the diagnosis evidence
+
+
+class ClientConnection(Protocol):
+    """A client connection, as the core and the server's sweep and drain drive it."""
+
+    client_ip: str
+    client_ip_b: bytes
+    trusted: bool  # the client is a trusted proxy (its X-Forwarded-* are kept)
+    write_paused: bool  # the client is not reading fast enough
+    read_pauses: int  # why reading is paused (PAUSE_* bits); 0: reading
+    in_feed: bool  # inside one read's callbacks: upstream bytes are written after it
+
+    def pause_reading(self, reason: int) -> None: ...
+    def resume_reading(self, reason: int) -> None: ...
+    def exchange_finished(self, ex: Forwarder) -> None: ...
+    def has_queued(self) -> bool: ...  # requests wait behind the current one
+    def close(self) -> None: ...
+    # The server's sweep and drain (never reading a connection's state from outside):
+    def check_deadline(self, now: int) -> None: ...
+    def drain(self) -> None: ...  # draining starts: close now if idle, or a tunnel
+    def cut_by_drain(self) -> None: ...  # the drain deadline passed
+    def abort(self) -> None: ...
+
+
+class ResponseSink(Protocol):
+    """Where the core sends the current exchange's response on a client connection."""
+
+    # `head`: the `ResponseHead` an origin codec made; a client codec knows the origin
+    # codecs it is paired with and reads their heads as their own type.
+    def send_interim(self, ex: Forwarder, status: int, head: Any) -> None: ...
+    def send_head(self, ex: Forwarder, status: int, head: Any, now: int) -> None: ...
+    def send_data(self, data: bytes) -> None: ...
+    def send_end(self) -> None: ...
+    def flush(self) -> None: ...  # what was sent so far leaves in one write
+    def send_reply(
+        self, ex: Forwarder, row: FaultInfo, detail: str | None, params: dict[str, str] | None
+    ) -> None: ...  # a whole response the proxy made, from the taxonomy row
+    def send_raw(self, data: bytes) -> None: ...  # tunnel bytes, untouched
+    def abort(self) -> None: ...  # the peer must see a reset: a cut response never looks whole
+
+
+class OriginConnection(Protocol):
+    """One connection to the origin, serving one exchange at a time (`UpstreamPool`)."""
+
+    transport: Any  # the pool opens it (TCP, then TLS); only the codec writes to it
+    closed: bool
+    bytes_seen: bool  # any response byte arrived for the current exchange
+    close_delimited: bool  # the current response's body ends when the origin closes
+    idle_since_ns: int
+
+    def begin(self, handler: Forwarder, head: RequestHead) -> None: ...  # writes the head
+    def send_data(self, data: bytes) -> None: ...
+    def send_end(self) -> None: ...
+    def flush(self) -> None: ...
+    def send_raw(self, chunks: list[bytes]) -> None: ...  # tunnel bytes, untouched
+    def detach(self) -> None: ...  # the exchange is done with it
+    def pause_reading(self) -> None: ...
+    def resume_reading(self) -> None: ...
+    def close(self) -> None: ...
+    def abort(self) -> None: ...

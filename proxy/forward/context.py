@@ -1,0 +1,112 @@
+"""What every connection and exchange shares, built once at start-up by `proxy.server`: the
+configuration as ready-to-use values, the pool, the outbox, and the sinks.
+
+Rule: the core is handed its sinks (`record`, `counters`) here; it never imports
+`proxy.telemetry`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol
+
+from ..config import Config
+from .outbox import Outbox
+from .pool import OriginFactory, UpstreamPool
+
+if TYPE_CHECKING:
+    from ..diagnosis.record import Exchange
+    from .codec import ClientConnection
+
+
+class Counters(Protocol):
+    """The gauges the core keeps up to date (the stats object the server wires in)."""
+
+    in_flight: int  # exchanges started and not finished
+    refused_connections: int  # client connections closed unread (limits.max_connections)
+
+
+def _ns(seconds: float) -> int:
+    return int(seconds * 1e9)
+
+
+class ForwardContext:
+    """Shared by every connection: limits and timeouts (in ns), the upstream pool, the
+    outbox, the finished-record sink, and the connections being served."""
+
+    def __init__(
+        self,
+        config: Config,
+        loop: asyncio.AbstractEventLoop,
+        outbox: Outbox,
+        record: Callable[[Exchange], None],
+        counters: Counters,
+        origin_factory: OriginFactory,
+        instance_id: str,
+    ) -> None:
+        self.config = config
+        self.record = record
+        self.counters = counters
+        self.outbox = outbox
+        self.pool = UpstreamPool(config, loop, origin_factory)
+        self.connections: set[ClientConnection] = set()
+        self.draining = False
+        self.instance_id = instance_id
+        self.diagnostics = config.diagnostics
+        self.upstream = config.upstream
+        self.upstream_authority = config.upstream_authority
+        self.proxy_name = config.proxy_name
+        limits, timeouts = config.limits, config.timeouts
+        self.max_in_flight = limits.max_in_flight
+        self.max_connections = limits.max_connections
+        self.max_request_body_bytes = limits.max_request_body_bytes
+        self.max_request_header_bytes = limits.max_request_header_bytes
+        self.connect_ns = _ns(timeouts.connect)
+        self.dns_ns = _ns(timeouts.dns)
+        self.response_headers_ns = _ns(timeouts.response_headers)
+        self.upstream_read_ns = _ns(timeouts.upstream_read)
+        self.client_headers_ns = _ns(timeouts.client_headers)
+        self.client_body_ns = _ns(timeouts.client_body)
+        self.keepalive_ns = _ns(timeouts.keepalive)
+        self.pool_wait_ns = _ns(timeouts.pool_wait)
+        self.drain_ns = _ns(timeouts.drain)
+        self.upstream_wait_ns = _ns(config.upstream_wait)
+        self.upstream_wait = config.upstream_wait > 0
+        self._trusted = [ipaddress.ip_network(n, strict=False) for n in config.trusted_proxies]
+        self._id_prefix = instance_id[:8].encode()
+        self._id_counter = 0
+
+    def new_request_id(self) -> bytes:
+        self._id_counter += 1
+        return b"%s-%08x" % (self._id_prefix, self._id_counter)
+
+    def is_trusted(self, address: str) -> bool:
+        return client_is_trusted(address, self._trusted)
+
+    def sweep_interval_s(self) -> float:
+        t = self.config.timeouts
+        shortest = min(
+            t.connect,
+            t.dns,
+            t.response_headers,
+            t.upstream_read,
+            t.client_headers,
+            t.client_body,
+            t.keepalive,
+            t.pool_wait,
+        )
+        return min(max(shortest / 20, 0.01), 0.25)
+
+
+def client_is_trusted(
+    address: str, networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network]
+) -> bool:
+    if not networks or not address:
+        return False
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in net for net in networks)

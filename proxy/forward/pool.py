@@ -1,0 +1,303 @@
+"""The bounded pool of upstream connections, and how one is opened: DNS, TCP, TLS.
+
+Rules:
+1. Connections are counted once in `UpstreamPool.open` from the moment a connect starts
+   until the connection is lost (or the connect fails); the pool never exceeds
+   `max_connections`.
+2. The pool knows no protocol: it makes connections with the origin codec's factory and
+   sees them as `OriginConnection`s.
+3. What the resolver and the TLS library report in their own types becomes a neutral
+   failure here (`NameNotResolved`, `HandshakeFailed`), so `classify` knows neither.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import socket
+import ssl
+from collections import deque
+from collections.abc import Callable
+from typing import Any, Final, Protocol
+
+from ..config import Config
+from ..diagnosis.classify import HandshakeFailed, NameNotResolved
+from ..diagnosis.record import Phase, perf_ns
+from .codec import OriginConnection
+
+# Connect failures that mean "nothing is listening yet" (a dev server restarting).
+_NOT_LISTENING: Final = (ConnectionRefusedError,)
+_RETRY_WAIT_S: Final = 0.1
+
+# getaddrinfo errors -> DNS rcode names (RFC 9209 dns_error carries `rcode`).
+_GAI_RCODE: Final = {
+    socket.EAI_NONAME: "NXDOMAIN",
+    getattr(socket, "EAI_NODATA", -5): "NOERROR",  # name exists, no address record
+    socket.EAI_FAIL: "SERVFAIL",
+}
+
+
+def name_failure(error: socket.gaierror) -> NameNotResolved:
+    """What a failed getaddrinfo means, as a fact `classify` reads."""
+    if error.errno == socket.EAI_AGAIN:
+        return NameNotResolved("SERVFAIL", temporary=True)
+    return NameNotResolved(_GAI_RCODE.get(error.errno or 0, "SERVFAIL"))
+
+
+def handshake_failure(error: ssl.SSLError) -> HandshakeFailed:
+    """What a failed TLS handshake means, as a fact `classify` reads."""
+    if isinstance(error, ssl.SSLCertVerificationError):
+        reason = (
+            getattr(error, "verify_message", None)
+            or getattr(error, "reason", None)
+            or "verification failed"
+        )
+        return HandshakeFailed(str(reason), certificate=True)
+    return HandshakeFailed(str(getattr(error, "reason", None) or error))
+
+
+class Waiter(Protocol):
+    """What the pool reads and marks on an exchange it connects for (the core's
+    `Forwarder`): its connect phases and timing marks, and where to report."""
+
+    phase: Phase
+    done: bool
+    may_wait: bool
+    wait_expired: bool
+    connect_task: asyncio.Task[None] | None
+    t_start: int
+    t_pool: int
+    t_dns: int
+    t_wait: int
+    t_connect: int
+    t_connected: int
+    t_tls_done: int
+
+    def on_upstream_connected(self, conn: OriginConnection, reused: bool) -> None: ...
+    def on_upstream_failed(self, error: BaseException | None) -> None: ...
+
+
+# The origin codec's connection class (or any callable): called with the pool, it makes an
+# unconnected protocol instance for `loop.create_connection`.
+OriginFactory = Callable[["UpstreamPool"], Any]
+
+
+class UpstreamPool:
+    """A bounded set of connections to the one origin: idle ones reused newest first."""
+
+    def __init__(
+        self, config: Config, loop: asyncio.AbstractEventLoop, factory: OriginFactory
+    ) -> None:
+        self.loop = loop
+        self.factory = factory
+        self.host = config.upstream_host
+        self.port = config.upstream_port
+        self.max_connections = config.pool.max_connections
+        self.max_idle = config.pool.max_idle
+        self.idle_timeout_ns = int(config.pool.idle_timeout * 1e9)
+        self.upstream_wait_s = config.upstream_wait
+        self.ssl_context: ssl.SSLContext | None = None
+        self.server_hostname: str | None = None
+        if config.upstream_scheme == "https":
+            self.ssl_context = make_ssl_context(config)
+            self.server_hostname = config.tls.server_name or self.host
+        try:
+            ipaddress.ip_address(self.host)
+            self.host_is_ip = True
+        except ValueError:
+            self.host_is_ip = False
+        self.idle: list[OriginConnection] = []
+        self.open = 0  # connecting + idle + busy
+        self.busy = 0
+        self.waiters: deque[Waiter] = deque()
+
+    # -- acquiring and releasing ------------------------------------------------------------
+
+    def acquire(self, forwarder: Waiter, fresh: bool = False) -> OriginConnection | None:
+        """A ready idle connection, or None when one is being connected or waited for."""
+        if not fresh:
+            idle = self.idle
+            while idle:
+                conn = idle.pop()
+                if not conn.closed:
+                    self.busy += 1
+                    return conn
+        if self.open < self.max_connections:
+            self._start_connect(forwarder)
+        else:
+            forwarder.phase = Phase.POOL_WAIT
+            forwarder.t_pool = perf_ns()
+            self.waiters.append(forwarder)
+        return None
+
+    def release(self, conn: OriginConnection, reusable: bool) -> None:
+        """The exchange is done with `conn`; keep it for the next one or close it."""
+        self.busy -= 1
+        conn.detach()
+        if not reusable or conn.closed:
+            conn.close()
+            return
+        waiter = self._next_waiter() if self.waiters else None
+        if waiter is not None:
+            self.busy += 1
+            waiter.on_upstream_connected(conn, reused=True)
+        elif len(self.idle) < self.max_idle:
+            conn.idle_since_ns = perf_ns()
+            self.idle.append(conn)
+        else:
+            conn.close()
+
+    def forget_waiter(self, forwarder: object) -> None:
+        """`forwarder` no longer waits for a slot (it gave up)."""
+        with contextlib.suppress(ValueError):
+            self.waiters.remove(forwarder)  # type: ignore[arg-type]
+
+    def on_closed(self, conn: OriginConnection, busy: bool) -> None:
+        """`connection_lost` of a connection: its slot (and busy mark) is freed here."""
+        self.open -= 1
+        if busy:
+            self.busy -= 1
+        with contextlib.suppress(ValueError):
+            self.idle.remove(conn)
+        waiter = self._next_waiter()
+        if waiter is not None:
+            self._start_connect(waiter)
+
+    def sweep(self, now_ns: int) -> None:
+        """Close idle connections older than the pool's idle timeout."""
+        limit = now_ns - self.idle_timeout_ns
+        for conn in [c for c in self.idle if c.idle_since_ns < limit]:
+            self.idle.remove(conn)
+            conn.close()
+
+    def counts(self) -> tuple[int, int]:
+        """Idle (kept for reuse) and busy (serving an exchange) connections."""
+        return sum(1 for conn in self.idle if not conn.closed), self.busy
+
+    def close_idle(self) -> None:
+        idle, self.idle = self.idle, []
+        for conn in idle:
+            conn.close()
+
+    def _next_waiter(self) -> Waiter | None:
+        while self.waiters:
+            waiter = self.waiters.popleft()
+            if not waiter.done:
+                return waiter
+        return None
+
+    # -- connecting ---------------------------------------------------------------------------
+
+    def _start_connect(self, forwarder: Waiter) -> None:
+        # The slot taken here belongs to the attempt until TCP connects, then to the
+        # connection (released by its connection_lost).
+        self.open += 1
+        forwarder.connect_task = self.loop.create_task(self._connect(forwarder))
+
+    async def _connect(self, forwarder: Waiter) -> None:
+        attempt = _Attempt()
+        try:
+            conn = await self._open(forwarder, attempt)
+        except asyncio.CancelledError:
+            # The exchange gave up (deadline or client gone) and has already reported it.
+            self._give_up(attempt)
+            return
+        except Exception as exc:
+            forwarder.connect_task = None
+            self._give_up(attempt)
+            forwarder.on_upstream_failed(exc)
+            return
+        forwarder.connect_task = None
+        self.busy += 1
+        forwarder.on_upstream_connected(conn, reused=False)
+
+    def _give_up(self, attempt: _Attempt) -> None:
+        if attempt.conn is not None:
+            attempt.conn.abort()  # its connection_lost frees the slot
+            return
+        self.open -= 1
+        waiter = self._next_waiter()
+        if waiter is not None:
+            self._start_connect(waiter)
+
+    async def _open(self, forwarder: Waiter, attempt: _Attempt) -> OriginConnection:
+        """DNS, TCP connect (every address in turn), then TLS; marks and phases on the way."""
+        ex = forwarder
+        loop = self.loop
+        if self.host_is_ip:
+            addresses = [self.host]
+        else:
+            ex.phase = Phase.DNS
+            ex.t_dns = perf_ns()
+            try:
+                infos = await loop.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)
+            except socket.gaierror as exc:
+                raise name_failure(exc) from exc
+            addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
+        ex.phase = Phase.CONNECT
+        ex.t_connect = perf_ns()
+        wait_until = ex.t_start + int(self.upstream_wait_s * 1e9) if forwarder.may_wait else 0
+        while True:
+            try:
+                conn = await self._connect_any(addresses)
+                break
+            except _NOT_LISTENING:
+                if not wait_until:
+                    raise
+                # upstream_wait holds the request: the hold is the `wait` phase, and
+                # `connect` stays the one attempt that succeeds (none, if it never does).
+                if not ex.t_wait:
+                    ex.t_wait = ex.t_connect
+                now = perf_ns()
+                if now >= wait_until:
+                    ex.t_connect = now
+                    ex.wait_expired = True
+                    raise
+                await asyncio.sleep(_RETRY_WAIT_S)
+                ex.t_connect = perf_ns()
+        attempt.conn = conn
+        ex.t_connected = perf_ns()
+        if self.ssl_context is not None:
+            ex.phase = Phase.TLS
+            try:
+                protocol: Any = conn  # an asyncio protocol, seen here as an OriginConnection
+                conn.transport = await loop.start_tls(
+                    conn.transport, protocol, self.ssl_context, server_hostname=self.server_hostname
+                )
+            except ssl.SSLError as exc:
+                raise handshake_failure(exc) from exc
+            ex.t_tls_done = perf_ns()
+        return conn
+
+    async def _connect_any(self, addresses: list[str]) -> OriginConnection:
+        error: BaseException | None = None
+        for address in addresses:
+            conn = self.factory(self)
+            try:
+                # The factory runs inside this call, before the loop moves on.
+                await self.loop.create_connection(lambda: conn, address, self.port)  # noqa: B023
+                return conn
+            except OSError as exc:
+                error = exc
+        assert error is not None
+        raise error
+
+
+class _Attempt:
+    """What a connect attempt holds: the connection once TCP is up."""
+
+    __slots__ = ("conn",)
+
+    def __init__(self) -> None:
+        self.conn: OriginConnection | None = None
+
+
+def make_ssl_context(config: Config) -> ssl.SSLContext:
+    tls = config.tls
+    context = ssl.create_default_context(cafile=tls.ca_file)
+    if not tls.verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    context.set_alpn_protocols(["http/1.1"])
+    return context
