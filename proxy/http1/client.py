@@ -35,15 +35,10 @@ from ..forward.codec import PAUSE_BUFFER, PAUSE_CODEC, PAUSE_UPLOAD
 from ..forward.context import ForwardContext
 from ..forward.deadlines import check_deadline
 from ..forward.forwarder import Forwarder
-from .errors import parser_error_text
+from .errors import parse_error_detail
 from .headers import HeaderPolicy
-from .request import (
-    METHOD_NAMES,
-    NOT_IMPLEMENTED_CODING,
-    REQUEST_SPECIAL,
-    RequestHead,
-    RequestRejected,
-)
+from .reader import Discard, RequestReader, StopParsing
+from .request import RequestHead, RequestRejected
 from .respond import ResponseWriter
 
 log: Final = logging.getLogger("faultline")
@@ -67,7 +62,8 @@ class DownstreamProtocol(asyncio.Protocol):
         self.known_heads = known_heads
         self.transport: Any = None
         self.writer = ResponseWriter(ctx, headers)
-        self.parser = HttpRequestParser(self)
+        self.reader = RequestReader(self)
+        self.parser = HttpRequestParser(self.reader)
         self.client_ip = ""
         self.client_ip_b = b""
         self.trusted = False
@@ -85,15 +81,6 @@ class DownstreamProtocol(asyncio.Protocol):
         self.served = 0
         # Per-request (parsing) state
         self.parsing: Forwarder | None = None  # the exchange whose head is being read
-        self.url = b""
-        self.head = RequestHead()
-        self.head_bytes = 0
-        self.head_fed = -1
-        self.heads_in_feed = 0  # heads completed while parsing the current read
-        # The last head parsed, when it may be remembered; set by every head, so that with
-        # heads_in_feed == 1 it is this read's head (never reset around feed_data: mypyc
-        # would take the reset as the type of the value read after the callbacks ran).
-        self.repeatable: RequestHead | None = None
 
     # -- connection life cycle --------------------------------------------------------------
 
@@ -215,7 +202,8 @@ class DownstreamProtocol(asyncio.Protocol):
                     self.in_feed = False
                 self._flush_upstream()
                 return
-        self.heads_in_feed = 0
+        reader = self.reader
+        reader.heads_in_feed = 0
         self.in_feed = True
         try:
             self.parser.feed_data(data)
@@ -230,35 +218,42 @@ class DownstreamProtocol(asyncio.Protocol):
             cause = exc.__context__
             if isinstance(cause, RequestRejected):
                 self._broken(cause.problem, cause.detail)
-            elif isinstance(cause, _StopParsing):
-                self.parser = HttpRequestParser(_Discard())
+            elif isinstance(cause, StopParsing):
+                self.parser = HttpRequestParser(Discard())
             else:
                 self._defect(cause or exc)
         except HttpParserError as exc:
-            self._broken(RequestProblem.MALFORMED, self._parse_error_detail(exc))
+            receiving = self.receiving
+            in_trailers = (
+                self.parsing is None
+                and receiving is not None
+                and receiving.head is not None
+                and receiving.head.chunked
+            )
+            self._broken(RequestProblem.MALFORMED, parse_error_detail(exc, in_trailers))
         except Exception as exc:  # a defect in our callbacks outside the parser's wrapping
             self._defect(exc)
         else:
             if (
-                self.repeatable is not None
+                reader.repeatable is not None
                 and at_boundary
-                and self.heads_in_feed == 1
+                and reader.heads_in_feed == 1
                 and self.parsing is None
                 and self.receiving is None
                 and data.endswith(b"\r\n\r\n")
             ):
                 # Exactly one whole bodiless head, from a parser at rest to a parser at
                 # rest: the same bytes will always parse to the same head.
-                known_heads.remember(data, self.repeatable)
+                known_heads.remember(data, reader.repeatable)
         finally:
             self.in_feed = False
         if self.parsing is not None:
             # The head is still incomplete: everything read since it began counts.
-            if self.head_fed < 0:
-                self.head_fed = 0
+            if reader.head_fed < 0:
+                reader.head_fed = 0
             else:
-                self.head_fed += len(data)
-                if self.head_fed > self.ctx.max_request_header_bytes:
+                reader.head_fed += len(data)
+                if reader.head_fed > self.ctx.max_request_header_bytes:
                     self._broken(
                         RequestProblem.HEADERS_TOO_LARGE,
                         f"request head over {self.ctx.max_request_header_bytes} bytes",
@@ -282,86 +277,22 @@ class DownstreamProtocol(asyncio.Protocol):
         # exchange ends as 499 (connection_lost reports it).
         return False
 
-    # -- httptools callbacks ----------------------------------------------------------------
+    # -- what the reader made ---------------------------------------------------------------
 
-    def on_message_begin(self) -> None:
-        self.parsing = self._new_exchange()
-        self.url = b""
-        self.head = RequestHead()
-        self.head_bytes = 0
-        self.head_fed = -1
-
-    def on_url(self, url: bytes) -> None:
-        self.url += url
-        self.head_bytes += len(url)
-        if self.head_bytes > self.ctx.max_request_header_bytes:
-            raise RequestRejected(RequestProblem.HEADERS_TOO_LARGE, "request target too long")
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if self.parsing is None:
-            return  # trailer fields of a chunked body: not forwarded
-        self.head_bytes += len(name) + len(value) + 4
-        if self.head_bytes > self.ctx.max_request_header_bytes:
-            raise RequestRejected(
-                RequestProblem.HEADERS_TOO_LARGE,
-                f"request head over {self.ctx.max_request_header_bytes} bytes",
-            )
-        code = REQUEST_SPECIAL.get(name.lower())
-        if code is None:
-            self.head.lines.append(name + b": " + value + b"\r\n")
-        else:
-            self.head.add(code, name, value)
-
-    def on_headers_complete(self) -> None:
-        fw = self.parsing
-        assert fw is not None
-        self.parsing = None
-        head = self.head
-        problem = head.complete(self.parser, self.url)
-        method = head.method
-        head.method_name = METHOD_NAMES.get(method) or method.decode("latin-1")
-        head.target_text = head.target.decode("latin-1")
-        ctx = self.ctx
-        if problem is None and head.via is not None:
-            head.loop_marker = self.headers.is_loop(head.via)
-        self.heads_in_feed += 1
-        self.repeatable = (
-            head
-            if problem is None
-            and not head.content_length
-            and not head.chunked
-            and head.keep_alive
-            and head.upgrade is None
-            else None
-        )
-        if problem is None and not (
-            ctx.max_request_body_bytes
-            and head.content_length is not None
-            and head.content_length > ctx.max_request_body_bytes
-        ):
+    def head_parsed(
+        self, fw: Forwarder, head: RequestHead, refusal: tuple[RequestProblem, str] | None
+    ) -> None:
+        """A whole request head (`RequestReader`): forwarded, or refused in turn."""
+        if refusal is None:
             self._head_complete(fw, head)
             return
         self._identify(fw, head)
         self.receiving = fw
-        if problem is not None:
-            kind = (
-                RequestProblem.NOT_IMPLEMENTED
-                if problem.startswith(NOT_IMPLEMENTED_CODING)
-                else RequestProblem.MALFORMED
-            )
-            fw.attach(head, (kind, problem))
-        else:
-            fw.attach(
-                head,
-                (
-                    RequestProblem.BODY_TOO_LARGE,
-                    f"Content-Length {head.content_length} over {ctx.max_request_body_bytes}",
-                ),
-            )
+        fw.attach(head, refusal)
         # Nothing after a refused head can be trusted to be framed right.
         self.pause_reading(self.PAUSE_BROKEN)
         self._enqueue(fw)
-        raise _StopParsing
+        raise StopParsing
 
     def _identify(self, fw: Forwarder, head: RequestHead) -> None:
         """The exchange's method, target and request id (the client's, or a new one)."""
@@ -384,7 +315,7 @@ class DownstreamProtocol(asyncio.Protocol):
         else:
             self._enqueue(fw)
 
-    def _new_exchange(self) -> Forwarder:
+    def new_exchange(self) -> Forwarder:
         fw = Forwarder(self.ctx, self, self.writer, perf_ns())
         self.ctx.counters.in_flight += 1
         return fw
@@ -392,21 +323,10 @@ class DownstreamProtocol(asyncio.Protocol):
     def _known_head(self, head: RequestHead) -> None:
         """`data` repeats a bodiless request head already parsed and validated on this
         proxy: the exchange starts from that head, as the parser would have made it."""
-        fw = self._new_exchange()
+        fw = self.new_exchange()
         self._head_complete(fw, head)
         self.receiving = None
         fw.on_request_complete()
-
-    def on_body(self, body: bytes) -> None:
-        fw = self.receiving
-        if fw is not None:
-            fw.on_request_body(body)
-
-    def on_message_complete(self) -> None:
-        fw = self.receiving
-        self.receiving = None
-        if fw is not None:
-            fw.on_request_complete()
 
     # -- answering in order ------------------------------------------------------------------
 
@@ -448,26 +368,10 @@ class DownstreamProtocol(asyncio.Protocol):
 
     # -- bad input ---------------------------------------------------------------------------
 
-    def _parse_error_detail(self, exc: HttpParserError) -> str:
-        """llhttp's words for a parse error, unless they would mislead: a Content-Length
-        among the trailer fields of a chunked body is reported by llhttp as one beside
-        Transfer-Encoding, as if it were in the head."""
-        text = parser_error_text(exc)
-        receiving = self.receiving
-        if (
-            self.parsing is None
-            and receiving is not None
-            and receiving.head is not None
-            and receiving.head.chunked
-            and "Content-Length" in text
-        ):
-            return "Content-Length in the trailer section of a chunked body (RFC 9112 §7.1.2)"
-        return text
-
     def _broken(self, problem: RequestProblem, detail: str) -> None:
         """The request stream cannot be parsed any further: answer in turn, then close."""
         self.pause_reading(self.PAUSE_BROKEN)
-        self.parser = HttpRequestParser(_Discard())
+        self.parser = HttpRequestParser(Discard())
         fw = self.parsing
         if fw is not None:
             self.parsing = None
@@ -485,7 +389,7 @@ class DownstreamProtocol(asyncio.Protocol):
             # Already refused (the same bad stream), or bytes after a request that closes
             # the connection: nobody will read an answer, so no exchange is made up.
             return
-        fw = self._new_exchange()
+        fw = self.new_exchange()
         fw.request_id = self.ctx.new_request_id().decode()
         fw.attach(None, (problem, detail))
         self._enqueue(fw)
@@ -493,7 +397,7 @@ class DownstreamProtocol(asyncio.Protocol):
     def _defect(self, exc: BaseException) -> None:
         """A defect in our own code while handling this connection's bytes."""
         self.pause_reading(self.PAUSE_BROKEN)
-        self.parser = HttpRequestParser(_Discard())
+        self.parser = HttpRequestParser(Discard())
         fw = self.current or self.receiving
         if fw is None and self.parsing is not None:
             fw = self.current = self.parsing
@@ -525,11 +429,3 @@ class DownstreamProtocol(asyncio.Protocol):
                 self.close()
         elif now - self.idle_since_ns > ctx.client_headers_ns:
             self.close()
-
-
-class _StopParsing(Exception):
-    """Raised from a callback to stop parsing after a refused head (already answered)."""
-
-
-class _Discard:
-    """Parser sink for a connection whose request stream is broken."""
