@@ -32,6 +32,7 @@ COMPILED = [
     "proxy/http1/errors.py",
     "proxy/http1/headers.py",
     "proxy/http1/origin.py",
+    "proxy/http1/reader.py",
     "proxy/http1/request.py",
     "proxy/http1/respond.py",
     "proxy/telemetry/accesslog.py",

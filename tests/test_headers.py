@@ -1,5 +1,5 @@
-"""The header rules of proxy/headers.py as a client and an origin see them, over real sockets
-on 127.0.0.1: the origin's Connection never reaches a keep-alive client, the origin's own
+"""The header rules of proxy/http1/headers.py as a client and an origin see them, over real
+sockets on 127.0.0.1: the origin's Connection never reaches a keep-alive client, the origin's own
 X-Request-Id and Via, another proxy's Via (forwarded) against our own (a loop), every
 hop-by-hop name both ways with its near misses, the header-value guards at each byte
 boundary, and every limit of the header path at its boundary. The pure rules (safe_value,

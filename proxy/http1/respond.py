@@ -191,7 +191,8 @@ class ResponseWriter:
         if not head_only:
             lines.append(body)
         reply = b"".join(lines)
-        self.out = []
-        self.out_bytes = 0
-        self.chunked = False
-        ctx.outbox.send(self.transport, [reply], len(reply))
+        # After what is queued already: an interim response of this exchange (a 100
+        # Continue before a 502 is valid HTTP) never follows the reply.
+        self.out.append(reply)
+        self.out_bytes += len(reply)
+        self.flush()
