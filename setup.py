@@ -17,6 +17,7 @@ from setuptools import setup
 # The per-exchange path, and nothing that starts a process, parses a configuration or
 # serves the admin port: only these run once per request.
 COMPILED = [
+    "proxy/base/gauges.py",
     "proxy/base/memo.py",
     "proxy/base/text.py",
     "proxy/diagnosis/record.py",

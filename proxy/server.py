@@ -69,7 +69,7 @@ def build_context(
     outbox = Outbox(loop)
     origins = OriginSide(headers, outbox, config.limits.max_response_header_bytes)
     ctx = ForwardContext(
-        config, loop, outbox, telemetry.record, telemetry.stats, origins, instance_id
+        config, loop, outbox, telemetry.record, telemetry.stats.gauges, origins, instance_id
     )
     # Reads that were one whole bodiless request head -> that head, parsed and validated
     # under this configuration: at most 1024 heads of at most 4 KiB.
@@ -182,7 +182,7 @@ class ProxyServer:
         # 5. Let in-flight exchanges finish and their connections flush and close (a slow
         #    client still reading its response is in flight too), up to the drain time.
         deadline = perf_ns() + _ns(timeouts.drain)
-        while (ctx.counters.in_flight > 0 or ctx.connections) and perf_ns() < deadline:
+        while (ctx.gauges.in_flight > 0 or ctx.connections) and perf_ns() < deadline:
             await asyncio.sleep(0.02)
         # 6. The deadline passed: what is still in flight is cut by the proxy, and recorded
         #    as the proxy's (a 503 + close where no response had started, else a reset).

@@ -84,21 +84,45 @@ class ClientConnection(Protocol):
     def abort(self) -> None: ...
 
 
-class ResponseSink(Protocol):
-    """Where the core sends the current exchange's response on a client connection."""
+class ResponseSink:
+    """Where the core sends the current exchange's response on a client connection.
+
+    A base class, not a protocol: a client codec's sink subclasses it, so the compiled
+    core calls it through a vtable rather than by name (four calls per exchange).
+    """
 
     # `head`: the `ResponseHead` an origin codec made; a client codec knows the origin
     # codecs it is paired with and reads their heads as their own type.
-    def send_interim(self, ex: Forwarder, status: int, head: Any) -> None: ...
-    def send_head(self, ex: Forwarder, status: int, head: Any, now: int) -> None: ...
-    def send_data(self, data: bytes) -> None: ...
-    def send_end(self) -> None: ...
-    def flush(self) -> None: ...  # what was sent so far leaves in one write
+    def send_interim(self, ex: Forwarder, status: int, head: Any) -> None:
+        raise NotImplementedError
+
+    def send_head(self, ex: Forwarder, status: int, head: Any, now: int) -> None:
+        raise NotImplementedError
+
+    def send_data(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def send_end(self) -> None:
+        """The response is complete: its end, and what is still queued, leave now."""
+        raise NotImplementedError
+
+    def flush(self) -> None:
+        """What was sent so far leaves in one write."""
+        raise NotImplementedError
+
     def send_reply(
         self, ex: Forwarder, row: FaultInfo, detail: str | None, params: dict[str, str] | None
-    ) -> None: ...  # a whole response the proxy made, from the taxonomy row
-    def send_raw(self, data: bytes) -> None: ...  # tunnel bytes, untouched
-    def abort(self) -> None: ...  # the peer must see a reset: a cut response never looks whole
+    ) -> None:
+        """A whole response the proxy made, from the taxonomy row."""
+        raise NotImplementedError
+
+    def send_raw(self, data: bytes) -> None:
+        """Tunnel bytes, untouched."""
+        raise NotImplementedError
+
+    def abort(self) -> None:
+        """The peer must see a reset: a cut response never looks whole."""
+        raise NotImplementedError
 
 
 class OriginConnection(Protocol):

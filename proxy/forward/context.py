@@ -1,8 +1,8 @@
 """What every connection and exchange shares, built once at start-up by `proxy.server`: the
 configuration as ready-to-use values, the pool, the outbox, and the sinks.
 
-Rule: the core is handed its sinks (`record`, `counters`) here; it never imports
-`proxy.telemetry`.
+Rule: the core is handed its sinks (`record`, and the `gauges` it keeps) here; it never
+imports `proxy.telemetry`.
 """
 
 from __future__ import annotations
@@ -10,8 +10,9 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
+from ..base.gauges import Gauges
 from ..config import Config
 from .outbox import Outbox
 from .pool import OriginFactory, UpstreamPool
@@ -19,13 +20,6 @@ from .pool import OriginFactory, UpstreamPool
 if TYPE_CHECKING:
     from ..diagnosis.record import Exchange
     from .codec import ClientConnection
-
-
-class Counters(Protocol):
-    """The gauges the core keeps up to date (the stats object the server wires in)."""
-
-    in_flight: int  # exchanges started and not finished
-    refused_connections: int  # client connections closed unread (limits.max_connections)
 
 
 def _ns(seconds: float) -> int:
@@ -42,13 +36,13 @@ class ForwardContext:
         loop: asyncio.AbstractEventLoop,
         outbox: Outbox,
         record: Callable[[Exchange], None],
-        counters: Counters,
+        gauges: Gauges,
         origin_factory: OriginFactory,
         instance_id: str,
     ) -> None:
         self.config = config
         self.record = record
-        self.counters = counters
+        self.gauges = gauges
         self.outbox = outbox
         self.pool = UpstreamPool(config, loop, origin_factory)
         self.connections: set[ClientConnection] = set()

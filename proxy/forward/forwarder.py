@@ -51,7 +51,7 @@ class Forwarder(ExchangeState):
         if head.loop_marker:
             self.fail(Fault.PROXY_LOOP_DETECTED, "this request already passed through this proxy")
             return
-        if ctx.counters.in_flight > ctx.max_in_flight:
+        if ctx.gauges.in_flight > ctx.max_in_flight:
             self.fail(Fault.CONNECTION_LIMIT_REACHED, "limits.max_in_flight reached")
             return
         conn = ctx.pool.acquire(self)
@@ -199,9 +199,7 @@ class Forwarder(ExchangeState):
     def on_response_end(self, reusable: bool) -> None:
         if self.done:
             return
-        sink = self.sink
-        sink.send_end()
-        sink.flush()
+        self.sink.send_end()
         up = self.up
         self.up = None
         if up is not None:

@@ -223,6 +223,6 @@ class ExchangeState(Exchange):
             except Exception:  # diagnosis must never cost an exchange its record
                 log.exception("diagnosis failed for exchange %s", self.request_id)
         ctx = self.ctx
-        ctx.counters.in_flight -= 1
+        ctx.gauges.in_flight -= 1
         ctx.record(self)
         self.down.exchange_finished(self)

@@ -89,7 +89,7 @@ class DownstreamProtocol(asyncio.Protocol):
         ctx = self.ctx
         if len(ctx.connections) >= ctx.max_connections:
             # Over limits.max_connections: refuse before reading a byte (no exchange).
-            ctx.counters.refused_connections += 1
+            ctx.gauges.refused_connections += 1
             self.closed = True
             transport.abort()
             return
@@ -317,7 +317,7 @@ class DownstreamProtocol(asyncio.Protocol):
 
     def new_exchange(self) -> Forwarder:
         fw = Forwarder(self.ctx, self, self.writer, perf_ns())
-        self.ctx.counters.in_flight += 1
+        self.ctx.gauges.in_flight += 1
         return fw
 
     def _known_head(self, head: RequestHead) -> None:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Final
 from .. import replies
 from ..base.text import MS_TABLE, MS_TABLE_SIZE, http_date
 from ..diagnosis.faults import Fault, FaultInfo
+from ..forward.codec import ResponseSink
 from ..forward.context import ForwardContext
 from ..forward.fields import ST_PROXY_DESC, ST_TTFB_DESC
 from .headers import CONTENT_LENGTH_FIELDS, HeaderPolicy, OriginHead, filter_response_block
@@ -46,7 +47,7 @@ def abort_with_rst(transport: Any) -> None:
     transport.abort()
 
 
-class ResponseWriter:
+class ResponseWriter(ResponseSink):
     """Writes the current exchange's response to one client connection."""
 
     __slots__ = ("chunked", "ctx", "headers", "out", "out_bytes", "transport")
@@ -136,6 +137,7 @@ class ResponseWriter:
         if self.chunked:
             self.chunked = False
             self.out.append(b"0\r\n\r\n")
+        self.flush()
 
     def flush(self) -> None:
         out = self.out

@@ -17,6 +17,7 @@ from bisect import bisect_left
 from collections import deque
 from typing import TYPE_CHECKING, Any, Final
 
+from ..base.gauges import Gauges
 from ..diagnosis.faults import TAXONOMY, Fault, Layer, Source
 from ..diagnosis.hops import HOP_NAMES_MAX, HOP_OTHER, HOPS
 
@@ -119,13 +120,14 @@ def status_class(status: int) -> str:
 class Stats:
     """Everything `/stats` and `/metrics` report, updated in place."""
 
-    def __init__(self, recent_errors: int = 100) -> None:
+    def __init__(self, recent_errors: int = 100, gauges: Gauges | None = None) -> None:
         self.started_at = time.time()
         self.started_ns = time.perf_counter_ns()
+        # What the forwarding core counts live (in flight; connections refused unread over
+        # limits.max_connections), shared with it by the server.
+        self.gauges = gauges or Gauges()
         self.total = 0
-        self.in_flight = 0
         self.retries = 0
-        self.refused_connections = 0  # over limits.max_connections, closed unread
         self.held = 0  # requests held by upstream_wait while the upstream refused
         self.held_expired = 0  # ... of which the upstream never accepted in time
         self.hop_counts: dict[tuple[str, int], int] = {}  # (hop behind origin, status)
@@ -140,6 +142,14 @@ class Stats:
         self._slot_second = -1
         self._slot_counts: dict[CounterKey, int] = {}
         self.recent: deque[dict[str, Any]] = deque(maxlen=recent_errors)
+
+    @property
+    def in_flight(self) -> int:
+        return self.gauges.in_flight
+
+    @property
+    def refused_connections(self) -> int:
+        return self.gauges.refused_connections
 
     # -- hot path ------------------------------------------------------------------------------
 
