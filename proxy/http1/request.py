@@ -47,6 +47,8 @@ REQUEST_SPECIAL: Final = {
     b"content-length": _Q_CL,
     b"transfer-encoding": _Q_TE,
     b"upgrade": _Q_UPGRADE,
+    # The h2c upgrade's settings (RFC 7540 §3.2.1): connection-specific, never forwarded.
+    b"http2-settings": _Q_DROP,
     b"x-forwarded-for": _Q_XFF,
     b"x-forwarded-proto": _Q_XFP,
     b"x-forwarded-host": _Q_XFH,
@@ -224,10 +226,18 @@ class RequestHead:
         if method == b"CONNECT":
             return "CONNECT is not supported: this is a reverse proxy"
         nominated = self.nominated
-        if self.upgrade is not None and not (
+        upgrade = self.upgrade
+        if upgrade is not None and not (
             nominated and b"upgrade" in nominated and parser.should_upgrade()
         ):
             self.upgrade = None
+        elif upgrade is not None and b"h2c" in connection_tokens(upgrade):
+            # Never honoured nor forwarded (RFC 9113 §3.1 retired it): an origin that
+            # switched would carry HTTP/2 requests past every check, log and count of the
+            # proxy ("h2c smuggling"). The request is answered as HTTP/1.1; llhttp has taken
+            # the connection as upgraded, so it closes after this response.
+            self.upgrade = None
+            self.keep_alive = False
         if nominated:
             nominated = nominated - CONNECTION_OPTIONS
             if nominated:
