@@ -32,6 +32,7 @@ from .http1.client import DownstreamProtocol
 from .http1.headers import HeaderPolicy
 from .http1.origin import OriginSide
 from .http1.request import RequestHead
+from .http2.client import H2ClientConnection, H2Shared
 from .telemetry.console import make_access_log
 from .telemetry.sink import Telemetry
 from .telemetry.stats import Stats
@@ -77,6 +78,22 @@ def build_context(
     return ctx, headers, known_heads
 
 
+def client_factory(
+    ctx: ForwardContext, headers: HeaderPolicy, known_heads: Memo[bytes, RequestHead]
+) -> Callable[[], DownstreamProtocol]:
+    """What the listener makes for each client connection: the HTTP/1.1 codec, which hands
+    a connection that opens with the HTTP/2 preface to the HTTP/2 codec."""
+    shared = H2Shared(ctx, headers.proxy_status, headers.server_timing)
+
+    def to_http2(conn: DownstreamProtocol, first: bytes) -> None:
+        h2 = H2ClientConnection(shared)
+        conn.transport.set_protocol(h2)
+        h2.connection_made(conn.transport)
+        h2.data_received(first)
+
+    return lambda: DownstreamProtocol(ctx, headers, known_heads, to_http2)
+
+
 class ProxyServer:
     """The running proxy: data-plane listener, admin listener, sweep, drain."""
 
@@ -106,7 +123,7 @@ class ProxyServer:
         host, port = config.listen
         try:
             self._server = await loop.create_server(
-                lambda: DownstreamProtocol(ctx, headers, known_heads),
+                client_factory(ctx, headers, known_heads),
                 host,
                 port,
                 backlog=4096,

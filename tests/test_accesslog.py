@@ -28,6 +28,7 @@ FIELDS = {
     "details",
     "upstream",
     "client",
+    "protocol",  # CONTRACT.md, "HTTP/2 and gRPC": http/1.1 | h2
     "bytes_in",
     "bytes_out",
     "duration_ms",

@@ -21,8 +21,14 @@ import pytest
 from hostile_support import Received, RecordingOrigin, ResponseReader, send_raw
 
 from proxy.base.text import MS_TABLE, MS_TABLE_SIZE, http_date, ms_text
-from proxy.forward.fields import proxy_status_error, safe_value, server_timing, sf_string
-from proxy.http1.headers import CONNECTION_OPTIONS, HOP_BY_HOP, HeaderPolicy, valid_request_id
+from proxy.forward.fields import (
+    proxy_status_error,
+    safe_value,
+    server_timing,
+    sf_string,
+    valid_request_id,
+)
+from proxy.http1.headers import CONNECTION_OPTIONS, HOP_BY_HOP, HeaderPolicy
 from proxy.replies import prefers_html
 
 from support import LOOPBACK, parse_responses, proxy_status_members

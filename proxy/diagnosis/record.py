@@ -70,6 +70,7 @@ class Exchange:
         "method",
         "phase",
         "problem",
+        "protocol",
         "request_id",
         "response_started",
         "retried",
@@ -94,6 +95,7 @@ class Exchange:
 
     def __init__(self, t_start: int, client: str, upstream: str) -> None:
         self.request_id = ""
+        self.protocol = "http/1.1"  # or "h2": what the client spoke
         self.method = ""
         self.target = ""
         self.phase = REQUEST_HEAD

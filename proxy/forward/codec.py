@@ -60,6 +60,10 @@ class ResponseHead(Protocol):
     """An origin's response head, made by the origin codec for the client codec."""
 
     raw: bytes  # status line and field lines in HTTP/1.1 form: the diagnosis evidence
+    # What an HTTP/1.1 client is sent for it: the status line, the end-to-end field lines,
+    # Proxy-Status and Via (and a Date the origin left out); another client codec turns
+    # these lines into its own fields.
+    prefix: bytes
 
 
 class ClientConnection(Protocol):
@@ -133,13 +137,13 @@ class OriginConnection(Protocol):
     bytes_seen: bool  # any response byte arrived for the current exchange
     close_delimited: bool  # the current response's body ends when the origin closes
     idle_since_ns: int
+    handler: Forwarder | None  # the exchange it serves (None: idle, set by the pool)
 
     def begin(self, handler: Forwarder, head: RequestHead) -> None: ...  # writes the head
     def send_data(self, data: bytes) -> None: ...
     def send_end(self) -> None: ...
     def flush(self) -> None: ...
     def send_raw(self, chunks: list[bytes]) -> None: ...  # tunnel bytes, untouched
-    def detach(self) -> None: ...  # the exchange is done with it
     def pause_reading(self) -> None: ...
     def resume_reading(self) -> None: ...
     def close(self) -> None: ...

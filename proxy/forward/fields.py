@@ -13,6 +13,12 @@ from typing import Final
 from ..base.text import ms_text
 
 _UNSAFE: Final = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+_REQUEST_ID: Final = re.compile(rb"^[A-Za-z0-9._:@/+=\-]{1,200}$")
+
+
+def valid_request_id(value: bytes) -> bool:
+    """A client's X-Request-Id that is kept (else the proxy makes one)."""
+    return _REQUEST_ID.match(value) is not None
 
 
 def safe_value(value: bytes) -> bytes:

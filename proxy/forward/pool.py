@@ -134,7 +134,7 @@ class UpstreamPool:
     def release(self, conn: OriginConnection, reusable: bool) -> None:
         """The exchange is done with `conn`; keep it for the next one or close it."""
         self.busy -= 1
-        conn.detach()
+        conn.handler = None
         if not reusable or conn.closed:
             conn.close()
             return

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
+from collections.abc import Callable
 from typing import Any, Final
 
 from httptools import (
@@ -43,6 +44,9 @@ from .respond import ResponseWriter
 
 log: Final = logging.getLogger("faultline")
 
+# How a connection speaking HTTP/2 with prior knowledge opens (RFC 9113 §3.4).
+HTTP2_PREFACE_LINE: Final = b"PRI * HTTP/2.0\r\n"
+
 
 class DownstreamProtocol(asyncio.Protocol):
     """One client connection."""
@@ -52,9 +56,17 @@ class DownstreamProtocol(asyncio.Protocol):
     PAUSE_BROKEN = PAUSE_CODEC << 1  # the request stream is unparseable; nothing more is read
 
     def __init__(
-        self, ctx: ForwardContext, headers: HeaderPolicy, known_heads: Memo[bytes, RequestHead]
+        self,
+        ctx: ForwardContext,
+        headers: HeaderPolicy,
+        known_heads: Memo[bytes, RequestHead],
+        switch: Callable[[DownstreamProtocol, bytes], None] | None = None,
     ) -> None:
         self.ctx = ctx
+        # Called with the first read when it opens with the HTTP/2 preface (prior
+        # knowledge): another codec takes the connection over (wired by the server).
+        self.switch = switch
+        self.fresh = True  # nothing read yet
         self.headers = headers
         # Reads that were one whole bodiless request head -> that head, parsed and
         # validated under this configuration (`data_received`): shared by every
@@ -180,6 +192,13 @@ class DownstreamProtocol(asyncio.Protocol):
     # -- bytes in ---------------------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
+        if self.fresh:
+            self.fresh = False
+            if self.switch is not None and data.startswith(HTTP2_PREFACE_LINE):
+                self.ctx.connections.discard(self)
+                self.closed = True  # this protocol object is done; the transport goes on
+                self.switch(self, data)
+                return
         if self.raw:
             fw = self.upgrading
             if fw is not None:
@@ -264,11 +283,11 @@ class DownstreamProtocol(asyncio.Protocol):
         """Bytes for the upstream produced while handling one read leave in one write."""
         try:
             current = self.current
-            if current is not None:
-                current.flush_upstream()
+            if current is not None and current.up is not None:
+                current.up.flush()
             receiving = self.receiving
-            if receiving is not None and receiving is not current:
-                receiving.flush_upstream()
+            if receiving is not None and receiving is not current and receiving.up is not None:
+                receiving.up.flush()
         except Exception as exc:
             self._defect(exc)
 
@@ -323,7 +342,8 @@ class DownstreamProtocol(asyncio.Protocol):
     def _known_head(self, head: RequestHead) -> None:
         """`data` repeats a bodiless request head already parsed and validated on this
         proxy: the exchange starts from that head, as the parser would have made it."""
-        fw = self.new_exchange()
+        fw = Forwarder(self.ctx, self, self.writer, perf_ns())  # new_exchange, inlined
+        self.ctx.gauges.in_flight += 1
         self._head_complete(fw, head)
         self.receiving = None
         fw.on_request_complete()

@@ -13,7 +13,12 @@ from typing import TYPE_CHECKING, Final
 
 from ..base.memo import Memo
 from ..base.text import http_date
-from ..forward.fields import proxy_status_error, proxy_status_received, safe_value, server_timing
+from ..forward.fields import (
+    proxy_status_error,
+    proxy_status_received,
+    safe_value,
+    server_timing,
+)
 
 if TYPE_CHECKING:
     from ..forward.codec import RequestHead
@@ -40,11 +45,6 @@ CONNECTION_OPTIONS: Final = frozenset({b"close", b"keep-alive", b"upgrade"})
 
 # llhttp lets control bytes through in a reason phrase: they are never passed on.
 _STATUS_CONTROL: Final = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
-_REQUEST_ID: Final = re.compile(rb"^[A-Za-z0-9._:@/+=\-]{1,200}$")
-
-
-def valid_request_id(value: bytes) -> bool:
-    return _REQUEST_ID.match(value) is not None
 
 
 def connection_tokens(value: bytes) -> set[bytes]:

@@ -102,9 +102,6 @@ class UpstreamConnection(asyncio.Protocol):
             self.headers.request_head(head, down.client_ip_b, down.trusted, handler.request_id_line)
         )
 
-    def detach(self) -> None:
-        self.handler = None
-
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
 

@@ -18,7 +18,8 @@ from httptools import HttpRequestParser
 
 from ..base.memo import Memo
 from ..diagnosis.faults import RequestProblem
-from .headers import CONNECTION_OPTIONS, HOP_BY_HOP, connection_tokens, valid_request_id
+from ..forward.fields import valid_request_id
+from .headers import CONNECTION_OPTIONS, HOP_BY_HOP, connection_tokens
 
 # Request header names handled specially (anything else passes through as is); Final
 # ints are constants in compiled code.

@@ -134,10 +134,14 @@ class ResponseWriter(ResponseSink):
         self.out_bytes += size
 
     def send_end(self) -> None:
+        out = self.out
         if self.chunked:
             self.chunked = False
-            self.out.append(b"0\r\n\r\n")
-        self.flush()
+            out.append(b"0\r\n\r\n")
+        if out:  # flush(), inlined: once per exchange
+            self.out = []
+            self.ctx.outbox.send(self.transport, out, self.out_bytes)
+            self.out_bytes = 0
 
     def flush(self) -> None:
         out = self.out

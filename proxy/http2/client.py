@@ -1,0 +1,281 @@
+"""The client side of the HTTP/2 codec: one connection that opened with the HTTP/2 preface
+(prior knowledge, h2c), many streams, each stream one exchange (a `Forwarder`). The frame
+and HPACK state machine is h2's (python-hyper); this module maps its events to the core's
+calls and the core's to its sends (a `ClientConnection` of `proxy.forward.codec`).
+
+Rules:
+1. Every stream starts at once: there is no queue, streams are independent exchanges.
+2. What h2 wants to send goes out once per read (`flush`, through the outbox), as on
+   HTTP/1.1.
+3. A connection error (h2 raised `ProtocolError`) ends the connection with GOAWAY; the
+   streams it carried end as the client's (the client broke the protocol).
+4. Draining: GOAWAY with the last stream id at once; streams in flight finish; then close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any, Final
+
+from h2.config import H2Configuration
+from h2.connection import H2Connection
+from h2.errors import ErrorCodes
+from h2.events import (
+    ConnectionTerminated,
+    DataReceived,
+    RemoteSettingsChanged,
+    RequestReceived,
+    StreamEnded,
+    StreamReset,
+    WindowUpdated,
+)
+from h2.exceptions import H2Error, ProtocolError
+from h2.settings import SettingCodes, Settings
+
+from ..diagnosis.faults import RequestProblem
+from ..diagnosis.record import perf_ns
+from ..forward.context import ForwardContext
+from ..forward.deadlines import check_deadline
+from ..forward.forwarder import Forwarder
+from .request import read_head
+from .respond import StreamSink
+
+log: Final = logging.getLogger("faultline")
+
+PREFACE: Final = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+MAX_CONCURRENT_STREAMS: Final = 100
+
+
+class H2Shared:
+    """What every HTTP/2 client connection shares: which fields the proxy adds."""
+
+    def __init__(self, ctx: ForwardContext, proxy_status: bool, server_timing: bool) -> None:
+        self.ctx = ctx
+        self.proxy_status = proxy_status
+        self.server_timing = server_timing
+        self.instance_id = ctx.instance_id.encode()
+
+
+class H2ClientConnection(asyncio.Protocol):
+    """One HTTP/2 client connection."""
+
+    def __init__(self, shared: H2Shared) -> None:
+        self.shared = shared
+        self.ctx = shared.ctx
+        self.h2 = H2Connection(H2Configuration(client_side=False, header_encoding=None))
+        self.h2.local_settings = Settings(
+            client=False,
+            initial_values={SettingCodes.MAX_CONCURRENT_STREAMS: MAX_CONCURRENT_STREAMS},
+        )
+        self.transport: Any = None
+        self.client_ip = ""
+        self.client_ip_b = b""
+        self.trusted = False
+        self.streams: dict[int, Forwarder] = {}  # the exchanges in flight, by stream
+        # Streams whose response waits for the client's window (it may outlive its
+        # exchange: the last DATA and END_STREAM are queued when the exchange finishes).
+        self.waiting: dict[int, StreamSink] = {}
+        self.write_paused = False
+        self.read_pauses = 0
+        self.in_feed = False
+        self.closed = False
+        self.goaway = False  # no new streams: draining, or the client said GOAWAY
+        self.idle_since_ns = perf_ns()
+
+    # -- connection life cycle ----------------------------------------------------------------
+
+    def connection_made(self, transport: Any) -> None:
+        """Taken over from the HTTP/1.1 codec after its first read (the preface)."""
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.client_ip = peer[0] if peer else ""
+        self.client_ip_b = self.client_ip.encode()
+        self.trusted = self.ctx.is_trusted(self.client_ip)
+        self.ctx.connections.add(self)
+        self.h2.initiate_connection()
+        self.flush()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.ctx.connections.discard(self)
+        streams = list(self.streams.values())
+        self.streams.clear()
+        for fw in streams:
+            fw.client_gone()
+
+    def eof_received(self) -> bool:
+        return False
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        for fw in list(self.streams.values()):
+            fw.client_write_paused(True)
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        for fw in list(self.streams.values()):
+            fw.client_write_paused(False)
+
+    def flush(self) -> None:
+        data = self.h2.data_to_send()
+        if data and not self.closed:
+            self.ctx.outbox.send(self.transport, [data], len(data))
+
+    def close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.ctx.outbox.flush()
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    # -- what the core calls (ClientConnection) -------------------------------------------------
+
+    def pause_reading(self, reason: int) -> None:
+        if not self.read_pauses and not self.closed:
+            self.transport.pause_reading()
+        self.read_pauses |= reason
+
+    def resume_reading(self, reason: int) -> None:
+        if self.read_pauses & reason:
+            self.read_pauses &= ~reason
+            if not self.read_pauses and not self.closed:
+                self.transport.resume_reading()
+
+    def has_queued(self) -> bool:
+        return False  # streams never wait for each other
+
+    def exchange_of(self, stream_id: int) -> Forwarder | None:
+        return self.streams.get(stream_id)
+
+    def exchange_finished(self, ex: Forwarder) -> None:
+        sink = ex.sink
+        if isinstance(sink, StreamSink):
+            self.streams.pop(sink.stream_id, None)
+        if not self.streams:
+            self.idle_since_ns = perf_ns()
+            if self.goaway and not self.waiting:
+                self.flush()
+                self.close()
+
+    def check_deadline(self, now: int) -> None:
+        for fw in list(self.streams.values()):
+            check_deadline(fw, now)
+        if not self.streams and now - self.idle_since_ns > self.ctx.keepalive_ns:
+            self._goaway(ErrorCodes.NO_ERROR)
+
+    def drain(self) -> None:
+        self._goaway(ErrorCodes.NO_ERROR)
+
+    def cut_by_drain(self) -> None:
+        for fw in list(self.streams.values()):
+            fw.cut_by_drain(answer=True)
+        self.flush()
+        self.close()
+
+    # -- bytes in -------------------------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            events = self.h2.receive_data(data)
+        except ProtocolError as exc:
+            # h2 has queued the GOAWAY itself (PROTOCOL_ERROR, FLOW_CONTROL_ERROR, ...).
+            log.debug("HTTP/2 connection error from %s: %s", self.client_ip, exc)
+            self.goaway = True
+            self.flush()
+            self.close()  # connection_lost ends the streams it carried
+            return
+        touched: dict[int, Forwarder] = {}
+        self.in_feed = True
+        try:
+            for event in events:
+                self._event(event, touched)
+        except Exception:  # a defect: the connection ends, the exchanges are recorded
+            log.exception("internal error on an HTTP/2 connection")
+            self._goaway(ErrorCodes.INTERNAL_ERROR)
+        finally:
+            self.in_feed = False
+        for fw in touched.values():
+            fw.flush_upstream()
+        self.flush()
+
+    def _event(self, event: object, touched: dict[int, Forwarder]) -> None:
+        if isinstance(event, DataReceived):
+            fw = self.streams.get(event.stream_id)
+            if fw is not None:
+                fw.on_request_body(event.data)
+                touched[event.stream_id] = fw
+            if event.flow_controlled_length:
+                # The request body is buffered by the core (which pauses reading over its
+                # limit), so the window opens again at once.
+                with contextlib.suppress(H2Error):  # the stream closed meanwhile
+                    self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+        elif isinstance(event, RequestReceived):
+            self._request(event.stream_id, event.headers, event.stream_ended is not None)
+            fw = self.streams.get(event.stream_id)
+            if fw is not None:
+                touched[event.stream_id] = fw
+        elif isinstance(event, StreamEnded):
+            fw = self.streams.get(event.stream_id)
+            if fw is not None:
+                fw.on_request_complete()
+                touched[event.stream_id] = fw
+        elif isinstance(event, StreamReset):
+            self.waiting.pop(event.stream_id, None)
+            fw = self.streams.pop(event.stream_id, None)
+            touched.pop(event.stream_id, None)
+            if fw is not None:
+                fw.client_gone()
+        elif isinstance(event, (WindowUpdated, RemoteSettingsChanged)):
+            self._pump_all()
+        elif isinstance(event, ConnectionTerminated):
+            self.goaway = True
+            if not self.streams:
+                self.close()
+
+    def _request(self, stream_id: int, fields: Any, ended: bool) -> None:
+        """A new stream: its exchange starts now."""
+        ctx = self.ctx
+        sink = StreamSink(self, stream_id)
+        fw = Forwarder(ctx, self, sink, perf_ns())
+        ctx.gauges.in_flight += 1
+        fw.protocol = "h2"
+        self.streams[stream_id] = fw
+        head, problem = read_head(fields, ended, self.shared.instance_id)
+        fw.method = head.method_name
+        fw.target = head.target_text
+        request_id = head.request_id or ctx.new_request_id()
+        fw.request_id_line = b"X-Request-Id: " + request_id + b"\r\n"
+        fw.request_id = request_id.decode("latin-1")
+        if problem is not None:
+            fw.attach(head, (RequestProblem.MALFORMED, problem))
+        else:
+            fw.attach(head)
+            limit = ctx.max_request_body_bytes
+            length = head.content_length
+            if limit and length is not None and length > limit:
+                fw.reject = (RequestProblem.BODY_TOO_LARGE, f"content-length {length} over {limit}")
+        fw.start()
+        if ended:
+            fw.on_request_complete()
+
+    def _pump_all(self) -> None:
+        for sink in list(self.waiting.values()):
+            sink.pump()
+        if self.goaway and not self.streams and not self.waiting:
+            self.close()
+
+    def _goaway(self, code: ErrorCodes) -> None:
+        """No new streams; close once the streams in flight are done (at once on an error)."""
+        if not self.goaway:
+            self.goaway = True
+            with contextlib.suppress(H2Error):
+                self.h2.close_connection(error_code=code)
+            self.flush()
+        if code != ErrorCodes.NO_ERROR:
+            self.close()  # connection_lost ends the streams
+        elif not self.streams and not self.waiting:
+            self.close()

@@ -1,0 +1,269 @@
+"""HTTP/2 with prior knowledge (h2c) on the listen port, towards an HTTP/1.1 origin: real
+clients (curl --http2-prior-knowledge, the h2 library over a socket) and a real origin on
+127.0.0.1. Each stream is one exchange: the same Proxy-Status, Server-Timing, X-Request-Id,
+record and stats as on HTTP/1.1, with `protocol` "h2" in the record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+
+import pytest
+from h2.config import H2Configuration
+from h2.connection import H2Connection
+from h2.events import (
+    ConnectionTerminated,
+    DataReceived,
+    ResponseReceived,
+    StreamEnded,
+    StreamReset,
+)
+from hostile_support import RecordingOrigin
+
+from proxy.diagnosis.faults import Fault
+
+from support import LOOPBACK, OriginConnection, free_port, parse_responses, raw_request
+
+pytestmark = pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+
+
+@pytest.fixture
+async def recording():
+    origin = await RecordingOrigin().start()
+    yield origin
+    await origin.close()
+
+
+class H2Client:
+    """A plain HTTP/2 client over one socket, driven by the h2 library."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+        self.h2 = H2Connection(H2Configuration(client_side=True, header_encoding=None))
+        self.heads: dict[int, dict[bytes, bytes]] = {}
+        self.bodies: dict[int, bytearray] = {}
+        self.ended: set[int] = set()
+        self.reset: dict[int, int] = {}
+        self.goaway: int | None = None
+
+    @classmethod
+    async def connect(cls, port: int) -> H2Client:
+        reader, writer = await asyncio.open_connection(LOOPBACK, port)
+        client = cls(reader, writer)
+        client.h2.initiate_connection()
+        await client.send()
+        return client
+
+    async def send(self) -> None:
+        self.writer.write(self.h2.data_to_send())
+        await self.writer.drain()
+
+    def request(
+        self, path: str, method: str = "GET", body: bytes = b"", headers: tuple = ()
+    ) -> int:
+        stream_id = self.h2.get_next_available_stream_id()
+        fields = [
+            (b":method", method.encode()),
+            (b":scheme", b"http"),
+            (b":authority", b"app.test"),
+            (b":path", path.encode()),
+            *headers,
+        ]
+        self.h2.send_headers(stream_id, fields, end_stream=not body)
+        if body:
+            self.h2.send_data(stream_id, body, end_stream=True)
+        self.bodies[stream_id] = bytearray()
+        return stream_id
+
+    async def until(self, done, timeout: float = 10.0) -> None:
+        async def loop() -> None:
+            while not done():
+                data = await self.reader.read(65536)
+                if not data:
+                    return
+                for event in self.h2.receive_data(data):
+                    self._event(event)
+                await self.send()
+
+        await asyncio.wait_for(loop(), timeout)
+
+    def _event(self, event) -> None:
+        if isinstance(event, ResponseReceived):
+            self.heads[event.stream_id] = dict(event.headers)
+        elif isinstance(event, DataReceived):
+            self.bodies.setdefault(event.stream_id, bytearray()).extend(event.data)
+            self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+        elif isinstance(event, StreamEnded):
+            self.ended.add(event.stream_id)
+        elif isinstance(event, StreamReset):
+            self.reset[event.stream_id] = event.error_code
+        elif isinstance(event, ConnectionTerminated):
+            self.goaway = event.error_code
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+async def _curl(*args: str) -> tuple[int, bytes, bytes]:
+    proc = await asyncio.create_subprocess_exec(
+        "curl", "-s", "-S", "--max-time", "10", *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await proc.communicate()
+    return proc.returncode or 0, out, err
+
+
+async def test_curl_with_prior_knowledge_gets_the_origins_answer_tagged(recording, proxy_factory):
+    proxy = await proxy_factory(recording.url)
+    code, out, err = await _curl(
+        "--http2-prior-knowledge", "-i", f"http://{LOOPBACK}:{proxy.port}/hello?x=1"
+    )
+    assert code == 0, err
+    head, _, body = out.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/2 200"), head
+    assert body == b"from-app!"
+    lowered = head.lower()
+    assert b"proxy-status: faultline; received-status=200" in lowered
+    assert b"server-timing: " in lowered and b"ttfb;dur=" in lowered
+    assert b"x-request-id: " in lowered
+    sent = recording.received_bytes()
+    assert sent.startswith(b"GET /hello?x=1 HTTP/1.1\r\nHost: app.test\r\n") or sent.startswith(
+        b"GET /hello?x=1 HTTP/1.1\r\nHost: " + f"{LOOPBACK}:{proxy.port}".encode()
+    ), sent
+    await proxy.settle()
+    assert proxy.stats.counts == {(200, "origin", None): 1}
+    (line,) = proxy.access_log()
+    assert (line["method"], line["path"], line["status"]) == ("GET", "/hello?x=1", 200)
+    assert line["protocol"] == "h2"
+
+
+async def test_fifty_streams_on_one_connection_each_get_their_own_answer(
+    origin_factory, proxy_factory
+):
+    async def echo(conn: OriginConnection) -> None:
+        while (request := await conn.read_request()) is not None:
+            path = request.split(b" ", 2)[1]
+            body = request.partition(b"\r\n\r\n")[2]
+            await conn.respond(200, path + b"|" + body)
+
+    origin = await origin_factory(echo)
+    proxy = await proxy_factory(origin.url)
+    client = await H2Client.connect(proxy.port)
+    streams = {}
+    for i in range(50):
+        body = b"x" * i if i % 2 else b""
+        sid = client.request(f"/s/{i}", "POST" if body else "GET", body)
+        streams[sid] = f"/s/{i}|".encode() + body
+    await client.send()
+    await client.until(lambda: client.ended >= set(streams))
+    for sid, expected in streams.items():
+        assert client.heads[sid][b":status"] == b"200"
+        assert bytes(client.bodies[sid]) == expected, sid
+    client.close()
+    await proxy.settle()
+    assert proxy.stats.counts == {(200, "origin", None): 50}
+
+
+async def test_http11_and_h2c_on_the_same_port(recording, proxy_factory):
+    proxy = await proxy_factory(recording.url)
+    data = await raw_request(
+        proxy.port, b"GET /one HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+    )
+    (response,), _ = parse_responses(data)
+    assert response.status == 200 and response.body == b"from-app!"
+    client = await H2Client.connect(proxy.port)
+    sid = client.request("/two")
+    await client.send()
+    await client.until(lambda: sid in client.ended)
+    assert client.heads[sid][b":status"] == b"200" and bytes(client.bodies[sid]) == b"from-app!"
+    client.close()
+    await proxy.settle()
+    assert proxy.stats.counts == {(200, "origin", None): 2}
+    protocols = sorted(line["protocol"] for line in proxy.access_log())
+    assert protocols == ["h2", "http/1.1"]
+
+
+async def test_an_upstream_refused_is_a_proxy_made_502_on_the_stream(proxy_factory):
+    dead = free_port()
+    proxy = await proxy_factory(f"http://{LOOPBACK}:{dead}")
+    client = await H2Client.connect(proxy.port)
+    sid = client.request("/x", headers=((b"accept", b"application/json"),))
+    ok = client.request("/y")
+    await client.send()
+    await client.until(lambda: {sid, ok} <= client.ended)
+    head = client.heads[sid]
+    assert head[b":status"] == b"502"
+    assert head[b"content-type"] == b"application/problem+json"
+    assert b"error=connection_refused" in head[b"proxy-status"]
+    assert b'"error":"connection_refused"' in bytes(client.bodies[sid])
+    client.close()
+    await proxy.settle()
+    refused = Fault.CONNECTION_REFUSED.value
+    assert proxy.stats.counts == {(502, "proxy", refused): 2}
+
+
+async def test_a_large_response_respects_the_clients_window(origin_factory, proxy_factory):
+    """4 MiB through a client whose window is the default 64 KiB: the proxy sends only what
+    the window allows and the whole body arrives intact."""
+    payload = bytes(range(256)) * (4 * 4096)
+
+    async def big(conn: OriginConnection) -> None:
+        while await conn.read_request() is not None:
+            await conn.respond(200, payload)
+
+    origin = await origin_factory(big)
+    proxy = await proxy_factory(origin.url)
+    client = await H2Client.connect(proxy.port)
+    sid = client.request("/big")
+    await client.send()
+    await client.until(lambda: sid in client.ended, timeout=30)
+    assert bytes(client.bodies[sid]) == payload
+    client.close()
+    await proxy.settle()
+    assert proxy.stats.counts == {(200, "origin", None): 1}
+
+
+async def test_a_stream_the_client_resets_is_499_and_the_others_go_on(
+    origin_factory, proxy_factory
+):
+    release = asyncio.Event()
+
+    async def slow_then_fast(conn: OriginConnection) -> None:
+        while (request := await conn.read_request()) is not None:
+            if b" /slow " in request:
+                await release.wait()
+            await conn.respond(200, b"done")
+
+    origin = await origin_factory(slow_then_fast)
+    proxy = await proxy_factory(origin.url)
+    client = await H2Client.connect(proxy.port)
+    slow = client.request("/slow")
+    await client.send()
+    await asyncio.sleep(0.2)
+    client.h2.reset_stream(slow)
+    fast = client.request("/fast")
+    await client.send()
+    await client.until(lambda: fast in client.ended)
+    assert bytes(client.bodies[fast]) == b"done"
+    release.set()
+    client.close()
+    await proxy.settle()
+    closed = Fault.CLIENT_CLOSED_REQUEST.value
+    assert proxy.stats.counts == {(200, "origin", None): 1, (499, "client", closed): 1}
+
+
+async def test_a_broken_preface_is_a_goaway_and_the_proxy_keeps_serving(recording, proxy_factory):
+    proxy = await proxy_factory(recording.url)
+    # The preface, then a DATA frame on stream 0 instead of SETTINGS: a connection error.
+    data = await raw_request(proxy.port, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00" * 9)
+    frames = []
+    while data:
+        length = int.from_bytes(data[:3], "big")
+        frames.append((data[3], data[9 : 9 + length]))
+        data = data[9 + length :]
+    assert [kind for kind, _ in frames] == [4, 7]  # our SETTINGS, then one GOAWAY
+    assert int.from_bytes(frames[1][1][4:8], "big") == 1  # PROTOCOL_ERROR
+    data = await raw_request(proxy.port, b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+    (response,), _ = parse_responses(data)
+    assert response.status == 200 and response.body == b"from-app!"
