@@ -27,7 +27,10 @@ STATS_KEYS = {
     "windows",
     "recent_errors",
 }
-BREAKDOWNS = {"by_source", "by_layer", "by_error", "by_status", "by_class"}
+BREAKDOWNS = {
+    "by_source", "by_layer", "by_error", "by_status", "by_class",
+    "by_protocol", "by_grpc_status",  # CONTRACT.md, "HTTP/2 and gRPC"
+}  # fmt: skip
 ERROR_KEYS = {
     "time", "request_id", "method", "path", "status", "source", "layer",
     "error", "details", "hop", "hints", "phases_ms",

@@ -180,6 +180,8 @@ async def test_http11_and_h2c_on_the_same_port(recording, proxy_factory):
     client.close()
     await proxy.settle()
     assert proxy.stats.counts == {(200, "origin", None): 2}
+    by_protocol = proxy.stats.snapshot(proxy={})["responses"]["by_protocol"]
+    assert by_protocol == {"http/1.1": 1, "h2": 1}
     protocols = sorted(line["protocol"] for line in proxy.access_log())
     assert protocols == ["h2", "http/1.1"]
 

@@ -36,6 +36,7 @@ FAMILIES = {
     "faultline_held_requests": "counter",
     "faultline_held_requests_expired": "counter",
     "faultline_upstream_pool_connections": "gauge",
+    "faultline_grpc_responses": "counter",
 }
 BAD_REQUEST = b"GET /no-host HTTP/1.1\r\n\r\n"
 

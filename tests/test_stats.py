@@ -353,7 +353,11 @@ def test_the_stats_document_has_the_contracts_shape():
     assert doc["proxy"]["started_at"] == stats.started_at
     assert doc["proxy"]["uptime_s"] == round(doc["proxy"]["uptime_s"], 3) >= 1.234
     assert doc["requests"] == {"total": 2, "in_flight": 2}
-    assert doc["responses"] == Stats.breakdown(stats.counts)
+    assert doc["responses"] == {
+        **Stats.breakdown(stats.counts),
+        "by_protocol": {"http/1.1": 2, "h2": 0},
+        "by_grpc_status": {},
+    }
     assert set(doc["latency_ms"]) == {"total", "ttfb", "connect", "wait"}
     assert doc["latency_ms"]["total"]["count"] == 2 and doc["latency_ms"]["ttfb"]["count"] == 2
     assert doc["latency_ms"]["connect"]["count"] == doc["latency_ms"]["wait"]["count"] == 0

@@ -49,6 +49,7 @@ class Fault(StrEnum):
     HTTP_UPGRADE_FAILED = "http_upgrade_failed"
     CONNECTION_LIMIT_REACHED = "connection_limit_reached"
     PROXY_LOOP_DETECTED = "proxy_loop_detected"
+    PROXY_CONFIGURATION_ERROR = "proxy_configuration_error"  # sent where it cannot go
     PROXY_INTERNAL_ERROR = "proxy_internal_error"
     # RFC 9209 names no "the intermediary is shutting down"; of its tokens this is the one
     # that is true and charges nobody else: the proxy made the response itself (the 503)
@@ -280,6 +281,20 @@ TAXONOMY: dict[Fault, FaultInfo] = {
             "Check the upstream setting: it must point at the application, not at "
             "Faultline's own listen address or a route that leads back to it.",
             hint="the upstream leads back to Faultline itself — check the upstream setting",
+            hop="inside Faultline",
+        ),
+        _row(
+            Fault.PROXY_CONFIGURATION_ERROR,
+            502,
+            Layer.PROXY,
+            "Sent where it cannot go",
+            "Faultline's configuration sends this request to an upstream that cannot carry "
+            "it: a gRPC call needs HTTP/2 to the upstream (its status travels in trailers), "
+            "and the upstream is HTTP/1.1.",
+            "Check where gRPC traffic is sent: it needs an HTTP/2 upstream. This version of "
+            "Faultline forwards to HTTP/1.1 upstreams only: route gRPC calls around it "
+            "until h2c:// upstreams are supported.",
+            hint="gRPC needs an HTTP/2 upstream; {upstream} is spoken to over HTTP/1.1",
             hop="inside Faultline",
         ),
         _row(

@@ -65,6 +65,8 @@ class Exchange:
         "client",
         "details",
         "fault",
+        "grpc_message",
+        "grpc_status",
         "hints",
         "hop",
         "method",
@@ -96,6 +98,8 @@ class Exchange:
     def __init__(self, t_start: int, client: str, upstream: str) -> None:
         self.request_id = ""
         self.protocol = "http/1.1"  # or "h2": what the client spoke
+        self.grpc_status: int | None = None  # a gRPC call's outcome (None: not gRPC, or none came)
+        self.grpc_message: str | None = None
         self.method = ""
         self.target = ""
         self.phase = REQUEST_HEAD

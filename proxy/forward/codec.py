@@ -53,6 +53,7 @@ class RequestHead(Protocol):
     content_type: bytes | None
     content_encoding: bytes | None
     loop_marker: bool  # the request already passed through this proxy
+    grpc: bool  # a gRPC call (its outcome travels in trailers: HTTP/2 only)
     upstream_fixed: bytes  # an origin codec's cache of this head's own part of its request
 
 

@@ -54,6 +54,12 @@ class Forwarder(ExchangeState):
         if ctx.gauges.in_flight > ctx.max_in_flight:
             self.fail(Fault.CONNECTION_LIMIT_REACHED, "limits.max_in_flight reached")
             return
+        if head.grpc and not ctx.upstream_trailers:
+            self.fail(
+                Fault.PROXY_CONFIGURATION_ERROR,
+                f"a gRPC call needs an HTTP/2 upstream; upstream {ctx.upstream} is HTTP/1.1",
+            )
+            return
         conn = ctx.pool.acquire(self)
         if conn is not None:
             self.on_upstream_connected(conn, True)  # reused (positional: the hot call)

@@ -12,6 +12,7 @@ import logging
 from typing import TYPE_CHECKING, Final
 
 from ..base.text import duration_text
+from ..diagnosis import grpc
 from ..diagnosis.faults import CLIENT_CLOSED_STATUS, Fault, RequestProblem, Source, info
 from ..diagnosis.hops import Evidence, diagnose
 from ..diagnosis.record import DONE, Exchange, Phase, perf_ns
@@ -142,6 +143,12 @@ class ExchangeState(Exchange):
         row = info(fault, problem)
         assert row.status is not None, f"{fault} has no status of its own"
         self.status = row.status
+        head = self.head
+        if head is not None and head.grpc:
+            # A gRPC client reads the outcome from grpc-status: HTTP 200, trailers-only.
+            self.status = 200
+            self.grpc_status = grpc.status_of_fault(fault, problem)
+            self.grpc_message = grpc.message_of_fault(row.token, detail, self.ctx.proxy_name)
         self.source = Source.PROXY
         self.sink.send_reply(self, row, detail, params)
         self.response_started = True
@@ -161,6 +168,8 @@ class ExchangeState(Exchange):
                 else "client closed the connection before the response started"
             )
             self.status = CLIENT_CLOSED_STATUS
+            if self.head is not None and self.head.grpc:
+                self.grpc_status = grpc.CANCELLED  # logged only: nobody reads an answer
             self.source = Source.CLIENT
         self.finish()
 

@@ -94,6 +94,7 @@ class RequestHead:
         "content_encoding",
         "content_length",
         "content_type",
+        "grpc",
         "host",
         "hosts",
         "http11",
@@ -138,6 +139,7 @@ class RequestHead:
         self.content_type: bytes | None = None
         self.content_encoding: bytes | None = None
         self.loop_marker = False
+        self.grpc = False  # gRPC is HTTP/2 only
         self.problem: str | None = None
         self.method_name = ""  # method and target as text, for the exchange's record
         self.target_text = ""

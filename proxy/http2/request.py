@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Final
 
+from ..diagnosis.grpc import is_grpc
 from ..forward.fields import valid_request_id
 
 # Fields handled here rather than forwarded as they are.
@@ -44,6 +45,7 @@ class H2RequestHead:
         "content_encoding",
         "content_length",
         "content_type",
+        "grpc",
         "host",
         "http11",
         "keep_alive",
@@ -80,6 +82,7 @@ class H2RequestHead:
         self.content_type: bytes | None = None
         self.content_encoding: bytes | None = None
         self.loop_marker = False
+        self.grpc = False
         self.upstream_fixed = b""
         self.request_id: bytes | None = None
         self.method_name = ""
@@ -129,6 +132,7 @@ def read_head(
     if not ended and head.content_length is None:
         head.chunked = True  # the length is known only when the stream ends
     head.loop_marker = head.via is not None and instance_id in head.via
+    head.grpc = is_grpc(head.content_type)
     return head, None
 
 

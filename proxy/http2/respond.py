@@ -21,6 +21,7 @@ from h2.errors import ErrorCodes
 from h2.exceptions import H2Error
 
 from .. import replies
+from ..diagnosis import grpc
 from ..diagnosis.faults import Fault, FaultInfo
 from ..forward.codec import ResponseHead, ResponseSink
 from ..forward.fields import proxy_status_error, server_timing
@@ -110,6 +111,9 @@ class StreamSink(ResponseSink):
         shared = conn.shared
         ctx = conn.ctx
         request = ex.head
+        if ex.grpc_status is not None:
+            self._grpc_reply(ex, row, detail, params)
+            return
         head_only = request is not None and request.method == b"HEAD"
         accept = request.accept if request is not None and not head_only else None
         body, content_type = replies.body(
@@ -141,6 +145,30 @@ class StreamSink(ResponseSink):
             self.send_data(body)
             self.ended = True
             self.pump()
+        conn.flush()
+
+    def _grpc_reply(
+        self, ex: Forwarder, row: FaultInfo, detail: str | None, params: dict[str, str] | None
+    ) -> None:
+        """A failed gRPC call as gRPC clients expect it: HTTP 200, application/grpc,
+        trailers-only (one HEADERS with END_STREAM), grpc-status and a grpc-message that
+        says the proxy made it; Proxy-Status carries the token as on any reply."""
+        conn = self.conn
+        ctx = conn.ctx
+        fields = [
+            (b":status", b"200"),
+            (b"content-type", b"application/grpc"),
+            (b"grpc-status", b"%d" % (ex.grpc_status or 0)),
+            (b"grpc-message", grpc.percent_encode(ex.grpc_message or row.token)),
+        ]
+        if conn.shared.proxy_status:
+            next_hop = (
+                ctx.upstream_authority if row.layer.value in ("transport", "upstream") else None
+            )
+            value = proxy_status_error(ctx.proxy_name, row.token, detail, next_hop, params)
+            fields.append((b"proxy-status", value))
+        fields.append((b"x-request-id", ex.request_id.encode()))
+        self._headers(fields, end=True)
         conn.flush()
 
     def send_raw(self, data: bytes) -> None:

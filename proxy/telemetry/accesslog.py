@@ -94,6 +94,9 @@ def log_record(ex: Exchange, clock: Clock, secret_params: frozenset[str]) -> dic
         "hop": ex.hop,
         "hints": list(ex.hints),
     }
+    if ex.grpc_status is not None:  # a gRPC call (CONTRACT.md, "HTTP/2 and gRPC")
+        record["grpc_status"] = ex.grpc_status
+        record["grpc_message"] = ex.grpc_message
     if ex.t_wait:
         record["waited_ms"] = ex.wait_ns() // 1000 / 1000
         if ex.wait_expired:
@@ -154,6 +157,7 @@ def json_line_of(ex: Exchange, clock: Clock, secret_params: frozenset[str]) -> b
         and not ex.hints
         and not ex.t_wait
         and ex.details is None
+        and ex.grpc_status is None
     ):
         return _dumps(log_record(ex, clock, secret_params)) + b"\n"
     t_end = ex.t_end

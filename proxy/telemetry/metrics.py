@@ -131,6 +131,16 @@ class FaultlineCollector:
             value=stats.refused_connections,
         )
 
+        grpc_calls = CounterMetricFamily(
+            "faultline_grpc_responses",
+            "Finished gRPC calls by their grpc-status and who produced it (a proxy-made "
+            "answer carries the status of CONTRACT.md's table).",
+            labels=("source", "grpc_status"),
+        )
+        for (source, grpc_status), n in list(stats.grpc_counts.items()):
+            grpc_calls.add_metric([source, str(grpc_status)], n)
+        yield grpc_calls
+
         if stats.hop_counts:
             hops = CounterMetricFamily(
                 "faultline_origin_hop_responses",

@@ -37,6 +37,7 @@ BUCKETS_S: Final[tuple[float, ...]] = (
 _BUCKETS_NS: Final = tuple(int(b * 1e9) for b in BUCKETS_S)
 
 _ORIGIN: Final = Source.ORIGIN._value_
+_HTTP11: Final = "http/1.1"  # Exchange.protocol of an HTTP/1.1 client
 PHASES: Final = ("wait", "dns", "connect", "tls", "queue", "ttfb", "body")
 WINDOWS_S: Final = (60, 300)
 CounterKey = tuple[int, str, str | None]  # (status, source, error token or None)
@@ -130,6 +131,8 @@ class Stats:
         self.retries = 0
         self.held = 0  # requests held by upstream_wait while the upstream refused
         self.held_expired = 0  # ... of which the upstream never accepted in time
+        self.h2 = 0  # exchanges of clients speaking HTTP/2 (the rest spoke HTTP/1.1)
+        self.grpc_counts: dict[tuple[str, int], int] = {}  # (source, grpc-status)
         self.hop_counts: dict[tuple[str, int], int] = {}  # (hop behind origin, status)
         self._hop_names: set[str] = set()
         self.counts: dict[CounterKey, int] = {}
@@ -187,6 +190,7 @@ class Stats:
                 or ex.t_connect
                 or ex.t_pool
                 or ex.retried
+                or ex.protocol != _HTTP11
             ):
                 self._record_one(ex)
                 continue
@@ -225,6 +229,12 @@ class Stats:
 
     def _record_one(self, ex: Exchange) -> None:
         """Any exchange, in full (its second's slot is current)."""
+        if ex.protocol != _HTTP11:
+            self.h2 += 1
+        grpc_status = ex.grpc_status
+        if grpc_status is not None:
+            grpc_key = (ex.source._value_, grpc_status)
+            self.grpc_counts[grpc_key] = self.grpc_counts.get(grpc_key, 0) + 1
         fault = ex.fault
         error = None if fault is None else fault._value_
         source = ex.source._value_
@@ -243,7 +253,7 @@ class Stats:
             self.body.observe_ns(t_end - t_response_head)
         if ex.t_connect or ex.t_pool or ex.retried:
             self._record_setup(ex)
-        if error is not None or status >= 400:
+        if error is not None or status >= 400 or (grpc_status is not None and grpc_status != 0):
             self.recent.appendleft(self._error_entry(ex, error))
             if ex.hop is not None:
                 self._count_hop(ex.hop, ex.upstream_status or status)
@@ -409,6 +419,13 @@ class Stats:
                 break
         return out
 
+    def by_grpc_status(self) -> dict[str, dict[str, int]]:
+        """gRPC calls by grpc-status (as text), each by who produced it."""
+        out: dict[str, dict[str, int]] = {}
+        for (source, status), n in sorted(self.grpc_counts.items(), key=lambda kv: kv[0][1]):
+            out.setdefault(str(status), {})[source] = n
+        return out
+
     def snapshot(
         self,
         *,
@@ -426,7 +443,11 @@ class Stats:
                 "uptime_s": round((now_ns - self.started_ns) / 1e9, 3),
             },
             "requests": {"total": self.total, "in_flight": self.in_flight},
-            "responses": self.breakdown(self.counts),
+            "responses": {
+                **self.breakdown(self.counts),
+                "by_protocol": {"http/1.1": self.total - self.h2, "h2": self.h2},
+                "by_grpc_status": self.by_grpc_status(),
+            },
             "latency_ms": {
                 "total": self.total_latency().summary(),
                 "ttfb": self.phases["ttfb"].summary(),

@@ -1,0 +1,99 @@
+"""gRPC's side of attribution, as tables: which gRPC status a proxy-made answer carries
+(CONTRACT.md, "HTTP/2 and gRPC"), and which one a client infers from a non-gRPC HTTP
+status (gRPC's "HTTP to gRPC status code mapping", doc/http-grpc-status-mapping.md).
+
+Rule: pure data and functions, like the rest of `proxy.diagnosis`.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from .faults import Fault, RequestProblem
+
+OK: Final = 0
+CANCELLED: Final = 1
+UNKNOWN: Final = 2
+DEADLINE_EXCEEDED: Final = 4
+RESOURCE_EXHAUSTED: Final = 8
+UNIMPLEMENTED: Final = 12
+INTERNAL: Final = 13
+UNAVAILABLE: Final = 14
+UNAUTHENTICATED: Final = 16
+PERMISSION_DENIED: Final = 7
+
+# The gRPC status of each answer the proxy makes itself (faults without a row cannot be
+# answered: the response had started, or the client is gone).
+_BY_FAULT: Final = {
+    Fault.DNS_ERROR: UNAVAILABLE,
+    Fault.DNS_TIMEOUT: UNAVAILABLE,
+    Fault.CONNECTION_REFUSED: UNAVAILABLE,
+    Fault.CONNECTION_TIMEOUT: UNAVAILABLE,
+    Fault.TLS_CERTIFICATE_ERROR: UNAVAILABLE,
+    Fault.TLS_PROTOCOL_ERROR: UNAVAILABLE,
+    Fault.CONNECTION_TERMINATED: UNAVAILABLE,
+    Fault.HTTP_PROTOCOL_ERROR: UNAVAILABLE,
+    Fault.HTTP_RESPONSE_HEADER_SECTION_SIZE: UNAVAILABLE,
+    Fault.HTTP_RESPONSE_TIMEOUT: UNAVAILABLE,
+    Fault.HTTP_RESPONSE_INCOMPLETE: UNAVAILABLE,
+    Fault.CONNECTION_READ_TIMEOUT: UNAVAILABLE,
+    Fault.HTTP_UPGRADE_FAILED: UNAVAILABLE,
+    Fault.CONNECTION_LIMIT_REACHED: UNAVAILABLE,
+    Fault.PROXY_LOOP_DETECTED: UNAVAILABLE,
+    Fault.PROXY_CONFIGURATION_ERROR: UNAVAILABLE,
+    Fault.PROXY_INTERNAL_RESPONSE: UNAVAILABLE,
+    Fault.PROXY_INTERNAL_ERROR: INTERNAL,
+    Fault.CLIENT_CLOSED_REQUEST: CANCELLED,
+}
+
+# gRPC's mapping for an HTTP status that came without a grpc-status.
+_BY_HTTP_STATUS: Final = {
+    400: INTERNAL,
+    401: UNAUTHENTICATED,
+    403: PERMISSION_DENIED,
+    404: UNIMPLEMENTED,
+    429: UNAVAILABLE,
+    502: UNAVAILABLE,
+    503: UNAVAILABLE,
+    504: UNAVAILABLE,
+}
+
+
+def is_grpc(content_type: bytes | None) -> bool:
+    """A gRPC call: its request's content-type is application/grpc, alone or with a
+    `+format` or parameters (application/grpc-web is another protocol)."""
+    if content_type is None:
+        return False
+    lowered = content_type.lower()
+    return lowered[:16] == b"application/grpc" and lowered[16:17] in (b"", b"+", b";")
+
+
+def status_of_fault(fault: Fault, problem: RequestProblem | None = None) -> int:
+    """The grpc-status the proxy answers a failed gRPC call with."""
+    if fault is Fault.HTTP_REQUEST_ERROR:
+        too_large = problem in (RequestProblem.BODY_TOO_LARGE, RequestProblem.HEADERS_TOO_LARGE)
+        return RESOURCE_EXHAUSTED if too_large else INTERNAL
+    return _BY_FAULT.get(fault, UNKNOWN)
+
+
+def status_of_http(status: int) -> int:
+    """What a gRPC client makes of an HTTP status that came without a grpc-status."""
+    return _BY_HTTP_STATUS.get(status, UNKNOWN)
+
+
+def message_of_fault(token: str, detail: str | None, proxy_name: str) -> str:
+    """The grpc-message of a proxy-made answer: the fault, and that the proxy made it."""
+    text = f"{proxy_name} (proxy) answered: {token}"
+    return f"{text}: {detail}" if detail else text
+
+
+def percent_encode(message: str) -> bytes:
+    """grpc-message encoding (gRPC's PROTOCOL-HTTP2.md): UTF-8, percent-encoding every byte
+    outside printable ASCII and the percent sign itself."""
+    out = bytearray()
+    for byte in message.encode():
+        if 0x20 <= byte <= 0x7E and byte != 0x25:
+            out.append(byte)
+        else:
+            out += b"%%%02X" % byte
+    return bytes(out)
