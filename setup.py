@@ -37,6 +37,7 @@ COMPILED = [
     "proxy/http1/request.py",
     "proxy/http1/respond.py",
     "proxy/telemetry/accesslog.py",
+    "proxy/telemetry/histogram.py",
     "proxy/telemetry/sink.py",
     "proxy/telemetry/stats.py",
 ]

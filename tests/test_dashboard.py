@@ -25,7 +25,8 @@ from admin_support import (
 
 from proxy.demo import start_demo_origin
 from proxy.diagnosis.faults import TAXONOMY, Fault
-from proxy.telemetry.stats import BUCKETS_S, PHASES
+from proxy.telemetry.histogram import BUCKETS_S
+from proxy.telemetry.stats import PHASES
 
 from support import LOOPBACK, ROOT, raw_request
 

@@ -20,7 +20,8 @@ from proxy.diagnosis.hops import (
     proxy_status_author,
 )
 from proxy.diagnosis.record import Exchange, Phase
-from proxy.telemetry.stats import Histogram, Stats
+from proxy.telemetry.histogram import Histogram
+from proxy.telemetry.stats import Stats
 
 from support import LOOPBACK, OriginConnection, Response, parse_responses
 

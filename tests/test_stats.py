@@ -9,7 +9,8 @@ import pytest
 
 from proxy.diagnosis.faults import Fault, Source
 from proxy.diagnosis.record import Exchange
-from proxy.telemetry.stats import BUCKETS_S, Histogram, Stats
+from proxy.telemetry.histogram import BUCKETS_S, Histogram
+from proxy.telemetry.stats import Stats
 
 # The hop label's cap, spelled out: distinct Proxy-Status names with a label of their own,
 # and the label every later one shares (a changed cap must fail here).

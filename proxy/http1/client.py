@@ -5,8 +5,7 @@ written by its `ResponseWriter`).
 Rules:
 1. One exchange is answered at a time (`current`); pipelined requests wait in `queue`
    with reading paused, so a client cannot make the proxy buffer more than one read.
-2. A request is judged when its head is complete (`RequestHead.complete`): ambiguous or
-   malformed heads are never forwarded; they become a proxy-made 4xx in turn.
+2. Heads are built and judged by the `RequestReader`; a refused one is answered in turn.
 3. Reading is paused for several independent reasons (a bit each) and resumes only when
    none is left.
 4. Bytes for the upstream produced while parsing one read are written in one go after
@@ -395,21 +394,17 @@ class DownstreamProtocol(asyncio.Protocol):
         fw = self.parsing
         if fw is not None:
             self.parsing = None
-            fw.request_id = self.ctx.new_request_id().decode()
-            fw.attach(None, (problem, detail))
-            self._enqueue(fw)
-            return
-        fw = self.receiving
-        if fw is not None:
-            self.receiving = None
+        elif self.receiving is not None:
+            fw, self.receiving = self.receiving, None
             fw.on_request_error(problem, detail)
             return
-        last = self.queue[-1] if self.queue else self.current
-        if last is not None and (last.reject is not None or last.close_after):
-            # Already refused (the same bad stream), or bytes after a request that closes
-            # the connection: nobody will read an answer, so no exchange is made up.
-            return
-        fw = self.new_exchange()
+        else:
+            last = self.queue[-1] if self.queue else self.current
+            if last is not None and (last.reject is not None or last.close_after):
+                # Already refused (the same bad stream), or bytes after a request that
+                # closes the connection: nobody will read an answer, no exchange is made up.
+                return
+            fw = self.new_exchange()
         fw.request_id = self.ctx.new_request_id().decode()
         fw.attach(None, (problem, detail))
         self._enqueue(fw)

@@ -33,7 +33,8 @@ from prometheus_client.metrics_core import (
 from prometheus_client.utils import floatToGoString
 
 from .. import __version__
-from .stats import BUCKETS_S, Histogram, layer_of
+from .histogram import BUCKETS_S, Histogram
+from .stats import layer_of
 
 if TYPE_CHECKING:
     from .sink import Telemetry
