@@ -46,6 +46,10 @@ def _parser() -> argparse.ArgumentParser:
         help="admin address, default 127.0.0.1:9901; a bare port (--admin 9901) binds "
         "127.0.0.1, this machine only (FAULTLINE_ADMIN)",
     )
+    serve.add_argument(
+        "--tls-cert", metavar="FILE", help="TLS on the listen port: certificate chain (PEM)"
+    )
+    serve.add_argument("--tls-key", metavar="FILE", help="its private key (PEM)")
     _add_common(serve)
 
     demo = sub.add_parser(
@@ -92,6 +96,8 @@ def _add_common(sub: argparse.ArgumentParser) -> None:
 def _flags(args: argparse.Namespace) -> dict[tuple[str, ...], Any]:
     return {
         ("upstream",): getattr(args, "upstream", None),
+        ("tls", "cert"): getattr(args, "tls_cert", None),
+        ("tls", "key"): getattr(args, "tls_key", None),
         ("listen",): args.listen,
         ("admin", "listen"): args.admin,
         ("log", "format"): args.log_format,

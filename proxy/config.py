@@ -103,6 +103,8 @@ class PoolConfig(_Section, frozen=True):
 
 
 class TLSConfig(_Section, frozen=True):
+    cert: str | None = None  # the listen port's certificate chain (PEM): TLS, ALPN h2/http1.1
+    key: str | None = None  # its private key (PEM)
     verify: Flag = True
     ca_file: str | None = None
     server_name: str | None = None
@@ -350,9 +352,16 @@ def build_config(
     origin = origin or {}
     data = _parse_leaves(raw, (), origin)
     try:
-        return msgspec.convert(data, Config, strict=False)
+        config = msgspec.convert(data, Config, strict=False)
     except msgspec.ValidationError as exc:
         raise ConfigError(explain(str(exc), data, origin, LEAF_KEYS, KNOWN_KEYS)) from None
+    if (config.tls.cert is None) != (config.tls.key is None):
+        given, missing = ("cert", "key") if config.tls.key is None else ("key", "cert")
+        raise ConfigError(
+            f"tls.{given} is set but tls.{missing} is not: TLS on the listen port needs both "
+            "(--tls-cert and --tls-key)"
+        )
+    return config
 
 
 def _merge(into: dict[str, Any], data: dict[str, Any]) -> None:

@@ -19,6 +19,7 @@ import gc
 import logging
 import os
 import signal
+import ssl
 from collections.abc import Callable
 from typing import Any
 
@@ -94,6 +95,23 @@ def client_factory(
     return lambda: DownstreamProtocol(ctx, headers, known_heads, to_http2)
 
 
+def listen_tls(config: Config) -> ssl.SSLContext | None:
+    """TLS for the listen port (`tls.cert`, `tls.key`), offering h2 then http/1.1 (ALPN);
+    a client that picks h2 opens with the preface, and the HTTP/1.1 codec hands it over."""
+    if config.tls.cert is None or config.tls.key is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(config.tls.cert, config.tls.key)
+    except (OSError, ssl.SSLError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise StartupError(
+            f"cannot use tls.cert {config.tls.cert} with tls.key {config.tls.key}: {reason}"
+        ) from None
+    context.set_alpn_protocols(["h2", "http/1.1"])
+    return context
+
+
 class ProxyServer:
     """The running proxy: data-plane listener, admin listener, sweep, drain."""
 
@@ -121,6 +139,7 @@ class ProxyServer:
         ctx, headers, known_heads = build_context(config, loop, telemetry, os.urandom(8).hex())
         self.ctx, self.headers, self.known_heads = ctx, headers, known_heads
         host, port = config.listen
+        tls = listen_tls(config)
         try:
             self._server = await loop.create_server(
                 client_factory(ctx, headers, known_heads),
@@ -128,6 +147,7 @@ class ProxyServer:
                 port,
                 backlog=4096,
                 reuse_address=True,
+                ssl=tls,
             )
         except OSError as exc:
             raise StartupError(_bind_error("listen", config.listen, exc)) from None
