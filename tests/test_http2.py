@@ -12,6 +12,7 @@ import shutil
 import pytest
 from h2.config import H2Configuration
 from h2.connection import H2Connection
+from h2.errors import ErrorCodes
 from h2.events import (
     ConnectionTerminated,
     DataReceived,
@@ -269,3 +270,95 @@ async def test_a_broken_preface_is_a_goaway_and_the_proxy_keeps_serving(recordin
     data = await raw_request(proxy.port, b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
     (response,), _ = parse_responses(data)
     assert response.status == 200 and response.body == b"from-app!"
+
+
+# -- defences ---------------------------------------------------------------------------------
+
+
+async def _served_meanwhile(port: int) -> bytes:
+    """A second, well-behaved client: its answer while the other one attacks."""
+    client = await H2Client.connect(port)
+    sid = client.request("/ok")
+    await client.send()
+    await client.until(lambda: sid in client.ended)
+    client.close()
+    return bytes(client.bodies[sid])
+
+
+async def test_rapid_reset_ends_the_connection_with_enhance_your_calm(
+    origin_factory, proxy_factory
+):
+    """CVE-2023-44487: open a stream, reset it, again and again. Over the budget the proxy
+    ends the connection with GOAWAY ENHANCE_YOUR_CALM; every exchange is counted once, as
+    the client's; another client keeps being served."""
+
+    async def slow(conn: OriginConnection) -> None:
+        while (request := await conn.read_request(timeout=30)) is not None:
+            if b" /ok " in request:
+                await conn.respond(200, b"from-app!")
+            else:
+                await asyncio.sleep(5)
+
+    origin = await origin_factory(slow)
+    proxy = await proxy_factory(origin.url)
+    attacker = await H2Client.connect(proxy.port)
+    opened = 0
+    for _ in range(30):  # 300 opened and reset, 10 per write
+        for _ in range(10):
+            sid = attacker.request("/x")
+            attacker.h2.reset_stream(sid)
+            opened += 1
+        await attacker.send()
+    await attacker.until(lambda: attacker.goaway is not None)
+    assert attacker.goaway == ErrorCodes.ENHANCE_YOUR_CALM
+    attacker.close()
+    assert await _served_meanwhile(proxy.port) == b"from-app!"
+    await proxy.settle()
+    counts = proxy.stats.counts
+    closed = Fault.CLIENT_CLOSED_REQUEST.value
+    assert counts.pop((200, "origin", None)) == 1  # the other client
+    assert set(counts) == {(499, "client", closed)} and counts[(499, "client", closed)] <= opened
+
+
+async def test_a_ping_flood_ends_the_connection_and_others_are_served(recording, proxy_factory):
+    proxy = await proxy_factory(recording.url)
+    attacker = await H2Client.connect(proxy.port)
+    for i in range(300):
+        attacker.h2.ping(i.to_bytes(8, "big"))
+    await attacker.send()
+    await attacker.until(lambda: attacker.goaway is not None)
+    assert attacker.goaway == ErrorCodes.ENHANCE_YOUR_CALM
+    attacker.close()
+    assert await _served_meanwhile(proxy.port) == b"from-app!"
+
+
+async def test_a_client_that_shuts_its_window_is_not_charged_to_the_upstream(
+    origin_factory, proxy_factory
+):
+    """The client never opens its window again: the stream waits for it (the origin's reads
+    pause), and upstream_read never fires against the origin, which did nothing wrong."""
+    payload = b"y" * (1024 * 1024)
+
+    async def big(conn: OriginConnection) -> None:
+        while await conn.read_request(timeout=30) is not None:
+            await conn.respond(200, payload)
+
+    origin = await origin_factory(big)
+    proxy = await proxy_factory(origin.url, **{"timeouts.upstream_read": "300ms"})
+    client = await H2Client.connect(proxy.port)
+    client.request("/big")
+    await client.send()
+    # Read what the first window allows, never acknowledge it: the window stays shut.
+    received = 0
+    while received < 65535:
+        data = await asyncio.wait_for(client.reader.read(65536), 5)
+        for event in client.h2.receive_data(data):
+            if isinstance(event, DataReceived):
+                received += len(event.data)
+    await asyncio.sleep(1.0)  # three upstream_read periods
+    stats = proxy.stats
+    assert stats.counts == {} and stats.in_flight == 1  # still waiting for the client
+    client.close()
+    await proxy.settle()
+    closed = Fault.CLIENT_CLOSED_REQUEST.value
+    assert proxy.stats.counts == {(499, "client", closed): 1}

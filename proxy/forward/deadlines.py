@@ -26,8 +26,8 @@ def check_deadline(fw: Forwarder, now: int) -> None:
                 DeadlineExpired(ctx.response_headers_ns, "timeouts.response_headers")
             )
     elif phase is Phase.BODY:
-        if fw.down.write_paused:
-            fw.progress_ns = now  # the client is slow, not the upstream
+        if fw.client_held or fw.down.write_paused:
+            fw.progress_ns = now  # the client is slow (or its window shut), not the upstream
         elif fw.body_bytes_out != fw.progress:
             fw.progress = fw.body_bytes_out
             fw.progress_ns = now

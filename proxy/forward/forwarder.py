@@ -269,6 +269,7 @@ class Forwarder(ExchangeState):
 
     def client_write_paused(self, paused: bool) -> None:
         """The client stopped (or resumed) reading: so does the origin's connection."""
+        self.client_held = paused
         up = self.up
         if up is not None:
             if paused:

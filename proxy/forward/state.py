@@ -32,6 +32,7 @@ class ExchangeState(Exchange):
     sinks only read its record fields."""
 
     __slots__ = (
+        "client_held",
         "close_after",
         "connect_task",
         "ctx",
@@ -69,6 +70,7 @@ class ExchangeState(Exchange):
         self.up: OriginConnection | None = None
         self.connect_task: asyncio.Task[None] | None = None
         self.done = False
+        self.client_held = False  # the client is not taking the response (its window, its socket)
         self.started = False  # its turn came: `start` ran
         self.tunnel = False
         self.request_complete = False

@@ -10,6 +10,10 @@ Rules:
 3. A connection error (h2 raised `ProtocolError`) ends the connection with GOAWAY; the
    streams it carried end as the client's (the client broke the protocol).
 4. Draining: GOAWAY with the last stream id at once; streams in flight finish; then close.
+5. Frames a client may send without asking for work (RST_STREAM after opening a stream,
+   PING, SETTINGS) have a budget per connection and window (`FLOOD_BUDGET`): beyond it the
+   connection ends with GOAWAY ENHANCE_YOUR_CALM (rapid reset, CVE-2023-44487; PING and
+   SETTINGS floods), and the streams it carried end as the client's.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from h2.errors import ErrorCodes
 from h2.events import (
     ConnectionTerminated,
     DataReceived,
+    PingReceived,
     RemoteSettingsChanged,
     RequestReceived,
     StreamEnded,
@@ -46,6 +51,9 @@ log: Final = logging.getLogger("faultline")
 
 PREFACE: Final = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 MAX_CONCURRENT_STREAMS: Final = 100
+FLOOD_WINDOW_NS: Final = 10_000_000_000
+# Per kind and connection within FLOOD_WINDOW_NS; a browser or a gRPC client stays far below.
+FLOOD_BUDGET: Final = {"reset": 200, "ping": 100, "settings": 100}
 
 
 class H2Shared:
@@ -83,6 +91,8 @@ class H2ClientConnection(asyncio.Protocol):
         self.closed = False
         self.goaway = False  # no new streams: draining, or the client said GOAWAY
         self.idle_since_ns = perf_ns()
+        self.floods: dict[str, tuple[int, int]] = {}  # kind -> (window start, count)
+        self.calmed = False  # the connection was ended for a flood
 
     # -- connection life cycle ----------------------------------------------------------------
 
@@ -192,6 +202,8 @@ class H2ClientConnection(asyncio.Protocol):
         self.in_feed = True
         try:
             for event in events:
+                if self.calmed:
+                    break  # ended for a flood: nothing more from this client is served
                 self._event(event, touched)
         except Exception:  # a defect: the connection ends, the exchanges are recorded
             log.exception("internal error on an HTTP/2 connection")
@@ -229,8 +241,15 @@ class H2ClientConnection(asyncio.Protocol):
             touched.pop(event.stream_id, None)
             if fw is not None:
                 fw.client_gone()
-        elif isinstance(event, (WindowUpdated, RemoteSettingsChanged)):
+            if event.remote_reset:
+                self._budget("reset")
+        elif isinstance(event, PingReceived):
+            self._budget("ping")
+        elif isinstance(event, WindowUpdated):
             self._pump_all()
+        elif isinstance(event, RemoteSettingsChanged):
+            self._pump_all()
+            self._budget("settings")
         elif isinstance(event, ConnectionTerminated):
             self.goaway = True
             if not self.streams:
@@ -261,6 +280,24 @@ class H2ClientConnection(asyncio.Protocol):
         fw.start()
         if ended:
             fw.on_request_complete()
+
+    def _budget(self, kind: str) -> None:
+        """Count one unasked-for frame; over its budget, the connection ends."""
+        now = perf_ns()
+        start, count = self.floods.get(kind, (now, 0))
+        if now - start > FLOOD_WINDOW_NS:
+            start, count = now, 0
+        self.floods[kind] = (start, count + 1)
+        if count + 1 > FLOOD_BUDGET[kind] and not self.calmed:
+            self.calmed = True
+            log.warning(
+                "HTTP/2 %s flood from %s: over %d in %ds, GOAWAY ENHANCE_YOUR_CALM",
+                kind,
+                self.client_ip,
+                FLOOD_BUDGET[kind],
+                FLOOD_WINDOW_NS // 1_000_000_000,
+            )
+            self._goaway(ErrorCodes.ENHANCE_YOUR_CALM)
 
     def _pump_all(self) -> None:
         for sink in list(self.waiting.values()):
