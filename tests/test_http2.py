@@ -362,3 +362,51 @@ async def test_a_client_that_shuts_its_window_is_not_charged_to_the_upstream(
     await proxy.settle()
     closed = Fault.CLIENT_CLOSED_REQUEST.value
     assert proxy.stats.counts == {(499, "client", closed): 1}
+
+
+# -- RFC 9113 §8: a malformed request is refused on its stream, the connection goes on --------
+
+MALFORMED = {
+    "uppercase-name": [(b"X-Up", b"1")],
+    "connection": [(b"connection", b"keep-alive")],
+    "transfer-encoding": [(b"transfer-encoding", b"chunked")],
+    "upgrade": [(b"upgrade", b"websocket")],
+    "te-gzip": [(b"te", b"gzip")],
+    "crlf-in-value": [(b"x-a", b"one\r\nx-injected: two")],
+    "nul-in-value": [(b"x-a", b"a\x00b")],
+    "edge-blank": [(b"x-a", b" padded")],
+    "status-pseudo": [(b":status", b"200")],
+    "late-pseudo": [(b"x-a", b"1"), (b":protocol", b"x")],
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+async def test_a_malformed_request_is_a_400_on_its_stream_and_the_connection_goes_on(
+    case, recording, proxy_factory
+):
+    proxy = await proxy_factory(recording.url)
+    reader, writer = await asyncio.open_connection(LOOPBACK, proxy.port)
+    client = H2Client(reader, writer)
+    client.h2 = H2Connection(
+        H2Configuration(
+            client_side=True,
+            header_encoding=None,
+            validate_outbound_headers=False,
+            normalize_outbound_headers=False,
+        )
+    )
+    client.h2.initiate_connection()
+    bad = client.request("/bad", headers=tuple(MALFORMED[case]))
+    good = client.request("/good")
+    await client.send()
+    await client.until(lambda: {bad, good} <= client.ended | set(client.reset))
+    assert client.heads[bad][b":status"] == b"400", client.heads
+    assert b"error=http_request_error" in client.heads[bad][b"proxy-status"]
+    assert client.heads[good][b":status"] == b"200" and bytes(client.bodies[good]) == b"from-app!"
+    assert client.goaway is None
+    client.close()
+    sent = recording.received_bytes()
+    assert sent.count(b" HTTP/1.1\r\n") == 1 and b"/bad" not in sent  # only the good one
+    await proxy.settle()
+    error = Fault.HTTP_REQUEST_ERROR.value
+    assert proxy.stats.counts == {(400, "proxy", error): 1, (200, "origin", None): 1}

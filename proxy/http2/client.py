@@ -72,7 +72,11 @@ class H2ClientConnection(asyncio.Protocol):
     def __init__(self, shared: H2Shared) -> None:
         self.shared = shared
         self.ctx = shared.ctx
-        self.h2 = H2Connection(H2Configuration(client_side=False, header_encoding=None))
+        # Header checks are this codec's (http2.request): h2's would end the connection.
+        config = H2Configuration(
+            client_side=False, header_encoding=None, validate_inbound_headers=False
+        )
+        self.h2 = H2Connection(config)
         self.h2.local_settings = Settings(
             client=False,
             initial_values={SettingCodes.MAX_CONCURRENT_STREAMS: MAX_CONCURRENT_STREAMS},

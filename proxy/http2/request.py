@@ -5,20 +5,31 @@ model both codecs speak.
 Rules:
 1. RFC 9113 §8.3: `:method`, `:scheme` and `:path` are required (CONNECT is refused
    anyway); `:authority` stands for Host. A head that breaks them is never forwarded.
-2. h2 has checked what it checks on its own (uppercase names, connection-specific fields,
-   pseudo-fields after regular ones, `te` other than `trailers`): such a head is a
-   connection error before it gets here.
+2. RFC 9113 §8.2: field names are lower-case tokens; no CR, LF or NUL, and no leading or
+   trailing blank, in a value; no connection-specific field, no `te` but `trailers`;
+   pseudo-fields known, once each, before the others. These are checked here (h2's own
+   checks are off: it would end the whole connection), so a malformed request is a 400
+   on its stream (`http_request_error`) and the connection serves its other streams.
+   This is where HTTP/2-to-HTTP/1.1 downgrade smuggling would live.
 3. Fields the proxy owns (Via, X-Forwarded-*, X-Request-Id, Content-Length, TE, Host) are
    taken out of the forwarded lines, as on HTTP/1.1.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from typing import Final
 
 from ..diagnosis.grpc import is_grpc
 from ..forward.fields import valid_request_id
+
+_CONNECTION_SPECIFIC: Final = frozenset(
+    {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"}
+)
+_PSEUDO: Final = frozenset({b":method", b":scheme", b":authority", b":path"})
+_NAME: Final = re.compile(rb"[!#$%&'*+\-.^_`|~0-9a-z]+\Z")  # a lower-case token
+_BAD_VALUE: Final = re.compile(rb"[\r\n\x00]|\A[ \t]|[ \t]\Z")
 
 # Fields handled here rather than forwarded as they are.
 _OWN: Final = frozenset(
@@ -97,8 +108,15 @@ def read_head(
     head = H2RequestHead()
     scheme = path = None
     lines = head.lines
+    seen: set[bytes] = set()
+    regular = False
     for name, value in fields:
+        if _BAD_VALUE.search(value) is not None:
+            return head, f"field {_shown(name)}: CR, LF, NUL or an edge blank in its value"
         if name[:1] == b":":
+            if regular or name not in _PSEUDO or name in seen:
+                return head, f"pseudo-field {_shown(name)} unknown, repeated or late"
+            seen.add(name)
             if name == b":method":
                 head.method = value
             elif name == b":path":
@@ -108,6 +126,11 @@ def read_head(
             elif name == b":scheme":
                 scheme = value
             continue
+        regular = True
+        if _NAME.match(name) is None:
+            return head, f"field name {_shown(name)} is not a lower-case token"
+        if name in _CONNECTION_SPECIFIC or (name == b"te" and value != b"trailers"):
+            return head, f"connection-specific field {_shown(name)} (RFC 9113 §8.2.2)"
         if name in _OWN:
             problem = _own(head, name, value)
             if problem is not None:
@@ -134,6 +157,11 @@ def read_head(
     head.loop_marker = head.via is not None and instance_id in head.via
     head.grpc = is_grpc(head.content_type)
     return head, None
+
+
+def _shown(name: bytes) -> str:
+    """A field name for a detail, never more than 40 characters, control bytes escaped."""
+    return repr(name[:40])[2:-1]
 
 
 def _own(head: H2RequestHead, name: bytes, value: bytes) -> str | None:
