@@ -88,7 +88,8 @@ class Forwarder(ExchangeState):
                 conn.send_data(data)
             down.resume_reading(PAUSE_BUFFER)
         if self.request_complete:
-            conn.send_end()
+            if head.chunked:
+                conn.send_end()
             self.phase = AWAIT_HEAD
             self.progress_ns = self.t_sent
         if not down.in_feed:
@@ -137,9 +138,11 @@ class Forwarder(ExchangeState):
         up = self.up
         if self.done or up is None or self.phase < SEND:
             return  # the end is sent with the rest when the upstream is ready
-        up.send_end()
-        if not self.down.in_feed:
-            up.flush()
+        head = self.head
+        if head is not None and head.chunked:  # a known length ends by itself (codec.py)
+            up.send_end()
+            if not self.down.in_feed:
+                up.flush()
         if self.phase is SEND:
             # The whole request is on its way: the response_headers timeout starts now.
             self.phase = AWAIT_HEAD

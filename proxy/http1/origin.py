@@ -157,8 +157,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.out.append(data)
 
     def send_end(self) -> None:
-        if self.chunked:
-            self.out.append(b"0\r\n\r\n")
+        self.out.append(b"0\r\n\r\n")  # the last chunk: called for chunked requests only
 
     def flush(self) -> None:
         out = self.out
