@@ -175,7 +175,8 @@ class Reader:
             total = doc["requests"]["total"]
             assert doc["requests"]["in_flight"] >= 0
             for name, counts in doc["responses"].items():
-                if name != "by_error":
+                # by_error counts errors only, by_grpc_status gRPC calls only (by source)
+                if name not in ("by_error", "by_grpc_status"):
                     assert sum(counts.values()) == total, (name, counts, total)
             assert doc["windows"]["60s"]["responses"]["total"] <= total
             async with self.session.get(self.admin + "/metrics") as resp:
