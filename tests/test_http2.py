@@ -7,6 +7,7 @@ record and stats as on HTTP/1.1, with `protocol` "h2" in the record.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 
 import pytest
@@ -47,6 +48,7 @@ class H2Client:
         self.ended: set[int] = set()
         self.reset: dict[int, int] = {}
         self.goaway: int | None = None
+        self.outgoing: dict[int, bytes] = {}  # request bodies still to send, by stream
 
     @classmethod
     async def connect(cls, port: int) -> H2Client:
@@ -85,9 +87,20 @@ class H2Client:
                     return
                 for event in self.h2.receive_data(data):
                     self._event(event)
+                self.push()
                 await self.send()
 
         await asyncio.wait_for(loop(), timeout)
+
+    def push(self) -> None:
+        """Send what the proxy's windows allow of each body in `outgoing`."""
+        for sid, rest in list(self.outgoing.items()):
+            size = min(self.h2.local_flow_control_window(sid), self.h2.max_outbound_frame_size)
+            while rest and size > 0:
+                self.h2.send_data(sid, rest[:size])
+                rest = rest[size:]
+                size = min(self.h2.local_flow_control_window(sid), self.h2.max_outbound_frame_size)
+            self.outgoing[sid] = rest
 
     def _event(self, event) -> None:
         if isinstance(event, ResponseReceived):
@@ -265,8 +278,9 @@ async def test_a_broken_preface_is_a_goaway_and_the_proxy_keeps_serving(recordin
         length = int.from_bytes(data[:3], "big")
         frames.append((data[3], data[9 : 9 + length]))
         data = data[9 + length :]
-    assert [kind for kind, _ in frames] == [4, 7]  # our SETTINGS, then one GOAWAY
-    assert int.from_bytes(frames[1][1][4:8], "big") == 1  # PROTOCOL_ERROR
+    # Our SETTINGS and the connection's WINDOW_UPDATE, then one GOAWAY.
+    assert [kind for kind, _ in frames] == [4, 8, 7]
+    assert int.from_bytes(frames[-1][1][4:8], "big") == 1  # PROTOCOL_ERROR
     data = await raw_request(proxy.port, b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
     (response,), _ = parse_responses(data)
     assert response.status == 200 and response.body == b"from-app!"
@@ -410,3 +424,44 @@ async def test_a_malformed_request_is_a_400_on_its_stream_and_the_connection_goe
     await proxy.settle()
     error = Fault.HTTP_REQUEST_ERROR.value
     assert proxy.stats.counts == {(400, "proxy", error): 1, (200, "origin", None): 1}
+
+
+async def test_a_held_upload_holds_its_own_stream_only(proxy_factory):
+    """Stream A uploads 4 MiB with PUT while the upstream refuses (upstream_wait holds the
+    request): the core buffers 256 KiB and pauses A, which on HTTP/2 means A's window stays
+    shut. Stream B on the same connection is still read and answered at once (here a 400
+    the proxy makes itself); pausing the whole connection would hold B until A gave up."""
+    proxy = await proxy_factory(f"http://{LOOPBACK}:{free_port()}", upstream_wait="3s")
+    reader, writer = await asyncio.open_connection(LOOPBACK, proxy.port)
+    client = H2Client(reader, writer)
+    client.h2 = H2Connection(
+        H2Configuration(
+            client_side=True,
+            header_encoding=None,
+            validate_outbound_headers=False,
+            normalize_outbound_headers=False,
+        )
+    )
+    client.h2.initiate_connection()
+    held = client.h2.get_next_available_stream_id()
+    client.h2.send_headers(
+        held,
+        [(b":method", b"PUT"), (b":scheme", b"http"), (b":authority", b"a"), (b":path", b"/a")],
+    )
+    client.bodies[held] = bytearray()
+    total = 4 * 1024 * 1024
+    client.outgoing[held] = b"z" * total
+    client.push()
+    await client.send()
+    with contextlib.suppress(TimeoutError):  # A's window shuts
+        await client.until(lambda: False, timeout=0.5)
+    sent = total - len(client.outgoing[held])
+    assert sent < 1024 * 1024  # 256 KiB taken by the core, plus at most A's window
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    bad = client.request("/b", headers=((b"X-Upper", b"1"),))
+    await client.send()
+    await client.until(lambda: bad in client.ended, timeout=5)
+    assert client.heads[bad][b":status"] == b"400"
+    assert loop.time() - started < 1.0  # not after A's 3 s hold
+    client.close()

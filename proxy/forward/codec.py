@@ -73,9 +73,12 @@ class ClientConnection(Protocol):
     client_ip: str
     client_ip_b: bytes
     trusted: bool  # the client is a trusted proxy (its X-Forwarded-* are kept)
-    write_paused: bool  # the client is not reading fast enough
     read_pauses: int  # why reading is paused (PAUSE_* bits); 0: reading
-    in_feed: bool  # inside one read's callbacks: upstream bytes are written after it
+
+    @property
+    def write_paused(self) -> bool: ...  # the client is not reading fast enough
+    @property
+    def in_feed(self) -> bool: ...  # inside one read's callbacks: upstream bytes wait for it
 
     def pause_reading(self, reason: int) -> None: ...
     def resume_reading(self, reason: int) -> None: ...

@@ -46,6 +46,7 @@ from ..forward.deadlines import check_deadline
 from ..forward.forwarder import Forwarder
 from .request import read_head
 from .respond import StreamSink
+from .stream import CONNECTION_WINDOW, Stream
 
 log: Final = logging.getLogger("faultline")
 
@@ -86,6 +87,7 @@ class H2ClientConnection(asyncio.Protocol):
         self.client_ip_b = b""
         self.trusted = False
         self.streams: dict[int, Forwarder] = {}  # the exchanges in flight, by stream
+        self.clients: dict[int, Stream] = {}  # their client side (per-stream reading)
         # Streams whose response waits for the client's window (it may outlive its
         # exchange: the last DATA and END_STREAM are queued when the exchange finishes).
         self.waiting: dict[int, StreamSink] = {}
@@ -109,6 +111,8 @@ class H2ClientConnection(asyncio.Protocol):
         self.trusted = self.ctx.is_trusted(self.client_ip)
         self.ctx.connections.add(self)
         self.h2.initiate_connection()
+        # Streams' windows stay at the default; the connection's is far above their sum.
+        self.h2.increment_flow_control_window(CONNECTION_WINDOW - 65535)
         self.flush()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -169,6 +173,7 @@ class H2ClientConnection(asyncio.Protocol):
         sink = ex.sink
         if isinstance(sink, StreamSink):
             self.streams.pop(sink.stream_id, None)
+            self.clients.pop(sink.stream_id, None)
         if not self.streams:
             self.idle_since_ns = perf_ns()
             if self.goaway and not self.waiting:
@@ -224,11 +229,13 @@ class H2ClientConnection(asyncio.Protocol):
             if fw is not None:
                 fw.on_request_body(event.data)
                 touched[event.stream_id] = fw
-            if event.flow_controlled_length:
-                # The request body is buffered by the core (which pauses reading over its
-                # limit), so the window opens again at once.
+            size = event.flow_controlled_length
+            stream = self.clients.get(event.stream_id)
+            if stream is not None:
+                stream.received(size)  # its WINDOW_UPDATE, unless the core paused it
+            elif size:
                 with contextlib.suppress(H2Error):  # the stream closed meanwhile
-                    self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                    self.h2.acknowledge_received_data(size, event.stream_id)
         elif isinstance(event, RequestReceived):
             self._request(event.stream_id, event.headers, event.stream_ended is not None)
             fw = self.streams.get(event.stream_id)
@@ -241,6 +248,7 @@ class H2ClientConnection(asyncio.Protocol):
                 touched[event.stream_id] = fw
         elif isinstance(event, StreamReset):
             self.waiting.pop(event.stream_id, None)
+            self.clients.pop(event.stream_id, None)
             fw = self.streams.pop(event.stream_id, None)
             touched.pop(event.stream_id, None)
             if fw is not None:
@@ -263,7 +271,8 @@ class H2ClientConnection(asyncio.Protocol):
         """A new stream: its exchange starts now."""
         ctx = self.ctx
         sink = StreamSink(self, stream_id)
-        fw = Forwarder(ctx, self, sink, perf_ns())
+        stream = self.clients[stream_id] = Stream(self, stream_id)
+        fw = Forwarder(ctx, stream, sink, perf_ns())
         ctx.gauges.in_flight += 1
         fw.protocol = "h2"
         self.streams[stream_id] = fw
