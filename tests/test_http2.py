@@ -22,6 +22,8 @@ from h2.events import (
     StreamReset,
 )
 from hostile_support import RecordingOrigin
+from hpack import Encoder
+from hyperframe.frame import ContinuationFrame, HeadersFrame
 
 from proxy.diagnosis.faults import Fault
 
@@ -465,3 +467,114 @@ async def test_a_held_upload_holds_its_own_stream_only(proxy_factory):
     assert client.heads[bad][b":status"] == b"400"
     assert loop.time() - started < 1.0  # not after A's 3 s hold
     client.close()
+
+
+def _frames(*frames) -> bytes:
+    return b"".join(frame.serialize() for frame in frames)
+
+
+def _headers_frame(stream_id: int, block: bytes, end_headers: bool = True):
+    frame = HeadersFrame(stream_id)
+    frame.data = block
+    frame.flags.add("END_STREAM")
+    if end_headers:
+        frame.flags.add("END_HEADERS")
+    return frame
+
+
+REQUEST_FIELDS = [
+    (b":method", b"GET"),
+    (b":scheme", b"http"),
+    (b":authority", b"a"),
+    (b":path", b"/"),
+]
+
+
+async def _attack(port: int, *payloads: bytes) -> list[tuple[int, bytes]]:
+    """The client preface and SETTINGS, then each payload in its own write (0.3 s apart);
+    the frames the proxy sent back until it closed."""
+    preface = H2Connection(H2Configuration(client_side=True))
+    preface.initiate_connection()
+    reader, writer = await asyncio.open_connection(LOOPBACK, port)
+    writer.write(preface.data_to_send())
+    for payload in payloads:
+        writer.write(payload)
+        await writer.drain()
+        await asyncio.sleep(0.3)
+    data = b""
+    with contextlib.suppress(TimeoutError, ConnectionError):
+        async with asyncio.timeout(5):
+            while chunk := await reader.read(65536):
+                data += chunk
+    writer.close()
+    frames = []
+    while len(data) >= 9:
+        length = int.from_bytes(data[:3], "big")
+        frames.append((data[3], data[9 : 9 + length]))
+        data = data[9 + length :]
+    return frames
+
+
+def _goaway_code(frames) -> int | None:
+    codes = [int.from_bytes(body[4:8], "big") for kind, body in frames if kind == 7]
+    return codes[-1] if codes else None
+
+
+async def test_an_hpack_bomb_ends_the_connection(recording, proxy_factory):
+    """A header block of 4 KiB that decodes to 800 KiB (one value, referenced 200 times
+    from the dynamic table): over limits.max_request_header_bytes once decoded."""
+    proxy = await proxy_factory(recording.url)
+    block = Encoder().encode(REQUEST_FIELDS + [(b"x-a", b"v" * 4000)] * 200)
+    assert len(block) < 8192
+    frames = await _attack(proxy.port, _frames(_headers_frame(1, block)))
+    assert _goaway_code(frames) == ErrorCodes.ENHANCE_YOUR_CALM
+    assert await _served_meanwhile(proxy.port) == b"from-app!"
+    assert recording.received_bytes().count(b" HTTP/1.1\r\n") == 1  # only the good client
+
+
+async def test_a_continuation_flood_ends_the_connection(recording, proxy_factory):
+    proxy = await proxy_factory(recording.url)
+    block = Encoder().encode(REQUEST_FIELDS)
+    flood = [_headers_frame(1, block[:4], end_headers=False)]
+    for _ in range(200):
+        frame = ContinuationFrame(1)
+        frame.data = b"\x00" * 16000
+        flood.append(frame)
+    frames = await _attack(proxy.port, _frames(*flood))
+    # h2 keeps at most 64 CONTINUATION frames (1 MiB), then GOAWAY and close; the close
+    # comes while the client is still writing, so its GOAWAY may be lost to the reset.
+    assert _goaway_code(frames) in (None, ErrorCodes.PROTOCOL_ERROR, ErrorCodes.ENHANCE_YOUR_CALM)
+    assert not proxy.server.ctx.connections  # ended, not waiting for END_HEADERS
+    assert await _served_meanwhile(proxy.port) == b"from-app!"
+
+
+async def test_more_streams_than_allowed_end_the_connection(origin_factory, proxy_factory):
+    """MAX_CONCURRENT_STREAMS is 100: stream 101 while 100 are open ends the connection, and
+    the 100 exchanges it carried are counted once each, as the client's."""
+
+    async def never(conn: OriginConnection) -> None:
+        await conn.read_request(timeout=30)
+        await asyncio.sleep(30)
+
+    origin = await origin_factory(never)
+    proxy = await proxy_factory(origin.url)
+    encoder = Encoder()
+    opened = [_headers_frame(1 + 2 * i, encoder.encode(REQUEST_FIELDS)) for i in range(101)]
+    frames = await _attack(proxy.port, _frames(*opened[:100]), _frames(opened[100]))
+    assert _goaway_code(frames) == ErrorCodes.PROTOCOL_ERROR
+    await proxy.settle()
+    closed = Fault.CLIENT_CLOSED_REQUEST.value
+    assert proxy.stats.counts == {(499, "client", closed): 100}
+
+
+async def test_a_reused_stream_id_is_refused(recording, proxy_factory):
+    """HEADERS again on a stream that is closed: h2 answers RST_STREAM STREAM_CLOSED (a
+    stream error, RFC 9113 §5.1); the first request was answered, the second never forwarded."""
+    proxy = await proxy_factory(recording.url)
+    encoder = Encoder()
+    again = [_headers_frame(1, encoder.encode(REQUEST_FIELDS)) for _ in range(2)]
+    frames = await _attack(proxy.port, _frames(again[0]), _frames(again[1]))
+    resets = [int.from_bytes(body[:4], "big") for kind, body in frames if kind == 3]
+    assert resets == [ErrorCodes.STREAM_CLOSED] or _goaway_code(frames) is not None, frames
+    assert recording.received_bytes().count(b" HTTP/1.1\r\n") == 1
+    assert await _served_meanwhile(proxy.port) == b"from-app!"

@@ -10,7 +10,10 @@ Rules:
 3. A connection error (h2 raised `ProtocolError`) ends the connection with GOAWAY; the
    streams it carried end as the client's (the client broke the protocol).
 4. Draining: GOAWAY with the last stream id at once; streams in flight finish; then close.
-5. Frames a client may send without asking for work (RST_STREAM after opening a stream,
+5. h2 itself bounds a header block (64 CONTINUATION frames; the decoded size, set here to
+   `limits.max_request_header_bytes`) and the open streams (`MAX_CONCURRENT_STREAMS`): past
+   them it ends the connection with GOAWAY, as for any protocol error.
+6. Frames a client may send without asking for work (RST_STREAM after opening a stream,
    PING, SETTINGS) have a budget per connection and window (`FLOOD_BUDGET`): beyond it the
    connection ends with GOAWAY ENHANCE_YOUR_CALM (rapid reset, CVE-2023-44487; PING and
    SETTINGS floods), and the streams it carried end as the client's.
@@ -78,10 +81,17 @@ class H2ClientConnection(asyncio.Protocol):
             client_side=False, header_encoding=None, validate_inbound_headers=False
         )
         self.h2 = H2Connection(config)
+        header_limit = shared.ctx.max_request_header_bytes
         self.h2.local_settings = Settings(
             client=False,
-            initial_values={SettingCodes.MAX_CONCURRENT_STREAMS: MAX_CONCURRENT_STREAMS},
+            initial_values={
+                SettingCodes.MAX_CONCURRENT_STREAMS: MAX_CONCURRENT_STREAMS,
+                SettingCodes.MAX_HEADER_LIST_SIZE: header_limit,
+            },
         )
+        # The decoded size of a header block (an HPACK bomb expands a few KiB into MiB):
+        # past limits.max_request_header_bytes, h2 ends the connection (ENHANCE_YOUR_CALM).
+        self.h2.decoder.max_header_list_size = header_limit
         self.transport: Any = None
         self.client_ip = ""
         self.client_ip_b = b""
