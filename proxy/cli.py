@@ -33,7 +33,9 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     serve = sub.add_parser("serve", help="run the proxy in front of one upstream")
-    serve.add_argument("--upstream", help="http:// or https:// origin (FAULTLINE_UPSTREAM)")
+    serve.add_argument(
+        "--upstream", help="http://, https:// or h2c:// (HTTP/2) origin (FAULTLINE_UPSTREAM)"
+    )
     serve.add_argument(
         "--listen",
         metavar="[HOST:]PORT",

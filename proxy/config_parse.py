@@ -93,15 +93,16 @@ def describe_interface(host: str) -> str:
 
 
 def parse_upstream(value: Any) -> str:
-    """An http:// or https:// origin, host[:port] only (no path, query or credentials)."""
+    """An http://, https:// or h2c:// (HTTP/2 with prior knowledge) origin, host[:port]
+    only (no path, query or credentials)."""
     if not isinstance(value, str):
         raise ValueError(f"invalid upstream {value!r}")
     text = value.strip()
     if "://" not in text:
         raise ValueError(f"invalid upstream {value!r}: give a URL such as http://127.0.0.1:3000")
     parts = urlsplit(text)
-    if parts.scheme not in ("http", "https"):
-        raise ValueError(f"invalid upstream {value!r}: scheme must be http or https")
+    if parts.scheme not in ("http", "https", "h2c"):
+        raise ValueError(f"invalid upstream {value!r}: scheme must be http, https or h2c")
     if not parts.hostname:
         raise ValueError(f"invalid upstream {value!r}: no host")
     if parts.username or parts.password:

@@ -29,11 +29,13 @@ from .config import Config, format_address
 from .diagnosis.record import perf_ns
 from .forward.context import ForwardContext
 from .forward.outbox import Outbox
+from .forward.pool import OriginFactory
 from .http1.client import DownstreamProtocol
 from .http1.headers import HeaderPolicy
 from .http1.origin import OriginSide
 from .http1.request import RequestHead
 from .http2.client import H2ClientConnection, H2Shared
+from .http2.origin import H2OriginSide
 from .telemetry.console import make_access_log
 from .telemetry.sink import Telemetry
 from .telemetry.stats import Stats
@@ -69,7 +71,17 @@ def build_context(
         via=config.headers.via,
     )
     outbox = Outbox(loop)
-    origins = OriginSide(headers, outbox, config.limits.max_response_header_bytes)
+    origins: OriginFactory
+    if config.upstream_scheme == "h2c":
+        origins = H2OriginSide(
+            outbox,
+            config.proxy_name,
+            config.upstream_authority,
+            config.headers.proxy_status and diagnostics,
+            instance_id,
+        )
+    else:
+        origins = OriginSide(headers, outbox, config.limits.max_response_header_bytes)
     ctx = ForwardContext(
         config, loop, outbox, telemetry.record, telemetry.stats.gauges, origins, instance_id
     )

@@ -17,6 +17,7 @@ from h2.errors import ErrorCodes
 from h2.events import (
     ConnectionTerminated,
     DataReceived,
+    RequestReceived,
     ResponseReceived,
     StreamEnded,
     StreamReset,
@@ -578,3 +579,114 @@ async def test_a_reused_stream_id_is_refused(recording, proxy_factory):
     assert resets == [ErrorCodes.STREAM_CLOSED] or _goaway_code(frames) is not None, frames
     assert recording.received_bytes().count(b" HTTP/1.1\r\n") == 1
     assert await _served_meanwhile(proxy.port) == b"from-app!"
+
+
+# -- towards an HTTP/2 origin (h2c://) --------------------------------------------------------
+
+
+class H2Origin:
+    """A plain HTTP/2 origin with prior knowledge, on the h2 library: each request answered
+    by `answer(path)`: (status, body), or None to reset the stream before any head."""
+
+    def __init__(self, answer) -> None:
+        self.answer = answer
+        self.server: asyncio.AbstractServer | None = None
+        self.requests: list[dict[bytes, bytes]] = []
+
+    async def start(self) -> H2Origin:
+        self.server = await asyncio.start_server(self._serve, LOOPBACK, 0)
+        return self
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        return f"h2c://{LOOPBACK}:{self.server.sockets[0].getsockname()[1]}"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = H2Connection(H2Configuration(client_side=False, header_encoding=None))
+        conn.initiate_connection()
+        writer.write(conn.data_to_send())
+        heads: dict[int, dict[bytes, bytes]] = {}
+        with contextlib.suppress(ConnectionError):
+            while data := await reader.read(65536):
+                for event in conn.receive_data(data):
+                    if isinstance(event, RequestReceived):
+                        heads[event.stream_id] = dict(event.headers)
+                    elif isinstance(event, DataReceived):
+                        conn.acknowledge_received_data(
+                            event.flow_controlled_length, event.stream_id
+                        )
+                    elif isinstance(event, StreamEnded) and event.stream_id in heads:
+                        head = heads.pop(event.stream_id)
+                        self.requests.append(head)
+                        reply = self.answer(head[b":path"].decode())
+                        if reply is None:
+                            conn.reset_stream(event.stream_id, ErrorCodes.REFUSED_STREAM)
+                            continue
+                        status, body = reply
+                        conn.send_headers(
+                            event.stream_id,
+                            [(b":status", b"%d" % status), (b"content-length", b"%d" % len(body))],
+                        )
+                        conn.send_data(event.stream_id, body, end_stream=True)
+                writer.write(conn.data_to_send())
+        writer.close()
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+
+@pytest.fixture
+async def h2_origin():
+    origin = await H2Origin(
+        lambda path: None if path == "/reset" else (200, b"h2-" + path.encode())
+    ).start()
+    yield origin
+    await origin.close()
+
+
+async def test_an_http11_client_through_to_an_h2c_origin(h2_origin, proxy_factory):
+    proxy = await proxy_factory(h2_origin.url)
+    data = await raw_request(
+        proxy.port, b"GET /one HTTP/1.1\r\nHost: app\r\nConnection: close\r\n\r\n"
+    )
+    (response,), _ = parse_responses(data)
+    assert response.status == 200 and response.body == b"h2-/one"
+    assert b"faultline; received-status=200" in data and b"\r\nVia: 2 faultline\r\n" in data
+    (seen,) = h2_origin.requests
+    assert seen[b":method"] == b"GET" and seen[b":authority"] == b"app"
+    assert b"(faultline " in seen[b"via"] and seen[b"x-forwarded-for"] == b"127.0.0.1"
+    await proxy.settle()
+    assert proxy.stats.counts == {(200, "origin", None): 1}
+
+
+async def test_an_h2_client_through_to_an_h2c_origin_reuses_the_connection(
+    h2_origin, proxy_factory
+):
+    proxy = await proxy_factory(h2_origin.url)
+    client = await H2Client.connect(proxy.port)
+    for i in range(3):
+        sid = client.request(f"/n{i}")
+        await client.send()
+        await client.until(lambda sid=sid: sid in client.ended)
+        assert bytes(client.bodies[sid]) == f"h2-/n{i}".encode()
+    client.close()
+    await proxy.settle()
+    assert proxy.stats.counts == {(200, "origin", None): 3}
+    assert proxy.pool.open == 1  # one connection to the origin, used in turn
+
+
+async def test_an_origin_stream_reset_is_connection_terminated_with_its_code(
+    h2_origin, proxy_factory
+):
+    proxy = await proxy_factory(h2_origin.url)
+    data = await raw_request(
+        proxy.port, b"GET /reset HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+    )
+    (response,), _ = parse_responses(data)
+    assert response.status == 502
+    assert b"error=connection_terminated" in data and b"(RST_STREAM REFUSED_STREAM)" in data
+    await proxy.settle()
+    terminated = Fault.CONNECTION_TERMINATED.value
+    assert proxy.stats.counts == {(502, "proxy", terminated): 1}

@@ -51,6 +51,15 @@ class UpgradeBroken(UpstreamError):
     """The upstream answered an Upgrade request with a malformed 101."""
 
 
+class StreamReset(ConnectionResetError):
+    """An HTTP/2 peer reset the exchange's stream (RST_STREAM) or ended the connection
+    under it (GOAWAY): `reason` names the frame and its error code."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
 class NameNotResolved(UpstreamError):
     """Name resolution failed: `rcode` names the answer (NXDOMAIN, NOERROR: no address
     record, SERVFAIL), `temporary` a resolver that could not answer now (EAI_AGAIN)."""
@@ -126,6 +135,8 @@ def classify(
 def _describe(error: BaseException | None, eof_text: str) -> str:
     if error is None:
         return eof_text
+    if isinstance(error, StreamReset):
+        return f"{eof_text} ({error.reason})"
     if isinstance(error, ConnectionResetError):
         return f"{eof_text} (connection reset)"
     if isinstance(error, OSError):

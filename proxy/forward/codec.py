@@ -118,6 +118,10 @@ class ResponseSink:
         """What was sent so far leaves in one write."""
         raise NotImplementedError
 
+    def send_trailers(self, fields: list[tuple[bytes, bytes]]) -> None:
+        """The origin's trailers, sent with the end (a codec that cannot carry them drops
+        them: HTTP/1.1 here, where no gRPC call can arrive)."""
+
     def send_reply(
         self, ex: Forwarder, row: FaultInfo, detail: str | None, params: dict[str, str] | None
     ) -> None:

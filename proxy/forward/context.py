@@ -51,9 +51,9 @@ class ForwardContext:
         self.diagnostics = config.diagnostics
         self.upstream = config.upstream
         self.upstream_authority = config.upstream_authority
-        # The upstream can carry trailers (HTTP/2), which a gRPC call's status travels in;
-        # every upstream is HTTP/1.1 today (h2c:// and ALPN h2 are still to come).
-        self.upstream_trailers = False
+        # The upstream can carry trailers, which a gRPC call's status travels in: HTTP/2
+        # (h2c://; ALPN h2 on https:// is still to come).
+        self.upstream_trailers = config.upstream_scheme == "h2c"
         self.proxy_name = config.proxy_name
         limits, timeouts = config.limits, config.timeouts
         self.max_in_flight = limits.max_in_flight

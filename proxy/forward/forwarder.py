@@ -18,8 +18,10 @@ Rules:
 from __future__ import annotations
 
 from typing import Final
+from urllib.parse import unquote
 
 from ..base.text import duration_text
+from ..diagnosis import grpc
 from ..diagnosis.classify import classify
 from ..diagnosis.faults import STALE_CONNECTION_FAULTS, Fault, RequestProblem
 from ..diagnosis.hops import BODY_SAMPLE_BYTES, REQUEST_SAMPLE_BYTES, Evidence
@@ -201,6 +203,22 @@ class Forwarder(ExchangeState):
             evidence.body += data[: BODY_SAMPLE_BYTES - len(evidence.body)]
         self.sink.send_data(data)
 
+    def on_response_trailers(self, fields: list[tuple[bytes, bytes]]) -> None:
+        """The origin's trailers (HTTP/2): recorded (a gRPC call's status), then sent on."""
+        self.note_trailers(fields)
+        self.sink.send_trailers(fields)
+
+    def note_trailers(self, fields: list[tuple[bytes, bytes]]) -> None:
+        """A gRPC call's outcome from the origin's trailers (or its trailers-only head)."""
+        head = self.head
+        if head is None or not head.grpc:
+            return
+        for name, value in fields:
+            if name == b"grpc-status":
+                self.grpc_status = int(value) if value.isdigit() else grpc.UNKNOWN
+            elif name == b"grpc-message":
+                self.grpc_message = unquote(value.decode("latin-1"))
+
     def flush(self) -> None:
         """The origin codec finished a read: what it produced for the client leaves."""
         self.sink.flush()
@@ -221,6 +239,11 @@ class Forwarder(ExchangeState):
             self.ctx.pool.release(up, reusable)
         if not self.request_complete:
             self.close_after = True  # the rest of the request body cannot be framed any more
+        head = self.head
+        if head is not None and head.grpc and self.grpc_status is None:
+            # No grpc-status came: a non-gRPC answer (a load balancer's 502 page); the
+            # record says what a gRPC client makes of it.
+            self.grpc_status = grpc.status_of_http(self.status)
         self.finish()
 
     # -- tunnel (Upgrade) -----------------------------------------------------------------------

@@ -43,8 +43,7 @@ from .respond import ResponseWriter
 
 log: Final = logging.getLogger("faultline")
 
-# How a connection speaking HTTP/2 with prior knowledge opens (RFC 9113 §3.4).
-HTTP2_PREFACE_LINE: Final = b"PRI * HTTP/2.0\r\n"
+HTTP2_PREFACE_LINE: Final = b"PRI * HTTP/2.0\r\n"  # prior knowledge (RFC 9113 §3.4)
 
 
 class DownstreamProtocol(asyncio.Protocol):
@@ -66,6 +65,7 @@ class DownstreamProtocol(asyncio.Protocol):
         # knowledge): another codec takes the connection over (wired by the server).
         self.switch = switch
         self.fresh = True  # nothing read yet
+        self.failure: Exception | None = None  # raised by a parser callback (`failed`)
         self.headers = headers
         # Reads that were one whole bodiless request head -> that head, parsed and
         # validated under this configuration (`data_received`): shared by every
@@ -127,10 +127,8 @@ class DownstreamProtocol(asyncio.Protocol):
             fw.client_gone()
 
     def drain(self) -> None:
-        """Draining starts: an idle connection closes now, a busy one after its exchange
-        (`exchange_finished`). An upgraded one closes both ways now: a tunnel (a dev
-        server's HMR socket) never ends by itself. Its exchange (the 101) stays the
-        origin's; the record says the proxy ended the tunnel."""
+        """Draining: an idle connection closes now, a busy one after its exchange, a tunnel
+        (it never ends by itself) now, its 101 still the origin's."""
         if self.raw:
             fw = self.upgrading
             if fw is not None and not fw.done:
@@ -233,7 +231,8 @@ class DownstreamProtocol(asyncio.Protocol):
             if rest and self.upgrading is not None:
                 self.upgrading.on_client_tunnel_data(rest)
         except HttpParserCallbackError as exc:
-            cause = exc.__context__
+            cause = self.failure or exc.__context__
+            self.failure = None
             if isinstance(cause, RequestRejected):
                 self._broken(cause.problem, cause.detail)
             elif isinstance(cause, StopParsing):
@@ -291,9 +290,7 @@ class DownstreamProtocol(asyncio.Protocol):
             self._defect(exc)
 
     def eof_received(self) -> bool:
-        # Like nginx, a client that closes its side has given up on the answer: the
-        # exchange ends as 499 (connection_lost reports it).
-        return False
+        return False  # like nginx: a client that half-closes has given up (499)
 
     # -- what the reader made ---------------------------------------------------------------
 
@@ -310,7 +307,13 @@ class DownstreamProtocol(asyncio.Protocol):
         # Nothing after a refused head can be trusted to be framed right.
         self.pause_reading(self.PAUSE_BROKEN)
         self._enqueue(fw)
-        raise StopParsing
+        raise self.failed(StopParsing())
+
+    def failed(self, error: Exception) -> Exception:
+        """`error`, kept before a callback raises it: httptools passes it on only as the
+        implicit __context__ of its error, another exception if one is being handled."""
+        self.failure = error
+        return error
 
     def _identify(self, fw: Forwarder, head: RequestHead) -> None:
         """The exchange's method, target and request id (the client's, or a new one)."""

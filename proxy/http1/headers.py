@@ -19,6 +19,7 @@ from ..forward.fields import (
     safe_value,
     server_timing,
 )
+from ..forward.heads import OriginHead, ResponseFields
 
 if TYPE_CHECKING:
     from ..forward.codec import RequestHead
@@ -64,35 +65,7 @@ _PLAIN_CONNECTION: Final = frozenset({b"keep-alive", b"close"})
 _DATE_FIELD: Final = re.compile(rb"\r\ndate:", re.IGNORECASE)  # searched without a lowered copy
 
 
-class ResponseFields:
-    """What the proxy needs to know of an origin's response header block."""
-
-    __slots__ = ("chunked", "codings", "content_length", "proxy_status", "upgrade", "via")
-
-    def __init__(self, content_length: bool = False) -> None:
-        self.content_length = content_length
-        self.chunked = False
-        self.codings = b""  # transfer codings other than chunked (the body then ends at close)
-        self.upgrade = b""
-        self.via = b""
-        self.proxy_status: list[bytes] | None = None
-
-
 CONTENT_LENGTH_FIELDS: Final = ResponseFields(content_length=True)  # shared: the common head
-
-
-class OriginHead:
-    """An origin's response head as the HTTP/1.1 codecs pass it through the core (its
-    `ResponseHead`): the raw head (status line and field lines), what an HTTP/1.1 client
-    is sent for it (`prefix`: status line, filtered lines, Proxy-Status, Via) and what its
-    fields said. Made once per distinct head (`HeaderPolicy.origin_head`)."""
-
-    __slots__ = ("fields", "prefix", "raw")
-
-    def __init__(self, raw: bytes, prefix: bytes, fields: ResponseFields) -> None:
-        self.raw = raw
-        self.prefix = prefix
-        self.fields = fields
 
 
 # Names that send a head down the full scan; most responses carry none of them.

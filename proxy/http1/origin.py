@@ -86,6 +86,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.stray_bytes = False
         self.close_delimited = False
         self.keep_alive = True
+        self.failure: Exception | None = None  # raised by a parser callback
 
     # -- life cycle ----------------------------------------------------------------------
 
@@ -205,7 +206,10 @@ class UpstreamConnection(asyncio.Protocol):
             handler.on_tunnel_open(rest)
             return
         except HttpParserCallbackError as exc:
-            cause = exc.__context__
+            # The callback's own exception, kept (httptools passes it on only as the implicit
+            # __context__, another exception when one is being handled around the call).
+            cause = self.failure or exc.__context__
+            self.failure = None
             if isinstance(cause, UpstreamError):
                 handler.on_upstream_failed(cause)
             else:
@@ -227,6 +231,13 @@ class UpstreamConnection(asyncio.Protocol):
     # -- httptools callbacks ---------------------------------------------------------------
 
     def on_headers_complete(self) -> None:
+        try:
+            self._head_complete()
+        except UpstreamError as exc:
+            self.failure = exc
+            raise
+
+    def _head_complete(self) -> None:
         handler = self.handler
         if handler is None or self.message_done:
             self.stray_bytes = True

@@ -38,6 +38,7 @@ class Connection(Protocol):
     receiving: Forwarder | None  # the exchange whose body is being read
 
     def new_exchange(self) -> Forwarder: ...
+    def failed(self, error: Exception) -> Exception: ...
     def head_parsed(
         self, fw: Forwarder, head: RequestHead, refusal: tuple[RequestProblem, str] | None
     ) -> None: ...
@@ -92,7 +93,9 @@ class RequestReader:
         self.url += url
         self.head_bytes += len(url)
         if self.head_bytes > self.conn.ctx.max_request_header_bytes:
-            raise RequestRejected(RequestProblem.HEADERS_TOO_LARGE, "request target too long")
+            raise self.conn.failed(
+                RequestRejected(RequestProblem.HEADERS_TOO_LARGE, "request target too long")
+            )
 
     def on_header(self, name: bytes, value: bytes) -> None:
         conn = self.conn
@@ -101,8 +104,10 @@ class RequestReader:
         self.head_bytes += len(name) + len(value) + 4
         limit = conn.ctx.max_request_header_bytes
         if self.head_bytes > limit:
-            raise RequestRejected(
-                RequestProblem.HEADERS_TOO_LARGE, f"request head over {limit} bytes"
+            raise self.conn.failed(
+                RequestRejected(
+                    RequestProblem.HEADERS_TOO_LARGE, f"request head over {limit} bytes"
+                )
             )
         code = REQUEST_SPECIAL.get(name.lower())
         if code is None:

@@ -69,7 +69,9 @@ def fields_of(prefix: bytes) -> list[tuple[bytes, bytes]]:
 class StreamSink(ResponseSink):
     """Writes one stream's response through its connection's h2 state machine."""
 
-    __slots__ = ("buffered", "chunks", "conn", "ended", "holding", "stream_id")
+    __slots__ = (
+        "buffered", "chunks", "conn", "ended", "head", "holding", "stream_id", "trailers",
+    )  # fmt: skip
 
     def __init__(self, conn: Connection, stream_id: int) -> None:
         self.conn = conn
@@ -78,6 +80,8 @@ class StreamSink(ResponseSink):
         self.buffered = 0
         self.ended = False  # END_STREAM is due once the chunks are out
         self.holding: Forwarder | None = None  # the exchange whose origin reads are paused
+        self.trailers: list[tuple[bytes, bytes]] | None = None  # sent as the end, if any
+        self.head: list[tuple[bytes, bytes]] | None = None  # the response head, not sent yet
 
     def send_interim(self, ex: Forwarder, status: int, head: ResponseHead) -> None:
         pass  # 1xx are not relayed on HTTP/2 streams (the final response follows)
@@ -88,7 +92,9 @@ class StreamSink(ResponseSink):
             timing = server_timing(ex.connect_ns(), ex.ttfb_ns(), ex.own_ns(now), ex.wait_ns())
             fields.append((b"server-timing", timing))
         fields.append((b"x-request-id", ex.request_id.encode()))
-        self._headers(fields, end=False)
+        # Held until DATA, a flush or the end: a response that ends with its head (gRPC's
+        # trailers-only) must go out as one HEADERS frame with END_STREAM.
+        self.head = fields
 
     def send_data(self, data: bytes) -> None:
         if data:
@@ -102,7 +108,12 @@ class StreamSink(ResponseSink):
         self.conn.flush()
 
     def flush(self) -> None:
+        if self.head is not None:
+            self.pump()  # the head goes out now (a slow body must not hold it back)
         self.conn.flush()
+
+    def send_trailers(self, fields: list[tuple[bytes, bytes]]) -> None:
+        self.trailers = fields  # END_STREAM comes with them, after the last DATA
 
     def send_reply(
         self, ex: Forwarder, row: FaultInfo, detail: str | None, params: dict[str, str] | None
@@ -175,6 +186,7 @@ class StreamSink(ResponseSink):
         self.abort()  # no tunnels on an HTTP/2 stream (no Upgrade is ever forwarded)
 
     def abort(self) -> None:
+        self.head = None
         self.chunks = []
         self.buffered = 0
         self.ended = False
@@ -191,6 +203,13 @@ class StreamSink(ResponseSink):
         stream_id = self.stream_id
         chunks = self.chunks
         try:
+            head = self.head
+            if head is not None:
+                self.head = None
+                ends = self.ended and not chunks and self.trailers is None
+                if ends:
+                    self.ended = False
+                h2.send_headers(stream_id, head, end_stream=ends)
             while chunks:
                 window = min(h2.local_flow_control_window(stream_id), h2.max_outbound_frame_size)
                 if window <= 0:
@@ -205,7 +224,10 @@ class StreamSink(ResponseSink):
                 h2.send_data(stream_id, chunk)
             if self.ended and not chunks:
                 self.ended = False
-                h2.end_stream(stream_id)
+                if self.trailers is not None:
+                    h2.send_headers(stream_id, self.trailers, end_stream=True)
+                else:
+                    h2.end_stream(stream_id)
         except H2Error:
             chunks.clear()  # the client reset the stream: StreamReset ends the exchange
             self.buffered = 0
