@@ -68,7 +68,8 @@ class ResponseHead(Protocol):
 
 
 class ClientConnection(Protocol):
-    """A client connection, as the core and the server's sweep and drain drive it."""
+    """The client side of an exchange, as the core drives it: an HTTP/1.1 connection, or
+    one HTTP/2 stream (whose reading pauses alone)."""
 
     client_ip: str
     client_ip_b: bytes
@@ -85,7 +86,12 @@ class ClientConnection(Protocol):
     def exchange_finished(self, ex: Forwarder) -> None: ...
     def has_queued(self) -> bool: ...  # requests wait behind the current one
     def close(self) -> None: ...
-    # The server's sweep and drain (never reading a connection's state from outside):
+
+
+class ServedConnection(Protocol):
+    """A client connection as the server's sweep and drain drive it (`ForwardContext.
+    connections`), never reading its state from outside."""
+
     def check_deadline(self, now: int) -> None: ...
     def drain(self) -> None: ...  # draining starts: close now if idle, or a tunnel
     def cut_by_drain(self) -> None: ...  # the drain deadline passed

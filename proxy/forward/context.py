@@ -19,7 +19,7 @@ from .pool import OriginFactory, UpstreamPool
 
 if TYPE_CHECKING:
     from ..diagnosis.record import Exchange
-    from .codec import ClientConnection
+    from .codec import ServedConnection
 
 
 def _ns(seconds: float) -> int:
@@ -45,7 +45,7 @@ class ForwardContext:
         self.gauges = gauges
         self.outbox = outbox
         self.pool = UpstreamPool(config, loop, origin_factory)
-        self.connections: set[ClientConnection] = set()
+        self.connections: set[ServedConnection] = set()
         self.draining = False
         self.instance_id = instance_id
         self.diagnostics = config.diagnostics

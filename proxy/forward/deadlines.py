@@ -1,5 +1,5 @@
 """Which timeout of an exchange's current phase has passed: called by the server's sweep
-through each client connection (`ClientConnection.check_deadline`), never by a timer per
+through each client connection (`ServedConnection.check_deadline`), never by a timer per
 exchange.
 
 Rule: progress resets a phase's clock (a body that keeps moving never times out), and a

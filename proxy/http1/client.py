@@ -1,6 +1,6 @@
 """The client side of the HTTP/1.1 codec: parse requests with httptools, answer them in
-order on one connection (a `ClientConnection` of `proxy.forward.codec`; its responses are
-written by its `ResponseWriter`).
+order on one connection (a `ClientConnection` and `ServedConnection` of
+`proxy.forward.codec`; its responses are written by its `ResponseWriter`).
 
 Rules:
 1. One exchange is answered at a time (`current`); pipelined requests wait in `queue`

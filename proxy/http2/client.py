@@ -1,7 +1,8 @@
 """The client side of the HTTP/2 codec: one connection that opened with the HTTP/2 preface
 (prior knowledge, h2c), many streams, each stream one exchange (a `Forwarder`). The frame
 and HPACK state machine is h2's (python-hyper); this module maps its events to the core's
-calls and the core's to its sends (a `ClientConnection` of `proxy.forward.codec`).
+calls and the core's to its sends (a `ServedConnection` of `proxy.forward.codec`; each
+stream is the core's `ClientConnection`, `http2.stream.Stream`).
 
 Rules:
 1. Every stream starts at once: there is no queue, streams are independent exchanges.
@@ -102,7 +103,6 @@ class H2ClientConnection(asyncio.Protocol):
         # exchange: the last DATA and END_STREAM are queued when the exchange finishes).
         self.waiting: dict[int, StreamSink] = {}
         self.write_paused = False
-        self.read_pauses = 0
         self.in_feed = False
         self.closed = False
         self.goaway = False  # no new streams: draining, or the client said GOAWAY
@@ -160,21 +160,7 @@ class H2ClientConnection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
 
-    # -- what the core calls (ClientConnection) -------------------------------------------------
-
-    def pause_reading(self, reason: int) -> None:
-        if not self.read_pauses and not self.closed:
-            self.transport.pause_reading()
-        self.read_pauses |= reason
-
-    def resume_reading(self, reason: int) -> None:
-        if self.read_pauses & reason:
-            self.read_pauses &= ~reason
-            if not self.read_pauses and not self.closed:
-                self.transport.resume_reading()
-
-    def has_queued(self) -> bool:
-        return False  # streams never wait for each other
+    # -- what the streams and the server call ------------------------------------------------
 
     def exchange_of(self, stream_id: int) -> Forwarder | None:
         return self.streams.get(stream_id)

@@ -36,10 +36,6 @@ class Connection(Protocol):
     def flush(self) -> None: ...
     def exchange_finished(self, ex: Forwarder) -> None: ...
     def close(self) -> None: ...
-    def check_deadline(self, now: int) -> None: ...
-    def drain(self) -> None: ...
-    def cut_by_drain(self) -> None: ...
-    def abort(self) -> None: ...
 
 
 class Stream:
@@ -100,18 +96,5 @@ class Stream:
     def has_queued(self) -> bool:
         return False  # streams never wait for each other
 
-    # The connection's own business (the server's sweep and drain go to the connection):
     def close(self) -> None:
         self.conn.close()
-
-    def check_deadline(self, now: int) -> None:
-        self.conn.check_deadline(now)
-
-    def drain(self) -> None:
-        self.conn.drain()
-
-    def cut_by_drain(self) -> None:
-        self.conn.cut_by_drain()
-
-    def abort(self) -> None:
-        self.conn.abort()
