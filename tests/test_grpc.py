@@ -10,6 +10,7 @@ proxy answers such a call itself, at once, instead of letting it hang or fail ob
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -78,11 +79,25 @@ def grpc_server():
     def missing(request: bytes, context) -> bytes:
         context.abort(grpc.StatusCode.NOT_FOUND, "no such greeting: ünïcode")
 
+    def slow(request: bytes, context) -> bytes:
+        time.sleep(2)
+        return b"late"
+
+    def many(request: bytes, context):
+        for i in range(10_000):
+            yield b"%d" % i
+
+    def total(requests, context) -> bytes:
+        return b"%d" % sum(len(r) for r in requests)
+
     handler = grpc.method_handlers_generic_handler(
         "echo.Echo",
         {
             "Say": grpc.unary_unary_rpc_method_handler(say),
             "Missing": grpc.unary_unary_rpc_method_handler(missing),
+            "Slow": grpc.unary_unary_rpc_method_handler(slow),
+            "Many": grpc.unary_stream_rpc_method_handler(many),
+            "Total": grpc.stream_unary_rpc_method_handler(total),
         },
     )
     server.add_generic_rpc_handlers((handler,))
@@ -133,3 +148,58 @@ async def test_a_refused_grpc_upstream_is_unavailable_made_by_the_proxy(proxy_fa
     assert refused in error.details() and "(proxy)" in error.details()
     await proxy.settle()
     assert proxy.stats.counts == {(200, "proxy", refused): 1}
+
+
+def _stream(port: int) -> list[bytes]:
+    with grpc.insecure_channel(f"{LOOPBACK}:{port}") as channel:
+        call = channel.unary_stream("/echo.Echo/Many", None, None)
+        return list(call(b"", timeout=30))
+
+
+def _upload(port: int, parts: int) -> bytes:
+    with grpc.insecure_channel(f"{LOOPBACK}:{port}") as channel:
+        call = channel.stream_unary("/echo.Echo/Total", None, None)
+        return call(iter([b"x" * 1000] * parts), timeout=30)
+
+
+async def test_server_streaming_of_ten_thousand_messages(grpc_server, proxy_factory):
+    proxy = await proxy_factory(f"h2c://{LOOPBACK}:{grpc_server}")
+    messages = await asyncio.to_thread(_stream, proxy.port)
+    assert messages == [b"%d" % i for i in range(10_000)]
+    await proxy.settle()
+    (line,) = proxy.access_log()
+    assert (line["grpc_status"], line["source"], line["status"]) == (0, "origin", 200)
+
+
+async def test_client_streaming(grpc_server, proxy_factory):
+    proxy = await proxy_factory(f"h2c://{LOOPBACK}:{grpc_server}")
+    assert await asyncio.to_thread(_upload, proxy.port, 500) == b"500000"
+    await proxy.settle()
+    (line,) = proxy.access_log()
+    assert line["grpc_status"] == 0 and line["bytes_in"] > 500_000
+
+
+async def test_a_deadline_is_never_charged_to_the_proxy(grpc_server, proxy_factory):
+    """The client's deadline (0.5 s, sent as grpc-timeout) passes while the server takes
+    2 s. The client sees DEADLINE_EXCEEDED. Who ended the call is a race the record tells
+    as it happened: the server's gRPC library answering DEADLINE_EXCEEDED itself (the
+    origin's answer, grpc_status 4) or the client cancelling first (499, CANCELLED); never
+    the proxy."""
+
+    def call() -> grpc.RpcError:
+        with grpc.insecure_channel(f"{LOOPBACK}:{proxy.port}") as channel:
+            slow = channel.unary_unary("/echo.Echo/Slow", None, None)
+            try:
+                slow(b"", timeout=0.5)
+            except grpc.RpcError as error:
+                return error
+        raise AssertionError("the call succeeded")
+
+    proxy = await proxy_factory(f"h2c://{LOOPBACK}:{grpc_server}")
+    error = await asyncio.to_thread(call)
+    assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    await proxy.settle()
+    (line,) = proxy.access_log()
+    closed = Fault.CLIENT_CLOSED_REQUEST.value
+    outcome = (line["source"], line["status"], line["error"], line["grpc_status"])
+    assert outcome in (("origin", 200, None, 4), ("client", 499, closed, 1)), outcome
