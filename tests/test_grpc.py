@@ -203,3 +203,65 @@ async def test_a_deadline_is_never_charged_to_the_proxy(grpc_server, proxy_facto
     closed = Fault.CLIENT_CLOSED_REQUEST.value
     outcome = (line["source"], line["status"], line["error"], line["grpc_status"])
     assert outcome in (("origin", 200, None, 4), ("client", 499, closed, 1)), outcome
+
+
+async def test_fifty_concurrent_calls_on_one_channel(grpc_server, proxy_factory):
+    def calls() -> list[bytes]:
+        with grpc.insecure_channel(f"{LOOPBACK}:{proxy.port}") as channel:
+            say = channel.unary_unary("/echo.Echo/Say", None, None)
+            futures = [say.future(b"%d" % i, timeout=10) for i in range(50)]
+            return [future.result() for future in futures]
+
+    proxy = await proxy_factory(f"h2c://{LOOPBACK}:{grpc_server}")
+    assert await asyncio.to_thread(calls) == [b"hello %d" % i for i in range(50)]
+    await proxy.settle()
+    assert proxy.stats.counts == {(200, "origin", None): 50}
+    assert proxy.stats.snapshot(proxy={})["responses"]["by_grpc_status"] == {"0": {"origin": 50}}
+
+
+async def test_a_server_killed_mid_stream_is_the_upstreams_and_the_client_sees_a_cut(
+    proxy_factory,
+):
+    """The server dies after some of its stream: the client sees the call fail (never a
+    clean end), and the record names the upstream and the cut, not the client."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    server = grpc.server(ThreadPoolExecutor(max_workers=4))
+    started = __import__("threading").Event()
+
+    def many(request: bytes, context):
+        for i in range(1_000_000):
+            if i == 100:
+                started.set()
+            yield b"%d" % i
+            time.sleep(0.0005)
+
+    handler = grpc.method_handlers_generic_handler(
+        "echo.Echo", {"Many": grpc.unary_stream_rpc_method_handler(many)}
+    )
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port(f"{LOOPBACK}:0")
+    server.start()
+    proxy = await proxy_factory(f"h2c://{LOOPBACK}:{port}")
+
+    def call() -> tuple[int, grpc.RpcError | None]:
+        received = 0
+        with grpc.insecure_channel(f"{LOOPBACK}:{proxy.port}") as channel:
+            stream = channel.unary_stream("/echo.Echo/Many", None, None)
+            try:
+                for _ in stream(b"", timeout=20):
+                    received += 1
+            except grpc.RpcError as error:
+                return received, error
+        return received, None
+
+    task = asyncio.create_task(asyncio.to_thread(call))
+    await asyncio.to_thread(started.wait, 10)
+    server.stop(None)  # the server goes away mid-stream
+    received, error = await task
+    assert error is not None and received >= 100
+    assert error.code() in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE)
+    await proxy.settle()
+    (line,) = proxy.access_log()
+    assert line["source"] == "origin" and line["layer"] == "upstream"
+    assert line["error"] in ("http_response_incomplete", "connection_terminated"), line

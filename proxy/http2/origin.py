@@ -21,7 +21,7 @@ import contextlib
 from typing import Any, Final
 
 from h2.config import H2Configuration
-from h2.connection import H2Connection
+from h2.connection import ConnectionState, H2Connection
 from h2.errors import ErrorCodes
 from h2.events import (
     ConnectionTerminated,
@@ -204,7 +204,12 @@ class H2OriginConnection(asyncio.Protocol):
         except ProtocolError as exc:
             self.flush()
             if handler is not None and not self.done:
-                handler.on_upstream_failed(UpstreamProtocolError(f"HTTP/2: {exc}"))
+                if self.h2.state_machine.state is ConnectionState.CLOSED:
+                    # A GOAWAY came first in this read (h2 refuses what follows it): the
+                    # origin went away, it did not break the protocol.
+                    handler.on_upstream_failed(ResetByPeer("GOAWAY"))
+                else:
+                    handler.on_upstream_failed(UpstreamProtocolError(f"HTTP/2: {exc}"))
             self.abort()
             return
         try:
