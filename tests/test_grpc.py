@@ -265,3 +265,25 @@ async def test_a_server_killed_mid_stream_is_the_upstreams_and_the_client_sees_a
     (line,) = proxy.access_log()
     assert line["source"] == "origin" and line["layer"] == "upstream"
     assert line["error"] in ("http_response_incomplete", "connection_terminated"), line
+
+
+async def test_a_non_grpc_answer_to_a_grpc_call_passes_through_with_its_hop(proxy_factory):
+    """Something behind the origin (here an AWS ALB, by its Server field) answers a gRPC
+    call with an HTML 502: the status passes through as received, the record carries the
+    gRPC code a client makes of it (14) and the hop that made it."""
+    from test_http2 import H2Origin
+
+    page = b"<html><body><h1>502 Bad Gateway</h1></body></html>"
+    alb = [(b"server", b"awselb/2.0"), (b"content-type", b"text/html")]
+    origin = await H2Origin(lambda path: (502, page, alb)).start()
+    try:
+        proxy = await proxy_factory(origin.url)
+        error = await asyncio.to_thread(_call, proxy.port, "/echo.Echo/Say", b"x")
+        assert error.code() == grpc.StatusCode.UNAVAILABLE
+        assert "502" in error.details()
+        await proxy.settle()
+        (line,) = proxy.access_log()
+        assert (line["status"], line["source"], line["error"]) == (502, "origin", None)
+        assert line["grpc_status"] == 14 and line["hop"] == "aws-alb"
+    finally:
+        await origin.close()

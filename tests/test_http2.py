@@ -586,7 +586,8 @@ async def test_a_reused_stream_id_is_refused(recording, proxy_factory):
 
 class H2Origin:
     """A plain HTTP/2 origin with prior knowledge, on the h2 library: each request answered
-    by `answer(path)`: (status, body), or None to reset the stream before any head."""
+    by `answer(path)`: (status, body[, extra fields]), or None to reset the stream before
+    any head."""
 
     def __init__(self, answer) -> None:
         self.answer = answer
@@ -623,11 +624,12 @@ class H2Origin:
                         if reply is None:
                             conn.reset_stream(event.stream_id, ErrorCodes.REFUSED_STREAM)
                             continue
-                        status, body = reply
-                        conn.send_headers(
-                            event.stream_id,
-                            [(b":status", b"%d" % status), (b"content-length", b"%d" % len(body))],
-                        )
+                        status, body, *extra = reply
+                        fields = [
+                            (b":status", b"%d" % status),
+                            (b"content-length", b"%d" % len(body)),
+                        ]
+                        conn.send_headers(event.stream_id, fields + (extra[0] if extra else []))
                         conn.send_data(event.stream_id, body, end_stream=True)
                 writer.write(conn.data_to_send())
         writer.close()
