@@ -291,10 +291,9 @@ TAXONOMY: dict[Fault, FaultInfo] = {
             "Faultline's configuration sends this request to an upstream that cannot carry "
             "it: a gRPC call needs HTTP/2 to the upstream (its status travels in trailers), "
             "and the upstream is HTTP/1.1.",
-            "Check where gRPC traffic is sent: it needs an HTTP/2 upstream. This version of "
-            "Faultline forwards to HTTP/1.1 upstreams only: route gRPC calls around it "
-            "until h2c:// upstreams are supported.",
-            hint="gRPC needs an HTTP/2 upstream; {upstream} is spoken to over HTTP/1.1",
+            "Check the upstream setting: gRPC needs an HTTP/2 upstream, h2c://host:port "
+            "(HTTP/2 with prior knowledge, what gRPC servers speak), not http://.",
+            hint="gRPC needs an HTTP/2 upstream — use h2c:// for {upstream}",
             hop="inside Faultline",
         ),
         _row(
