@@ -526,3 +526,13 @@ def check_detail(detail: str, advice: str = "", meaning: str = "") -> None:
             if len(words) >= 4:
                 assert detail not in text, f"{detail!r} repeats {text!r}"
     assert "\n" not in detail
+
+
+async def curl(*args: str) -> tuple[int, bytes, bytes]:
+    """curl with `args` (silent but for errors, 10 s at most): exit code, stdout, stderr."""
+    proc = await asyncio.create_subprocess_exec(
+        "curl", "-s", "-S", "--max-time", "10", *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await proc.communicate()
+    return proc.returncode or 0, out, err

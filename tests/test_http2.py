@@ -28,7 +28,7 @@ from hyperframe.frame import ContinuationFrame, HeadersFrame
 
 from proxy.diagnosis.faults import Fault
 
-from support import LOOPBACK, OriginConnection, free_port, parse_responses, raw_request
+from support import LOOPBACK, OriginConnection, curl, free_port, parse_responses, raw_request
 
 pytestmark = pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
 
@@ -54,9 +54,19 @@ class H2Client:
         self.outgoing: dict[int, bytes] = {}  # request bodies still to send, by stream
 
     @classmethod
-    async def connect(cls, port: int) -> H2Client:
+    async def connect(cls, port: int, lax: bool = False) -> H2Client:
+        """`lax`: h2 sends what it is given (malformed heads included), as written."""
         reader, writer = await asyncio.open_connection(LOOPBACK, port)
         client = cls(reader, writer)
+        if lax:
+            client.h2 = H2Connection(
+                H2Configuration(
+                    client_side=True,
+                    header_encoding=None,
+                    validate_outbound_headers=False,
+                    normalize_outbound_headers=False,
+                )
+            )
         client.h2.initiate_connection()
         await client.send()
         return client
@@ -122,18 +132,9 @@ class H2Client:
         self.writer.close()
 
 
-async def _curl(*args: str) -> tuple[int, bytes, bytes]:
-    proc = await asyncio.create_subprocess_exec(
-        "curl", "-s", "-S", "--max-time", "10", *args,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    out, err = await proc.communicate()
-    return proc.returncode or 0, out, err
-
-
 async def test_curl_with_prior_knowledge_gets_the_origins_answer_tagged(recording, proxy_factory):
     proxy = await proxy_factory(recording.url)
-    code, out, err = await _curl(
+    code, out, err = await curl(
         "--http2-prior-knowledge", "-i", f"http://{LOOPBACK}:{proxy.port}/hello?x=1"
     )
     assert code == 0, err
@@ -402,17 +403,7 @@ async def test_a_malformed_request_is_a_400_on_its_stream_and_the_connection_goe
     case, recording, proxy_factory
 ):
     proxy = await proxy_factory(recording.url)
-    reader, writer = await asyncio.open_connection(LOOPBACK, proxy.port)
-    client = H2Client(reader, writer)
-    client.h2 = H2Connection(
-        H2Configuration(
-            client_side=True,
-            header_encoding=None,
-            validate_outbound_headers=False,
-            normalize_outbound_headers=False,
-        )
-    )
-    client.h2.initiate_connection()
+    client = await H2Client.connect(proxy.port, lax=True)
     bad = client.request("/bad", headers=tuple(MALFORMED[case]))
     good = client.request("/good")
     await client.send()
@@ -435,17 +426,7 @@ async def test_a_held_upload_holds_its_own_stream_only(proxy_factory):
     shut. Stream B on the same connection is still read and answered at once (here a 400
     the proxy makes itself); pausing the whole connection would hold B until A gave up."""
     proxy = await proxy_factory(f"http://{LOOPBACK}:{free_port()}", upstream_wait="3s")
-    reader, writer = await asyncio.open_connection(LOOPBACK, proxy.port)
-    client = H2Client(reader, writer)
-    client.h2 = H2Connection(
-        H2Configuration(
-            client_side=True,
-            header_encoding=None,
-            validate_outbound_headers=False,
-            normalize_outbound_headers=False,
-        )
-    )
-    client.h2.initiate_connection()
+    client = await H2Client.connect(proxy.port, lax=True)
     held = client.h2.get_next_available_stream_id()
     client.h2.send_headers(
         held,

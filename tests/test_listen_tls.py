@@ -5,7 +5,6 @@ tagged and counted as usual; a half-given pair or an unusable key is one clear l
 
 from __future__ import annotations
 
-import asyncio
 import shutil
 
 import pytest
@@ -15,7 +14,7 @@ from hostile_support import RecordingOrigin
 from proxy.config import ConfigError, load_config
 from proxy.server import ProxyServer, StartupError
 
-from support import LOOPBACK
+from support import LOOPBACK, curl
 
 pytestmark = pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
 
@@ -38,15 +37,6 @@ def certificate(tmp_path):
     return str(cert), str(key), str(bundle)
 
 
-async def _curl(*args: str) -> tuple[int, bytes, bytes]:
-    proc = await asyncio.create_subprocess_exec(
-        "curl", "-s", "-S", "--max-time", "10", *args,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    out, err = await proc.communicate()
-    return proc.returncode or 0, out, err
-
-
 @pytest.mark.parametrize(
     ("flag", "first_line"), [("--http2", b"HTTP/2 200"), ("--http1.1", b"HTTP/1.1 200")]
 )
@@ -55,7 +45,7 @@ async def test_alpn_picks_the_protocol_on_one_tls_port(
 ):
     cert, key, bundle = certificate
     proxy = await proxy_factory(recording.url, **{"tls.cert": cert, "tls.key": key})
-    code, out, err = await _curl(
+    code, out, err = await curl(
         flag, "--cacert", bundle, "-i", f"https://{LOOPBACK}:{proxy.port}/secure"
     )
     assert code == 0, err
