@@ -10,7 +10,15 @@ Rules:
    HTTP/1.1.
 3. A connection error (h2 raised `ProtocolError`) ends the connection with GOAWAY; the
    streams it carried end as the client's (the client broke the protocol).
-4. Draining: GOAWAY with the last stream id at once; streams in flight finish; then close.
+4. Draining (RFC 9113 §6.8): an idle connection gets GOAWAY and closes. A busy one gets
+   GOAWAY with last stream id 2^31-1 and a PING; a round trip later (the PING's ack, or
+   `DRAIN_ROUND_TRIP_NS`) GOAWAY with the real last stream id. Streams up to it finish;
+   a stream above it is refused (RST_STREAM REFUSED_STREAM: never forwarded, no
+   exchange, the client may retry it elsewhere); the connection closes when its streams
+   are done, or is cut by `timeouts.drain` (`cut_by_drain`, the proxy's). These GOAWAYs
+   are hyperframe's frames written after h2's output: h2's own `close_connection` would
+   also stop the streams in flight (its state machine closes on any GOAWAY,
+   python-hyper/h2#1181).
 5. h2 itself bounds a header block (64 CONTINUATION frames; the decoded size, set here to
    `limits.max_request_header_bytes`) and the open streams (`MAX_CONCURRENT_STREAMS`): past
    them it ends the connection with GOAWAY, as for any protocol error.
@@ -33,6 +41,7 @@ from h2.errors import ErrorCodes
 from h2.events import (
     ConnectionTerminated,
     DataReceived,
+    PingAckReceived,
     PingReceived,
     RemoteSettingsChanged,
     RequestReceived,
@@ -42,6 +51,7 @@ from h2.events import (
 )
 from h2.exceptions import H2Error, ProtocolError
 from h2.settings import SettingCodes, Settings
+from hyperframe.frame import GoAwayFrame
 
 from ..diagnosis.faults import RequestProblem
 from ..diagnosis.record import perf_ns
@@ -59,6 +69,9 @@ MAX_CONCURRENT_STREAMS: Final = 100
 FLOOD_WINDOW_NS: Final = 10_000_000_000
 # Per kind and connection within FLOOD_WINDOW_NS; a browser or a gRPC client stays far below.
 FLOOD_BUDGET: Final = {"reset": 200, "ping": 100, "settings": 100}
+MAX_STREAM_ID: Final = 2**31 - 1
+DRAIN_PING: Final = b"draining"  # the PING between the two GOAWAYs of a drain
+DRAIN_ROUND_TRIP_NS: Final = 1_000_000_000  # the second GOAWAY without the PING's ack
 
 
 class H2Shared:
@@ -106,6 +119,8 @@ class H2ClientConnection(asyncio.Protocol):
         self.in_feed = False
         self.closed = False
         self.goaway = False  # no new streams: draining, or the client said GOAWAY
+        self.drain_started_ns = 0  # the drain's first GOAWAY went out (0: not draining)
+        self.last_stream_id = MAX_STREAM_ID  # streams above it are refused (drain)
         self.idle_since_ns = perf_ns()
         self.floods: dict[str, tuple[int, int]] = {}  # kind -> (window start, count)
         self.calmed = False  # the connection was ended for a flood
@@ -177,13 +192,39 @@ class H2ClientConnection(asyncio.Protocol):
                 self.close()
 
     def check_deadline(self, now: int) -> None:
+        drain_started = self.drain_started_ns
+        if drain_started and not self.goaway and now - drain_started > DRAIN_ROUND_TRIP_NS:
+            self._last_goaway()  # the client never acknowledged the drain's PING
         for fw in list(self.streams.values()):
             check_deadline(fw, now)
         if not self.streams and now - self.idle_since_ns > self.ctx.keepalive_ns:
             self._goaway(ErrorCodes.NO_ERROR)
 
     def drain(self) -> None:
-        self._goaway(ErrorCodes.NO_ERROR)
+        if self.goaway or self.drain_started_ns:
+            return
+        if not self.streams and not self.waiting:
+            self._goaway(ErrorCodes.NO_ERROR)  # idle: GOAWAY (the last stream id), close
+            return
+        self._send_goaway(MAX_STREAM_ID)  # streams on their way are still taken
+        self.h2.ping(DRAIN_PING)
+        self.drain_started_ns = perf_ns()
+        self.flush()
+
+    def _last_goaway(self) -> None:
+        """A round trip after the drain's first GOAWAY: the real last stream id."""
+        self.goaway = True
+        self.last_stream_id = self.h2.highest_inbound_stream_id
+        self._send_goaway(self.last_stream_id)
+        if not self.streams and not self.waiting:
+            self.close()
+
+    def _send_goaway(self, last_stream_id: int) -> None:
+        """GOAWAY NO_ERROR after what h2 has queued, h2's state left open (rule 4)."""
+        frame = GoAwayFrame(0, last_stream_id=last_stream_id, error_code=ErrorCodes.NO_ERROR)
+        data = self.h2.data_to_send() + frame.serialize()
+        if not self.closed:
+            self.ctx.outbox.send(self.transport, [data], len(data))
 
     def cut_by_drain(self) -> None:
         for fw in list(self.streams.values()):
@@ -233,6 +274,10 @@ class H2ClientConnection(asyncio.Protocol):
                 with contextlib.suppress(H2Error):  # the stream closed meanwhile
                     self.h2.acknowledge_received_data(size, event.stream_id)
         elif isinstance(event, RequestReceived):
+            if event.stream_id > self.last_stream_id:  # after the drain's last GOAWAY
+                with contextlib.suppress(H2Error):
+                    self.h2.reset_stream(event.stream_id, ErrorCodes.REFUSED_STREAM)
+                return
             self._request(event.stream_id, event.headers, event.stream_ended is not None)
             fw = self.streams.get(event.stream_id)
             if fw is not None:
@@ -253,6 +298,9 @@ class H2ClientConnection(asyncio.Protocol):
                 self._budget("reset")
         elif isinstance(event, PingReceived):
             self._budget("ping")
+        elif isinstance(event, PingAckReceived):
+            if event.ping_data == DRAIN_PING and self.drain_started_ns and not self.goaway:
+                self._last_goaway()
         elif isinstance(event, WindowUpdated):
             self._pump_all()
         elif isinstance(event, RemoteSettingsChanged):
