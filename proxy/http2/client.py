@@ -60,7 +60,7 @@ from ..forward.deadlines import check_deadline
 from ..forward.forwarder import Forwarder
 from .request import read_head
 from .respond import StreamSink
-from .stream import CONNECTION_WINDOW, Stream
+from .stream import CONNECTION_WINDOW, H2ServerConnection, Stream
 
 log: Final = logging.getLogger("faultline")
 
@@ -94,7 +94,7 @@ class H2ClientConnection(asyncio.Protocol):
         config = H2Configuration(
             client_side=False, header_encoding=None, validate_inbound_headers=False
         )
-        self.h2 = H2Connection(config)
+        self.h2: H2Connection = H2ServerConnection(config)
         header_limit = shared.ctx.max_request_header_bytes
         self.h2.local_settings = Settings(
             client=False,
@@ -263,9 +263,15 @@ class H2ClientConnection(asyncio.Protocol):
     def _event(self, event: object, touched: dict[int, Forwarder]) -> None:
         if isinstance(event, DataReceived):
             fw = self.streams.get(event.stream_id)
-            if fw is not None:
-                fw.on_request_body(event.data)
-                touched[event.stream_id] = fw
+            stream = self.clients.get(event.stream_id)
+            if fw is not None and stream is not None:
+                ended = event.stream_ended is not None
+                problem = stream.body_problem(len(event.data), ended)
+                if problem is not None:
+                    self._malformed(event.stream_id, fw, problem, ended)
+                else:
+                    fw.on_request_body(event.data)
+                    touched[event.stream_id] = fw
             size = event.flow_controlled_length
             stream = self.clients.get(event.stream_id)
             if stream is not None:
@@ -284,7 +290,10 @@ class H2ClientConnection(asyncio.Protocol):
                 touched[event.stream_id] = fw
         elif isinstance(event, StreamEnded):
             fw = self.streams.get(event.stream_id)
-            if fw is not None:
+            stream = self.clients.get(event.stream_id)
+            if fw is not None and stream is not None and stream.expected > stream.seen:
+                self._malformed(event.stream_id, fw, stream.body_problem(0, True) or "", True)
+            elif fw is not None:
                 fw.on_request_complete()
                 touched[event.stream_id] = fw
         elif isinstance(event, StreamReset):
@@ -334,9 +343,24 @@ class H2ClientConnection(asyncio.Protocol):
             length = head.content_length
             if limit and length is not None and length > limit:
                 fw.reject = (RequestProblem.BODY_TOO_LARGE, f"content-length {length} over {limit}")
+        if head.content_length is not None:
+            stream.expected = head.content_length
         fw.start()
         if ended:
             fw.on_request_complete()
+
+    def _malformed(self, stream_id: int, fw: Forwarder, detail: str, ended: bool) -> None:
+        """A stream error (RFC 9113 §8.1.1): a 400 on the stream if its response has not
+        started, else RST_STREAM PROTOCOL_ERROR; the rest of its request is never
+        forwarded, and the connection serves its other streams."""
+        reset = fw.response_started or not ended  # the client would go on sending
+        if fw.response_started:
+            with contextlib.suppress(H2Error):
+                self.h2.reset_stream(stream_id, ErrorCodes.PROTOCOL_ERROR)
+        fw.on_request_error(RequestProblem.MALFORMED, detail)
+        if reset and stream_id not in self.waiting:  # the 400 is out: no more of the body
+            with contextlib.suppress(H2Error):
+                self.h2.reset_stream(stream_id, ErrorCodes.PROTOCOL_ERROR)
 
     def _budget(self, kind: str) -> None:
         """Count one unasked-for frame; over its budget, the connection ends."""

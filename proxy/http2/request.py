@@ -154,6 +154,8 @@ def read_head(
         return head, "invalid :path (RFC 9113 §8.3.1)"
     if not ended and head.content_length is None:
         head.chunked = True  # the length is known only when the stream ends
+    if ended and head.content_length:
+        return head, f"no DATA for content-length {head.content_length} (RFC 9113 §8.1.1)"
     head.loop_marker = head.via is not None and instance_id in head.via
     head.grpc = is_grpc(head.content_type)
     return head, None

@@ -2,9 +2,13 @@
 paused by holding back its WINDOW_UPDATE, so an upload that the origin cannot take holds
 its own stream only, never the connection's other streams.
 
-Rule: the client may send a stream at most its window (64 KiB) beyond what the core took;
-the connection's window is set far above the sum of those, so paused streams never starve
-the others.
+Rules:
+1. The client may send a stream at most its window (64 KiB) beyond what the core took;
+   the connection's window is set far above the sum of those, so paused streams never
+   starve the others.
+2. A request body that disagrees with its content-length (RFC 9113 §8.1.1) is a stream
+   error, judged here (`Stream.body_problem`): h2 would make it a connection error and
+   end every stream of the connection, so its own check is off (`H2ServerConnection`).
 """
 
 from __future__ import annotations
@@ -12,8 +16,9 @@ from __future__ import annotations
 import contextlib
 from typing import TYPE_CHECKING, Final, Protocol
 
-from h2.connection import H2Connection
+from h2.connection import AllowedStreamIDs, H2Connection
 from h2.exceptions import H2Error
+from h2.stream import H2Stream
 
 if TYPE_CHECKING:
     from ..forward.forwarder import Forwarder
@@ -21,6 +26,20 @@ if TYPE_CHECKING:
 # The connection's receive window (the streams' stays at the default 65,535): 100 paused
 # streams hold at most 6.4 MiB of it.
 CONNECTION_WINDOW: Final = 16 * 1024 * 1024
+
+
+def _unchecked(length: int, end_stream: bool) -> None:
+    """In place of h2's content-length check of a stream (rule 2)."""
+
+
+class H2ServerConnection(H2Connection):
+    """h2's connection, whose streams leave the content-length check to the codec (rule 2;
+    h2 offers no setting for it, so each new stream's check is replaced)."""
+
+    def _begin_new_stream(self, stream_id: int, allowed_ids: AllowedStreamIDs) -> H2Stream:
+        stream = super()._begin_new_stream(stream_id, allowed_ids)
+        stream._track_content_length = _unchecked  # type: ignore[method-assign]
+        return stream
 
 
 class Connection(Protocol):
@@ -45,7 +64,9 @@ class Stream:
         "client_ip",
         "client_ip_b",
         "conn",
+        "expected",
         "read_pauses",
+        "seen",
         "stream_id",
         "trusted",
         "unacked",
@@ -59,6 +80,21 @@ class Stream:
         self.trusted = conn.trusted
         self.read_pauses = 0
         self.unacked = 0  # request bytes taken while paused, their WINDOW_UPDATE held back
+        self.expected = -1  # the request's content-length (-1: none)
+        self.seen = 0  # request body bytes received
+
+    def body_problem(self, size: int, ended: bool) -> str | None:
+        """`size` more body bytes came (`ended`: and the stream ended): why they disagree
+        with the content-length (RFC 9113 §8.1.1), or None."""
+        self.seen += size
+        expected = self.expected
+        if expected < 0:
+            return None
+        if self.seen > expected:
+            return f"DATA past content-length {expected} (RFC 9113 §8.1.1)"
+        if ended and self.seen < expected:
+            return f"DATA ended at {self.seen} of content-length {expected} (RFC 9113 §8.1.1)"
+        return None
 
     @property
     def write_paused(self) -> bool:
