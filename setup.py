@@ -39,6 +39,7 @@ COMPILED = [
     "proxy/http1/respond.py",
     "proxy/http2/client.py",
     "proxy/http2/origin.py",
+    "proxy/http2/origin_stream.py",
     "proxy/http2/request.py",
     "proxy/http2/respond.py",
     "proxy/http2/stream.py",

@@ -53,11 +53,14 @@ class UpgradeBroken(UpstreamError):
 
 class StreamReset(ConnectionResetError):
     """An HTTP/2 peer reset the exchange's stream (RST_STREAM) or ended the connection
-    under it (GOAWAY): `reason` names the frame and its error code."""
+    under it (GOAWAY): `reason` names the frame and its error code. `unprocessed`: the peer
+    says it never processed the request (REFUSED_STREAM, or a stream above a GOAWAY's last
+    stream id), so it may be sent again whatever its method (RFC 9113 §8.7)."""
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, unprocessed: bool = False) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.unprocessed = unprocessed
 
 
 class NameNotResolved(UpstreamError):
@@ -163,6 +166,13 @@ def _classify_connect(error: BaseException | None) -> tuple[Fault, str]:
         return Fault.CONNECTION_TIMEOUT, "TCP connect timed out (ETIMEDOUT)"
     if isinstance(error, ConnectionRefusedError):
         return Fault.CONNECTION_REFUSED, "connection refused (ECONNREFUSED)"
+    # Connected, but the connection never became usable (HTTP/2: no SETTINGS came).
+    if isinstance(error, UpstreamProtocolError):
+        return Fault.HTTP_PROTOCOL_ERROR, str(error)
+    if isinstance(error, ConnectionResetError):
+        return Fault.CONNECTION_TERMINATED, _describe(
+            error, "upstream closed the connection before it was ready"
+        )
     return Fault.CONNECTION_REFUSED, f"connect failed ({_errno_name(error or OSError())})"
 
 

@@ -144,7 +144,9 @@ class ResponseSink:
 
 
 class OriginConnection(Protocol):
-    """One connection to the origin, serving one exchange at a time (`UpstreamPool`)."""
+    """The origin side of one exchange: an HTTP/1.1 connection, serving one exchange at a
+    time (`UpstreamPool` keeps it for the next), or one stream of a `SharedConnection`
+    (`closed` once its exchange is over: never kept)."""
 
     transport: Any  # the pool opens it (TCP, then TLS); only the codec writes to it
     closed: bool
@@ -162,5 +164,21 @@ class OriginConnection(Protocol):
     def send_raw(self, chunks: list[bytes]) -> None: ...  # tunnel bytes, untouched
     def pause_reading(self) -> None: ...
     def resume_reading(self) -> None: ...
+    def close(self) -> None: ...
+    def abort(self) -> None: ...
+
+
+class SharedConnection(Protocol):
+    """A connection to the origin that carries several exchanges at once (HTTP/2): the pool
+    opens a stream on it per exchange, and that stream is the exchange's
+    `OriginConnection`. A codec whose factory has `multiplexed = True` makes these."""
+
+    transport: Any
+    closed: bool
+    idle_since_ns: int  # when its last stream was let go
+    active: int  # streams handed out and not yet let go
+
+    def ready(self) -> Any: ...  # an awaitable: the peer's settings came, streams may open
+    def open_stream(self) -> OriginConnection | None: ...  # None: full, or going away
     def close(self) -> None: ...
     def abort(self) -> None: ...

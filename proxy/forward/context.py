@@ -54,6 +54,7 @@ class ForwardContext:
         # The upstream can carry trailers, which a gRPC call's status travels in: HTTP/2
         # (h2c://; ALPN h2 on https:// is still to come).
         self.upstream_trailers = config.upstream_scheme == "h2c"
+        self.upstream_multiplexed = config.upstream_scheme == "h2c"
         self.proxy_name = config.proxy_name
         limits, timeouts = config.limits, config.timeouts
         self.max_in_flight = limits.max_in_flight

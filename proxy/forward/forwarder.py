@@ -11,8 +11,10 @@ Rules:
    has been sent, and abort the client connection (a reset) once the response has
    started, so a cut body can never look complete.
 3. `finish` runs exactly once per exchange and hands the record to the sink it was given.
-4. A request is replayed at most once, only when a reused connection failed before any
-   response byte, the method is idempotent and the whole body is still in hand.
+4. A request is replayed at most once, only when the whole body is still in hand, no
+   response byte came, and either the origin said it never processed it (an HTTP/2
+   REFUSED_STREAM or GOAWAY: any method) or a reused connection failed under an
+   idempotent one.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from urllib.parse import unquote
 
 from ..base.text import duration_text
 from ..diagnosis import grpc
-from ..diagnosis.classify import classify
+from ..diagnosis.classify import StreamReset, classify
 from ..diagnosis.faults import STALE_CONNECTION_FAULTS, Fault, RequestProblem
 from ..diagnosis.hops import BODY_SAMPLE_BYTES, REQUEST_SAMPLE_BYTES, Evidence
 from ..diagnosis.record import AWAIT_HEAD, BODY, SEND, Phase, perf_ns
@@ -322,12 +324,14 @@ class Forwarder(ExchangeState):
             upgrade=head is not None and head.upgrade is not None,
         )
         if (
-            fault in STALE_CONNECTION_FAULTS
-            and self.reused
-            and not self.retried
+            not self.retried
             and not self.response_started
             and self.replay is not None
             and self.request_complete
+            and (
+                (isinstance(error, StreamReset) and error.unprocessed)
+                or (fault in STALE_CONNECTION_FAULTS and self.reused and self.idempotent)
+            )
         ):
             self._retry()
             return

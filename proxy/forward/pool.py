@@ -5,7 +5,10 @@ Rules:
    until the connection is lost (or the connect fails); the pool never exceeds
    `max_connections`.
 2. The pool knows no protocol: it makes connections with the origin codec's factory and
-   sees them as `OriginConnection`s.
+   sees them as `OriginConnection`s, or, when the factory is `multiplexed`, as
+   `SharedConnection`s it opens a stream on per exchange (HTTP/2): it connects only when
+   no connection has a free stream and none is being connected, and an exchange that waits
+   gets the next stream that frees.
 3. What the resolver and the TLS library report in their own types becomes a neutral
    failure here (`NameNotResolved`, `HandshakeFailed`), so `classify` knows neither.
 """
@@ -24,11 +27,13 @@ from typing import Any, Final, Protocol
 from ..config import Config
 from ..diagnosis.classify import HandshakeFailed, NameNotResolved
 from ..diagnosis.record import Phase, perf_ns
-from .codec import OriginConnection
+from .codec import OriginConnection, SharedConnection
 
 # Connect failures that mean "nothing is listening yet" (a dev server restarting).
 _NOT_LISTENING: Final = (ConnectionRefusedError,)
 _RETRY_WAIT_S: Final = 0.1
+# Exchanges that wait for one multiplexed connection being connected before another opens.
+_STREAMS_PER_CONNECT: Final = 100
 
 # getaddrinfo errors -> DNS rcode names (RFC 9209 dns_error carries `rcode`).
 _GAI_RCODE: Final = {
@@ -109,13 +114,18 @@ class UpstreamPool:
             self.host_is_ip = False
         self.idle: list[OriginConnection] = []
         self.open = 0  # connecting + idle + busy
-        self.busy = 0
+        self.busy = 0  # exchanges holding a connection (or a stream)
+        self.connecting = 0
         self.waiters: deque[Waiter] = deque()
+        self.multiplexed = bool(getattr(factory, "multiplexed", False))
+        self.shared: list[SharedConnection] = []  # multiplexed connections, oldest first
 
     # -- acquiring and releasing ------------------------------------------------------------
 
     def acquire(self, forwarder: Waiter, fresh: bool = False) -> OriginConnection | None:
         """A ready idle connection, or None when one is being connected or waited for."""
+        if self.multiplexed:
+            return self._open_stream(forwarder)
         if not fresh:
             idle = self.idle
             while idle:
@@ -148,18 +158,51 @@ class UpstreamPool:
         else:
             conn.close()
 
+    def _open_stream(self, forwarder: Waiter) -> OriginConnection | None:
+        for shared in self.shared:
+            stream = shared.open_stream()
+            if stream is not None:
+                self.busy += 1
+                return stream
+        queued = len(self.waiters)
+        if self.open < self.max_connections and (
+            not self.connecting or queued >= self.connecting * _STREAMS_PER_CONNECT
+        ):
+            self._start_connect(forwarder)
+        else:
+            forwarder.phase = Phase.POOL_WAIT
+            forwarder.t_pool = perf_ns()
+            self.waiters.append(forwarder)
+        return None
+
+    def offer(self, shared: SharedConnection) -> None:
+        """`shared` may have free streams (one was let go, or its limit grew): waiting
+        exchanges take them."""
+        while self.waiters and not shared.closed:
+            waiter = self._next_waiter()
+            if waiter is None:
+                return
+            stream = shared.open_stream()
+            if stream is None:
+                self.waiters.appendleft(waiter)
+                return
+            self.busy += 1
+            waiter.on_upstream_connected(stream, reused=True)
+
     def forget_waiter(self, forwarder: object) -> None:
         """`forwarder` no longer waits for a slot (it gave up)."""
         with contextlib.suppress(ValueError):
             self.waiters.remove(forwarder)  # type: ignore[arg-type]
 
-    def on_closed(self, conn: OriginConnection, busy: bool) -> None:
+    def on_closed(self, conn: OriginConnection | SharedConnection, busy: bool) -> None:
         """`connection_lost` of a connection: its slot (and busy mark) is freed here."""
         self.open -= 1
         if busy:
             self.busy -= 1
         with contextlib.suppress(ValueError):
-            self.idle.remove(conn)
+            self.idle.remove(conn)  # type: ignore[arg-type]
+        with contextlib.suppress(ValueError):
+            self.shared.remove(conn)  # type: ignore[arg-type]
         waiter = self._next_waiter()
         if waiter is not None:
             self._start_connect(waiter)
@@ -170,15 +213,22 @@ class UpstreamPool:
         for conn in [c for c in self.idle if c.idle_since_ns < limit]:
             self.idle.remove(conn)
             conn.close()
+        for shared in [c for c in self.shared if not c.active and c.idle_since_ns < limit]:
+            shared.close()  # its connection_lost takes it off the list
 
     def counts(self) -> tuple[int, int]:
-        """Idle (kept for reuse) and busy (serving an exchange) connections."""
-        return sum(1 for conn in self.idle if not conn.closed), self.busy
+        """Idle (kept for reuse) connections, and busy ones (exchanges holding one: streams,
+        for a multiplexed connection)."""
+        idle = sum(1 for conn in self.idle if not conn.closed)
+        idle += sum(1 for shared in self.shared if not shared.active and not shared.closed)
+        return idle, self.busy
 
     def close_idle(self) -> None:
         idle, self.idle = self.idle, []
         for conn in idle:
             conn.close()
+        for shared in [c for c in self.shared if not c.active]:
+            shared.close()
 
     def _next_waiter(self) -> Waiter | None:
         while self.waiters:
@@ -193,12 +243,15 @@ class UpstreamPool:
         # The slot taken here belongs to the attempt until TCP connects, then to the
         # connection (released by its connection_lost).
         self.open += 1
+        self.connecting += 1
         forwarder.connect_task = self.loop.create_task(self._connect(forwarder))
 
     async def _connect(self, forwarder: Waiter) -> None:
         attempt = _Attempt()
         try:
             conn = await self._open(forwarder, attempt)
+            if self.multiplexed:
+                await conn.ready()  # type: ignore[attr-defined]
         except asyncio.CancelledError:
             # The exchange gave up (deadline or client gone) and has already reported it.
             self._give_up(attempt)
@@ -209,10 +262,25 @@ class UpstreamPool:
             forwarder.on_upstream_failed(exc)
             return
         forwarder.connect_task = None
+        self.connecting -= 1
+        if self.multiplexed:
+            shared: SharedConnection = conn  # type: ignore[assignment]
+            self.shared.append(shared)
+            stream = shared.open_stream()
+            if stream is None:  # full (or going away) already: first in line for a stream
+                forwarder.phase = Phase.POOL_WAIT
+                forwarder.t_pool = perf_ns()
+                self.waiters.appendleft(forwarder)
+                return
+            self.busy += 1
+            forwarder.on_upstream_connected(stream, reused=False)
+            self.offer(shared)
+            return
         self.busy += 1
         forwarder.on_upstream_connected(conn, reused=False)
 
     def _give_up(self, attempt: _Attempt) -> None:
+        self.connecting -= 1
         if attempt.conn is not None:
             attempt.conn.abort()  # its connection_lost frees the slot
             return

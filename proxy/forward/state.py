@@ -41,6 +41,7 @@ class ExchangeState(Exchange):
         "evidence",
         "head",
         "held",
+        "idempotent",
         "may_wait",
         "pending",
         "pending_bytes",
@@ -76,7 +77,8 @@ class ExchangeState(Exchange):
         self.request_complete = False
         self.request_id_line = b""  # the request id as a field line, for both codecs
         self.close_after = True
-        self.replay: list[bytes] | None = None  # an idempotent request's body, for one replay
+        self.replay: list[bytes] | None = None  # the request body, for one replay
+        self.idempotent = False
         self.may_wait = False
         self.pending: list[bytes] | None = None  # request body held until the upstream is ready
         self.pending_bytes = 0
@@ -97,8 +99,11 @@ class ExchangeState(Exchange):
         self.head = head
         self.close_after = not head.keep_alive
         if head.method in IDEMPOTENT:
+            self.idempotent = True
             self.replay = []
             self.may_wait = self.ctx.upstream_wait
+        elif self.ctx.upstream_multiplexed:
+            self.replay = []  # an HTTP/2 origin may refuse the stream unprocessed
         content_type = head.content_type
         if (
             content_type is not None

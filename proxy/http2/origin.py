@@ -1,17 +1,21 @@
-"""The origin side of the HTTP/2 codec: an `h2c://` upstream (HTTP/2 with prior knowledge),
-one exchange at a time per connection (an `OriginConnection` of `proxy.forward.codec`; the
-pool keeps several). Multiplexing many exchanges on one connection is still to come.
+"""The origin side of the HTTP/2 codec: an `h2c://` upstream (HTTP/2 with prior knowledge).
+One connection carries many exchanges at once, each on its own stream
+(`proxy.http2.origin_stream`); the pool opens streams on it as httpcore's does
+(`SharedConnection` of `proxy.forward.codec`).
 
 Rules:
-1. The request goes out as HEADERS (the head's HTTP/1.1-style lines as fields, pseudo-fields
-   first) and DATA within the origin's window; a request with a known length (or none) is
-   ended here, one of unknown length by the core (`send_end`).
+1. A connection is ready once the origin's SETTINGS came (the pool waits for them while
+   connecting): its SETTINGS_MAX_CONCURRENT_STREAMS bounds the streams opened on it from the
+   first request on.
 2. The response head reaches the client codec as an `OriginHead` (`proxy.forward.heads`):
    the head in HTTP/1.1 form (`raw`, `prefix`), for an HTTP/1.1 client and for the
-   diagnosis, with the proxy's Proxy-Status and Via added.
-3. Trailers (gRPC's status) go to the core (`on_response_trailers`).
-4. RST_STREAM and GOAWAY from the origin are failures of the exchange, classified by the
-   phase they came in like any reset.
+   diagnosis, with the proxy's Proxy-Status and Via added. Trailers (gRPC's status) go to
+   the core (`on_response_trailers`).
+3. A GOAWAY: no new stream opens on the connection. Streams above its last stream id were
+   never processed (their failure says so, and the core may send them again); with
+   NO_ERROR the others finish (`GracefulH2Connection`), with an error code they fail.
+   The connection closes once its last stream is done.
+4. RST_STREAM fails its stream only, classified by the phase it came in like any reset.
 """
 
 from __future__ import annotations
@@ -21,11 +25,11 @@ import contextlib
 from typing import Any, Final
 
 from h2.config import H2Configuration
-from h2.connection import ConnectionState, H2Connection
 from h2.errors import ErrorCodes
 from h2.events import (
     ConnectionTerminated,
     DataReceived,
+    RemoteSettingsChanged,
     ResponseReceived,
     StreamEnded,
     StreamReset,
@@ -38,21 +42,29 @@ from .. import replies
 from ..base.text import http_date
 from ..diagnosis.classify import StreamReset as ResetByPeer
 from ..diagnosis.classify import UpstreamProtocolError
+from ..diagnosis.record import perf_ns
 from ..forward.codec import RequestHead
 from ..forward.fields import proxy_status_received
 from ..forward.forwarder import Forwarder
 from ..forward.heads import OriginHead, ResponseFields
 from ..forward.outbox import Outbox
 from ..forward.pool import UpstreamPool
+from .graceful import GracefulH2Connection
+from .origin_stream import H2OriginStream, code_name
+from .stream import CONNECTION_WINDOW
 
 _CONNECTION_SPECIFIC: Final = frozenset(
     {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade", b"te"}
 )
 _OWN_RESPONSE: Final = frozenset({b"proxy-status", b"via"})
+# Streams on one connection when the origin sets no lower limit (it may say "unlimited").
+MAX_STREAMS: Final = 1000
 
 
 class H2OriginSide:
     """What every HTTP/2 origin connection shares; called with the pool, it makes one."""
+
+    multiplexed = True  # the pool opens streams on its connections (`SharedConnection`)
 
     def __init__(
         self, outbox: Outbox, proxy_name: str, authority: str, proxy_status: bool, instance: str
@@ -67,51 +79,14 @@ class H2OriginSide:
     def __call__(self, pool: UpstreamPool) -> H2OriginConnection:
         return H2OriginConnection(pool, self)
 
-
-class H2OriginConnection(asyncio.Protocol):
-    """One HTTP/2 connection to the origin, one stream (exchange) at a time."""
-
-    def __init__(self, pool: UpstreamPool, side: H2OriginSide) -> None:
-        self.pool = pool
-        self.side = side
-        self.h2 = H2Connection(H2Configuration(client_side=True, header_encoding=None))
-        self.transport: Any = None
-        self.handler: Forwarder | None = None
-        self.closed = False
-        self.idle_since_ns = 0
-        self.bytes_seen = False
-        self.close_delimited = False
-        self.stream_id = 0
-        self.remaining: int | None = None  # request bytes still due (known length)
-        self.chunks: list[bytes] = []  # request DATA waiting for the origin's window
-        self.ending = False  # END_STREAM is due after the chunks
-        self.done = True  # the current response ended (the connection may be reused)
-
-    # -- life cycle ----------------------------------------------------------------------
-
-    def connection_made(self, transport: Any) -> None:
-        self.transport = transport
-        self.h2.initiate_connection()
-        self.flush()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        handler = self.handler
-        self.handler = None
-        self.pool.on_closed(self, busy=handler is not None)
-        if handler is not None and not self.done:
-            handler.on_upstream_failed(exc)
-
-    def begin(self, handler: Forwarder, head: RequestHead) -> None:
-        self.handler = handler
-        self.bytes_seen = False
-        self.done = False
-        self.chunks = []
-        self.stream_id = self.h2.get_next_available_stream_id()
+    def request_fields(
+        self, head: RequestHead, handler: Forwarder, host: str
+    ) -> list[tuple[bytes, bytes]]:
+        """The request's HEADERS: pseudo-fields first, then the end-to-end fields."""
         fields = [
             (b":method", head.method),
             (b":scheme", b"http"),
-            (b":authority", head.host or self.pool.host.encode()),
+            (b":authority", head.host or host.encode()),
             (b":path", head.target),
         ]
         for line in head.lines:
@@ -129,43 +104,99 @@ class H2OriginConnection(asyncio.Protocol):
             fields.append((b"content-length", b"%d" % head.content_length))
         if head.grpc:
             fields.append((b"te", b"trailers"))  # gRPC servers require it (PROTOCOL-HTTP2.md)
-        via = self.side.via_request
+        via = self.via_request
         fields.append((b"via", head.via + b", " + via if head.via else via))
-        bodiless = not head.chunked and not head.content_length
-        self.remaining = None if head.chunked else (head.content_length or 0)
-        self.ending = False
-        self.h2.send_headers(self.stream_id, fields, end_stream=bodiless)
+        return fields
 
-    def send_data(self, data: bytes) -> None:
-        self.chunks.append(data)
-        if self.remaining is not None:
-            self.remaining -= len(data)
-            if self.remaining <= 0:
-                self.ending = True
-        self._pump()
+    def head(self, headers: list[tuple[bytes, bytes]]) -> OriginHead:
+        """The response head in HTTP/1.1 form, with Proxy-Status and Via added."""
+        status = _pseudo(headers, b":status") or b"502"
+        kept = [(n, v) for n, v in headers if n[:1] != b":" and n not in _OWN_RESPONSE]
+        upstream_ps = [v for n, v in headers if n == b"proxy-status"]
+        via = [v for n, v in headers if n == b"via"]
+        lines = [n + b": " + v + b"\r\n" for n, v in kept]
+        phrase = replies.reason(int(status)).encode() if status.isdigit() else b""
+        raw = b"HTTP/1.1 " + status + b" " + phrase + b"\r\n" + b"".join(lines)
+        member = self.ps_prefix + status + self.ps_suffix
+        extra = []
+        if self.proxy_status:
+            extra.append(b"Proxy-Status: " + b", ".join([*upstream_ps, member]) + b"\r\n")
+        extra.append(b"Via: " + b", ".join([*via, self.via]) + b"\r\n")
+        if not any(n == b"date" for n, _ in kept):
+            extra.append(b"Date: " + http_date() + b"\r\n")
+        prefix = raw + b"".join(extra)
+        length = any(n == b"content-length" for n, _ in kept)
+        return OriginHead(raw, prefix, ResponseFields(content_length=length))
 
-    def send_end(self) -> None:
-        self.ending = True
-        self._pump()
+
+class H2OriginConnection(asyncio.Protocol):
+    """One HTTP/2 connection to the origin, carrying up to its peer's limit of streams."""
+
+    def __init__(self, pool: UpstreamPool, side: H2OriginSide) -> None:
+        self.pool = pool
+        self.side = side
+        self.h2 = GracefulH2Connection(H2Configuration(client_side=True, header_encoding=None))
+        self.transport: Any = None
+        self.closed = False
+        self.idle_since_ns = 0
+        self.streams: dict[int, H2OriginStream] = {}  # by id, once their HEADERS went out
+        self.active = 0  # streams handed out and not yet let go
+        self.going_away = False  # a GOAWAY came (or the proxy is closing it)
+        self.settings: asyncio.Future[None] | None = None
+
+    # -- life cycle ----------------------------------------------------------------------
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        self.settings = self.pool.loop.create_future()
+        self.h2.initiate_connection()
+        # Streams' windows stay at the default; the connection's is far above their sum.
+        self.h2.increment_flow_control_window(CONNECTION_WINDOW - 65535)
+        self.flush()
+
+    def ready(self) -> asyncio.Future[None]:
+        """Done when the origin's SETTINGS came: the connection may carry streams."""
+        assert self.settings is not None
+        return self.settings
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._settle(exc or ConnectionResetError("the origin closed the connection"))
+        self.pool.on_closed(self, busy=False)  # its streams are let go one by one
+        for stream in list(self.streams.values()):
+            stream.fail(exc)
+
+    def open_stream(self) -> H2OriginStream | None:
+        """A stream for one exchange, or None when the connection is full or going away."""
+        if self.closed or self.going_away:
+            return None
+        limit = min(self.h2.remote_settings.max_concurrent_streams, MAX_STREAMS)
+        if self.active >= limit:
+            return None
+        self.active += 1
+        return H2OriginStream(self)
+
+    def stream_released(self) -> None:
+        """A stream was let go: its slot is free for a waiting exchange."""
+        self.active -= 1
+        if self.active:
+            pass
+        elif self.going_away:
+            self.close()
+            return
+        else:
+            self.idle_since_ns = perf_ns()
+        if not self.closed:
+            self.pool.offer(self)
 
     def flush(self) -> None:
         data = self.h2.data_to_send()
         if data and not self.closed:
             self.side.outbox.send(self.transport, [data], len(data))
 
-    def send_raw(self, chunks: list[bytes]) -> None:
-        raise UpstreamProtocolError("no tunnel over an HTTP/2 upstream")
-
-    def pause_reading(self) -> None:
-        if self.transport is not None:
-            self.transport.pause_reading()
-
-    def resume_reading(self) -> None:
-        if self.transport is not None:
-            self.transport.resume_reading()
-
     def close(self) -> None:
         if self.transport is not None and not self.closed:
+            self.going_away = True
             with contextlib.suppress(H2Error):
                 self.h2.close_connection()
             self.flush()
@@ -176,109 +207,114 @@ class H2OriginConnection(asyncio.Protocol):
         if self.transport is not None and not self.closed:
             self.transport.abort()
 
-    def _pump(self) -> None:
-        h2 = self.h2
-        sid = self.stream_id
-        chunks = self.chunks
-        with contextlib.suppress(H2Error):
-            while chunks:
-                window = min(h2.local_flow_control_window(sid), h2.max_outbound_frame_size)
-                if window <= 0:
-                    break
-                chunk = chunks[0]
-                if len(chunk) > window:
-                    chunks[0], chunk = chunk[window:], chunk[:window]
-                else:
-                    chunks.pop(0)
-                h2.send_data(sid, chunk)
-            if self.ending and not chunks:
-                self.ending = False
-                h2.end_stream(sid)
+    def _settle(self, error: BaseException | None) -> None:
+        settings = self.settings
+        if settings is not None and not settings.done():
+            if error is None:
+                settings.set_result(None)
+            else:
+                settings.set_exception(error)
 
     # -- bytes in --------------------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
-        handler = self.handler
+        settings = self.settings
+        if data[:5] == b"HTTP/" and settings is not None and not settings.done():
+            # h2 would wait for the rest of a "frame" megabytes long.
+            self._settle(
+                UpstreamProtocolError(
+                    "the upstream answered in HTTP/1.x: it does not speak HTTP/2 with prior "
+                    "knowledge (h2c://); use http:// for it"
+                )
+            )
+            self.abort()
+            return
         try:
             events = self.h2.receive_data(data)
         except ProtocolError as exc:
             self.flush()
-            if handler is not None and not self.done:
-                if self.h2.state_machine.state is ConnectionState.CLOSED:
-                    # A GOAWAY came first in this read (h2 refuses what follows it): the
-                    # origin went away, it did not break the protocol.
-                    handler.on_upstream_failed(ResetByPeer("GOAWAY"))
-                else:
-                    handler.on_upstream_failed(UpstreamProtocolError(f"HTTP/2: {exc}"))
+            goaway = self.h2.goaway
+            if goaway is not None:
+                # A GOAWAY came first in this read (h2 refuses what follows an error
+                # GOAWAY): the origin went away, it did not break the protocol.
+                self._goaway(goaway, cut=True)
+            else:
+                error = UpstreamProtocolError(f"HTTP/2: {exc}")
+                self._settle(error)
+                for each in list(self.streams.values()):
+                    each.fail(error)
             self.abort()
             return
-        try:
-            for event in events:
-                self._event(event)
-        except Exception as exc:  # a defect: never let it kill the transport silently
-            if handler is not None:
-                handler.on_internal_error(exc)
+        touched: list[H2OriginStream] = []
+        for event in events:
+            stream = self.streams.get(getattr(event, "stream_id", 0) or 0)
+            try:
+                self._event(event, stream)
+            except Exception as exc:  # a defect: never let it kill the transport silently
+                handler = stream.handler if stream is not None else None
+                if handler is not None:
+                    handler.on_internal_error(exc)
+            if stream is not None and stream not in touched:
+                touched.append(stream)
         self.flush()
-        handler = self.handler
-        if handler is not None and not self.done:
-            handler.flush()
+        for stream in touched:
+            handler = stream.handler
+            if handler is not None and not stream.done:
+                handler.flush()
 
-    def _event(self, event: object) -> None:
-        handler = self.handler
-        if isinstance(event, WindowUpdated):
-            self._pump()
-            return
-        if isinstance(event, ConnectionTerminated):
-            if handler is not None and not self.done:
-                name = _code_name(event.error_code)
-                handler.on_upstream_failed(ResetByPeer(f"GOAWAY {name}"))
+    def _event(self, event: object, stream: H2OriginStream | None) -> None:
+        if isinstance(event, DataReceived):
+            if stream is not None:
+                stream.on_data(event.data or b"", event.flow_controlled_length or 0)
+            else:
+                with contextlib.suppress(H2Error):
+                    self.h2.acknowledge_received_data(
+                        event.flow_controlled_length or 0, event.stream_id or 0
+                    )
+        elif stream is not None:
+            if isinstance(event, ResponseReceived):
+                headers = list(event.headers or ())
+                status = int(_pseudo(headers, b":status") or b"0")
+                stream.on_head(status, headers, event.stream_ended is not None)
+            elif isinstance(event, TrailersReceived):
+                stream.on_trailers(list(event.headers or ()))
+            elif isinstance(event, StreamEnded):
+                stream.on_end()
+            elif isinstance(event, StreamReset):
+                stream.on_reset(event.error_code)
+            elif isinstance(event, WindowUpdated):
+                stream.pump()
+        elif isinstance(event, WindowUpdated):  # the connection's window
+            for each in list(self.streams.values()):
+                each.pump()
+        elif isinstance(event, RemoteSettingsChanged):
+            settings = self.settings
+            if settings is not None and not settings.done():
+                settings.set_result(None)  # the pool's connect goes on from here
+            else:
+                self.pool.offer(self)  # the stream limit may have grown
+        elif isinstance(event, ConnectionTerminated):
+            self._goaway(event)
+
+    def _goaway(self, event: ConnectionTerminated, cut: bool = False) -> None:
+        """No stream opens here any more; those the origin did not process fail as such,
+        and the others too unless the GOAWAY is graceful (`cut`: the connection is lost)."""
+        self.going_away = True
+        code = event.error_code
+        last = event.last_stream_id or 0
+        name = code_name(code)
+        self._settle(ResetByPeer(f"GOAWAY {name} before the connection was ready"))
+        graceful = code == ErrorCodes.NO_ERROR and not cut
+        for sid, stream in list(self.streams.items()):
+            if sid > last:
+                why = f"GOAWAY {name}: the origin did not process it (last stream {last})"
+                stream.fail(ResetByPeer(why, unprocessed=True))
+            elif not graceful:
+                stream.fail(ResetByPeer(f"GOAWAY {name}"))
+        if not graceful:
             self.abort()
-            return
-        if handler is None or getattr(event, "stream_id", None) != self.stream_id:
-            return
-        if not isinstance(event, StreamReset):
-            self.bytes_seen = True
-        if isinstance(event, ResponseReceived):
-            head = self._head(event.headers)
-            status = int(_pseudo(event.headers, b":status") or b"0")
-            if status < 200:
-                return  # 1xx: the final response follows
-            handler.on_response_head(status, head)
-            if event.stream_ended is not None:  # trailers-only (a gRPC error, typically)
-                handler.note_trailers(list(event.headers))
-        elif isinstance(event, DataReceived):
-            with contextlib.suppress(H2Error):
-                self.h2.acknowledge_received_data(event.flow_controlled_length, self.stream_id)
-            handler.on_response_data(event.data)
-        elif isinstance(event, TrailersReceived):
-            handler.on_response_trailers(list(event.headers))
-        elif isinstance(event, StreamEnded):
-            self.done = True
-            handler.on_response_end(True)
-        elif isinstance(event, StreamReset):
-            self.done = True
-            name = _code_name(event.error_code)
-            handler.on_upstream_failed(ResetByPeer(f"RST_STREAM {name}"))
-
-    def _head(self, headers: list[tuple[bytes, bytes]]) -> OriginHead:
-        side = self.side
-        status = _pseudo(headers, b":status") or b"502"
-        kept = [(n, v) for n, v in headers if n[:1] != b":" and n not in _OWN_RESPONSE]
-        upstream_ps = [v for n, v in headers if n == b"proxy-status"]
-        via = [v for n, v in headers if n == b"via"]
-        lines = [n + b": " + v + b"\r\n" for n, v in kept]
-        phrase = replies.reason(int(status)).encode() if status.isdigit() else b""
-        raw = b"HTTP/1.1 " + status + b" " + phrase + b"\r\n" + b"".join(lines)
-        member = side.ps_prefix + status + side.ps_suffix
-        extra = []
-        if side.proxy_status:
-            extra.append(b"Proxy-Status: " + b", ".join([*upstream_ps, member]) + b"\r\n")
-        extra.append(b"Via: " + b", ".join([*via, side.via]) + b"\r\n")
-        if not any(n == b"date" for n, _ in kept):
-            extra.append(b"Date: " + http_date() + b"\r\n")
-        prefix = raw + b"".join(extra)
-        length = any(n == b"content-length" for n, _ in kept)
-        return OriginHead(raw, prefix, ResponseFields(content_length=length))
+        elif not self.active:
+            self.close()
 
 
 def _pseudo(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
@@ -286,10 +322,3 @@ def _pseudo(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
         if n == name:
             return v
     return None
-
-
-def _code_name(code: int | None) -> str:
-    try:
-        return ErrorCodes(code or 0).name
-    except ValueError:
-        return str(code)

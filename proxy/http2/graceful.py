@@ -1,0 +1,40 @@
+"""h2's connection, taught RFC 9113 §6.8's graceful GOAWAY on the receiving side.
+
+h2 closes its whole state machine on any GOAWAY it receives (python-hyper/h2#1181), so the
+frames of streams the peer still means to finish raise `ProtocolError`. A GOAWAY with
+NO_ERROR is a graceful shutdown: streams at or below its last stream id may complete, only
+new streams are forbidden. This subclass reports that GOAWAY as the usual
+`ConnectionTerminated` event and leaves the connection open; the origin codec stops
+opening streams on it. A GOAWAY with an error code still closes the connection.
+
+Not compiled (setup.py): a mypyc class cannot extend h2's interpreted one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from h2.connection import H2Connection
+from h2.errors import ErrorCodes
+from h2.events import ConnectionTerminated
+
+
+class GracefulH2Connection(H2Connection):
+    """An `H2Connection` that keeps serving open streams after a graceful GOAWAY, and
+    remembers the last GOAWAY it received (`goaway`): when frames follow an error GOAWAY in
+    one read, h2 raises before it reports the event."""
+
+    goaway: ConnectionTerminated | None = None
+
+    def _receive_goaway_frame(self, frame: Any) -> tuple[list[Any], list[Any]]:
+        if frame.error_code != ErrorCodes.NO_ERROR:
+            frames, events = super()._receive_goaway_frame(frame)
+            last = events[-1]
+            if isinstance(last, ConnectionTerminated):
+                self.goaway = last
+            return frames, events
+        event = self.goaway = ConnectionTerminated()
+        event.error_code = ErrorCodes.NO_ERROR
+        event.last_stream_id = frame.last_stream_id
+        event.additional_data = frame.additional_data or None
+        return [], [event]

@@ -1,0 +1,342 @@
+"""Towards an HTTP/2 origin (`h2c://`): exchanges share one multiplexed connection within
+the origin's SETTINGS_MAX_CONCURRENT_STREAMS, a graceful GOAWAY lets streams in flight
+finish, streams the origin never processed (above a GOAWAY's last stream id, or refused)
+are sent again once and the record says `retried`, and a slow client holds its own stream
+only. The origin is a real HTTP/2 server on the h2 library, scripted per request."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+
+import pytest
+from h2.config import H2Configuration
+from h2.connection import H2Connection
+from h2.errors import ErrorCodes
+from h2.events import (
+    DataReceived,
+    RequestReceived,
+    StreamEnded,
+    StreamReset,
+    WindowUpdated,
+)
+from h2.settings import SettingCodes
+
+from support import LOOPBACK, parse_responses, raw_request
+
+Answer = Callable[["OriginConn", int, dict[bytes, bytes], bytes], Awaitable[None]]
+
+
+class OriginConn:
+    """One connection of `H2Server`: h2's server side, each request answered in a task."""
+
+    def __init__(self, server: H2Server, reader, writer) -> None:
+        self.server = server
+        self.reader, self.writer = reader, writer
+        self.h2 = H2Connection(H2Configuration(client_side=False, header_encoding=None))
+        self.open: set[int] = set()
+        self.window = asyncio.Event()
+        self.tasks: set[asyncio.Task] = set()
+
+    def flush(self) -> None:
+        if not self.writer.is_closing():
+            self.writer.write(self.h2.data_to_send())
+
+    async def run(self) -> None:
+        self.h2.initiate_connection()
+        if self.server.max_streams is not None:
+            self.h2.update_settings({SettingCodes.MAX_CONCURRENT_STREAMS: self.server.max_streams})
+        self.flush()
+        heads: dict[int, dict[bytes, bytes]] = {}
+        bodies: dict[int, bytearray] = {}
+        with contextlib.suppress(ConnectionError):
+            while data := await self.reader.read(65536):
+                for event in self.h2.receive_data(data):
+                    if isinstance(event, RequestReceived):
+                        heads[event.stream_id] = dict(event.headers)
+                        bodies[event.stream_id] = bytearray()
+                        self.open.add(event.stream_id)
+                        self.server.peak = max(self.server.peak, len(self.open))
+                    elif isinstance(event, DataReceived):
+                        bodies[event.stream_id] += event.data
+                        self.h2.acknowledge_received_data(
+                            event.flow_controlled_length, event.stream_id
+                        )
+                    elif isinstance(event, StreamEnded) and event.stream_id in heads:
+                        sid = event.stream_id
+                        head = heads.pop(sid)
+                        self.server.requests.append(head)
+                        task = asyncio.create_task(
+                            self.server.answer(self, sid, head, bytes(bodies.pop(sid)))
+                        )
+                        self.tasks.add(task)
+                        task.add_done_callback(self.tasks.discard)
+                    elif isinstance(event, StreamReset):
+                        self.open.discard(event.stream_id)
+                        self.server.resets.append(event.stream_id)
+                    elif isinstance(event, WindowUpdated):
+                        self.window.set()
+                self.flush()
+        self.writer.close()
+
+    async def respond(self, sid: int, status: int, body: bytes = b"") -> None:
+        """Head, then the body within the proxy's windows, then the end."""
+        fields = [(b":status", b"%d" % status), (b"content-length", b"%d" % len(body))]
+        self.h2.send_headers(sid, fields, end_stream=not body)
+        self.flush()
+        while body:
+            size = min(self.h2.local_flow_control_window(sid), self.h2.max_outbound_frame_size)
+            if size <= 0:
+                self.window.clear()
+                await self.window.wait()
+                continue
+            chunk, body = body[:size], body[size:]
+            self.h2.send_data(sid, chunk, end_stream=not body)
+            self.flush()
+            await asyncio.sleep(0)
+        self.open.discard(sid)
+
+    def goaway(self, last_stream_id: int, code: ErrorCodes = ErrorCodes.NO_ERROR) -> None:
+        self.h2.close_connection(error_code=code, last_stream_id=last_stream_id)
+        # h2 refuses to send after its own GOAWAY: the graceful tests keep the connection
+        # open on the origin's side as a real server would.
+        self.h2.state_machine.state = self.h2.state_machine.state.__class__.SERVER_OPEN
+        self.flush()
+
+
+class H2Server:
+    def __init__(self, answer: Answer, max_streams: int | None = None) -> None:
+        self.answer = answer
+        self.max_streams = max_streams
+        self.connections: list[OriginConn] = []
+        self.requests: list[dict[bytes, bytes]] = []
+        self.resets: list[int] = []
+        self.peak = 0  # the most streams open at once on one connection
+        self.server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> H2Server:
+        self.server = await asyncio.start_server(self._serve, LOOPBACK, 0)
+        return self
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        return f"h2c://{LOOPBACK}:{self.server.sockets[0].getsockname()[1]}"
+
+    async def _serve(self, reader, writer) -> None:
+        conn = OriginConn(self, reader, writer)
+        self.connections.append(conn)
+        await conn.run()
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        for conn in self.connections:
+            conn.writer.close()
+            for task in list(conn.tasks):
+                task.cancel()
+
+
+@pytest.fixture
+async def h2_server():
+    started: list[H2Server] = []
+
+    async def factory(answer: Answer, max_streams: int | None = None) -> H2Server:
+        server = await H2Server(answer, max_streams).start()
+        started.append(server)
+        return server
+
+    yield factory
+    for server in started:
+        await server.close()
+
+
+def get(path: str, method: str = "GET", body: bytes = b"") -> bytes:
+    head = f"{method} {path} HTTP/1.1\r\nHost: app\r\nConnection: close\r\n"
+    if body or method == "POST":
+        head += f"Content-Length: {len(body)}\r\n"
+    return head.encode() + b"\r\n" + body
+
+
+async def fetch(port: int, path: str, method: str = "GET", body: bytes = b""):
+    data = await raw_request(port, get(path, method, body))
+    (response,), _ = parse_responses(data)
+    return response
+
+
+async def hold_then_answer(conn: OriginConn, sid: int, head, body: bytes) -> None:
+    await asyncio.sleep(float(head[b":path"].rpartition(b"/")[2] or 0))
+    await conn.respond(sid, 200, b"ok " + head[b":path"] + b" " + body)
+
+
+async def test_fifty_exchanges_share_one_origin_connection(h2_server, proxy_factory):
+    origin = await h2_server(hold_then_answer)
+    proxy = await proxy_factory(origin.url)
+    responses = await asyncio.gather(*(fetch(proxy.port, "/hold/0.3") for _ in range(50)))
+    assert [r.status for r in responses] == [200] * 50
+    assert len(origin.connections) == 1  # one connection, fifty streams on it at once
+    assert origin.peak == 50
+    await proxy.settle()
+    assert proxy.stats.counts == {(200, "origin", None): 50}
+    assert proxy.pool.counts() == (1, 0)  # kept, idle, for the next exchanges
+
+
+async def test_the_origins_stream_limit_is_honoured(h2_server, proxy_factory):
+    origin = await h2_server(hold_then_answer, max_streams=4)
+    proxy = await proxy_factory(origin.url)
+    responses = await asyncio.gather(*(fetch(proxy.port, "/hold/0.2") for _ in range(24)))
+    assert [r.status for r in responses] == [200] * 24
+    assert origin.peak <= 4  # never a stream beyond SETTINGS_MAX_CONCURRENT_STREAMS
+    assert not origin.resets and len(origin.requests) == 24  # none refused, none twice
+    assert 1 <= len(origin.connections) <= 6
+    await proxy.settle()
+    assert proxy.stats.counts == {(200, "origin", None): 24}
+
+
+async def test_with_one_connection_allowed_exchanges_wait_for_a_free_stream(
+    h2_server, proxy_factory
+):
+    origin = await h2_server(hold_then_answer, max_streams=2)
+    proxy = await proxy_factory(origin.url, **{"pool.max_connections": 1})
+    responses = await asyncio.gather(*(fetch(proxy.port, "/hold/0.1") for _ in range(8)))
+    assert [r.status for r in responses] == [200] * 8
+    assert len(origin.connections) == 1 and origin.peak == 2
+    await proxy.settle()
+    assert proxy.stats.counts == {(200, "origin", None): 8}
+
+
+async def test_a_graceful_goaway_lets_the_streams_in_flight_finish(h2_server, proxy_factory):
+    """Before: h2 closed its state on any GOAWAY and the streams in flight were cut."""
+    started: list[int] = []
+
+    async def answer(conn: OriginConn, sid: int, head, body: bytes) -> None:
+        started.append(sid)
+        if len(started) == 3:
+            conn.goaway(last_stream_id=max(started))  # graceful: all three will finish
+        await asyncio.sleep(0.3)
+        await conn.respond(sid, 200, b"finished")
+
+    origin = await h2_server(answer)
+    proxy = await proxy_factory(origin.url)
+    first = [asyncio.create_task(fetch(proxy.port, f"/{i}")) for i in range(3)]
+    responses = await asyncio.gather(*first)
+    assert [(r.status, r.body) for r in responses] == [(200, b"finished")] * 3
+    # No new stream goes to a connection that is going away: the next one opens another.
+    after = await fetch(proxy.port, "/after")
+    assert after.status == 200 and len(origin.connections) == 2
+    await proxy.settle()
+    assert proxy.stats.counts == {(200, "origin", None): 4}
+    assert not any(line.get("retried") for line in proxy.access_log())
+
+
+async def test_streams_above_the_goaways_last_id_are_sent_again_once(h2_server, proxy_factory):
+    """RFC 9113 §8.7: what the origin did not process may go again, even a POST."""
+    seen: list[int] = []
+
+    async def answer(conn: OriginConn, sid: int, head, body: bytes) -> None:
+        seen.append(sid)
+        if conn is conn.server.connections[0]:
+            if len(seen) == 4:  # keep the first, refuse the three above it
+                conn.goaway(last_stream_id=min(seen))
+            await asyncio.sleep(0.3)
+            if sid == min(seen):
+                await conn.respond(sid, 200, b"first " + body)
+            return
+        await conn.respond(sid, 201, b"again " + body)
+
+    origin = await h2_server(answer)
+    proxy = await proxy_factory(origin.url)
+    posts = [fetch(proxy.port, f"/p{i}", "POST", b"body%d" % i) for i in range(4)]
+    responses = await asyncio.gather(*posts)
+    statuses = sorted((r.status, r.body[:5]) for r in responses)
+    assert statuses == [(200, b"first")] + [(201, b"again")] * 3
+    assert len(origin.connections) == 2
+    await proxy.settle()
+    lines = proxy.access_log()
+    assert sorted(bool(line.get("retried")) for line in lines) == [False, True, True, True]
+    assert proxy.stats.counts == {(200, "origin", None): 1, (201, "origin", None): 3}
+
+
+async def test_a_refused_stream_is_sent_again_and_the_record_says_so(h2_server, proxy_factory):
+    refused: list[int] = []
+
+    async def answer(conn: OriginConn, sid: int, head, body: bytes) -> None:
+        if not refused:
+            refused.append(sid)
+            conn.h2.reset_stream(sid, ErrorCodes.REFUSED_STREAM)
+            conn.flush()
+            return
+        await conn.respond(sid, 200, b"second try " + body)
+
+    origin = await h2_server(answer)
+    proxy = await proxy_factory(origin.url)
+    response = await fetch(proxy.port, "/once", "POST", b"payload")
+    assert (response.status, response.body) == (200, b"second try payload")
+    assert len(origin.requests) == 2 and len(origin.connections) == 1
+    line = await proxy.last_log()
+    assert line["retried"] is True and line["status"] == 200
+
+
+async def test_an_error_goaway_cuts_the_streams_it_processed(h2_server, proxy_factory):
+    async def answer(conn: OriginConn, sid: int, head, body: bytes) -> None:
+        conn.goaway(last_stream_id=sid, code=ErrorCodes.INTERNAL_ERROR)
+
+    origin = await h2_server(answer)
+    proxy = await proxy_factory(origin.url)
+    data = await raw_request(proxy.port, get("/x"))
+    (response,), _ = parse_responses(data)
+    assert response.status == 502
+    assert b"error=connection_terminated" in data and b"GOAWAY INTERNAL_ERROR" in data
+    line = await proxy.last_log()
+    assert not line.get("retried")  # processed: never sent twice
+
+
+async def test_an_http11_server_behind_h2c_is_named_in_the_detail(origin_factory, proxy_factory):
+    async def script(conn) -> None:
+        await conn.reader.read(24)  # the HTTP/2 preface, which it does not understand
+        conn.write(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        await conn.drain()
+        conn.close()
+
+    origin = await origin_factory(script)
+    proxy = await proxy_factory(f"h2c://{LOOPBACK}:{origin.port}")
+    data = await raw_request(proxy.port, get("/x"))
+    (response,), _ = parse_responses(data)
+    assert response.status == 502
+    assert b"error=http_protocol_error" in data and b"answered in HTTP/1.x" in data
+    line = await proxy.last_log()
+    assert line["layer"] == "upstream" and line["source"] == "proxy"
+
+
+async def test_a_slow_client_holds_its_own_stream_not_the_shared_connection(
+    h2_server, proxy_factory
+):
+    big = b"x" * (8 * 1024 * 1024)
+
+    async def answer(conn: OriginConn, sid: int, head, body: bytes) -> None:
+        await conn.respond(sid, 200, big if head[b":path"] == b"/big" else b"small")
+
+    origin = await h2_server(answer)
+    proxy = await proxy_factory(origin.url)
+    # A client that asks for 8 MiB and reads none of it.
+    reader, writer = await asyncio.open_connection(LOOPBACK, proxy.port)
+    writer.write(get("/big"))
+    await writer.drain()
+    await asyncio.sleep(0.5)
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    small = await fetch(proxy.port, "/small")
+    assert small.status == 200 and small.body == b"small"
+    assert loop.time() - start < 2.0  # the same origin connection, not blocked
+    assert len(origin.connections) == 1
+    # The stalled stream holds at most its window plus what the sockets buffer.
+    got = bytearray()
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(10):
+            while chunk := await reader.read(1 << 20):
+                got += chunk
+    writer.close()
+    assert got.endswith(big[-100:]) and len(got) > len(big)
+    await proxy.settle()
+    assert proxy.stats.counts == {(200, "origin", None): 2}
