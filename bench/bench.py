@@ -2,18 +2,21 @@
 """Faultline's benchmark: Faultline next to nginx, HAProxy and direct-to-origin, on one box.
 
 Layout: the proxy under test runs alone on PROXY_CPU; the origin (nginx, 1 worker) and the
-load (wrk, 1 thread) share LOAD_CPU. Every variant is measured in the same run, interleaved
-(A B C A B C ...), and the table shows medians of the repetitions with ratios to nginx and
-to direct-to-origin, the CPU time per request of each proxy's process tree (utime + stime /
-requests, the steadier figure on a noisy machine) and its RSS. Then the issue-6 targets are
-checked and printed as PASS/FAIL lines.
+load (wrk or h2load, 1 thread) share LOAD_CPU. The HTTP/2 scenarios send h2c (HTTP/2 in clear
+text, prior knowledge) with h2load, through each proxy to the HTTP/1.1 origin (h2c -> HTTP/1.1)
+or to the origin's h2c listener (h2c -> h2c: nginx grpc_pass, Faultline --upstream h2c://).
+Every variant is measured in the same run, interleaved (A B C A B C ...), and the table shows
+medians of the repetitions with ratios to nginx and to direct-to-origin, the CPU time per
+request of each proxy's process tree (utime + stime / requests, the steadier figure on a noisy
+machine) and its RSS. Then the targets of issue 6 (HTTP/1.1) and issue 19 (HTTP/2) are checked
+and printed as PASS/FAIL lines.
 
 Only 127.0.0.1 is ever contacted. Every server is started here, tracked by PID, and stopped
 by PID (with its own descendants) at exit, on Ctrl-C and on errors; the servers also get
 SIGTERM if this process dies (PR_SET_PDEATHSIG). Every load run is bounded in time.
 
-Stdlib only; needs nginx (Debian nginx-light), haproxy, wrk, taskset and prlimit (util-linux).
-See bench/README.md.
+Stdlib only; needs nginx (Debian nginx-light), haproxy, wrk, taskset and prlimit (util-linux),
+and h2load (Debian nghttp2-client) for the HTTP/2 scenarios. See bench/README.md.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -54,7 +58,7 @@ UPLOAD_BYTES = MIB
 @dataclass(frozen=True)
 class Scenario:
     name: str
-    kind: str  # "wrk" or "idle"
+    kind: str  # "wrk", "h2load" or "idle"
     path: str
     conns: int
     payload: int  # body bytes moved per request (response, or request body for uploads)
@@ -62,6 +66,16 @@ class Scenario:
     desc: str
     lua: str | None = None
     throughput: bool = False  # print MiB/s
+    route: str = "h1"  # ROUTES: which listener of each proxy, towards which origin
+    streams: int = 1  # h2load -m: concurrent streams per connection
+
+
+# What a scenario's client speaks to the proxy, and what the proxy speaks to the origin.
+ROUTES = {
+    "h1": "HTTP/1.1 -> HTTP/1.1",
+    "h2": "h2c -> HTTP/1.1",  # the same origin, HTTP/2 on the client side only
+    "h2h2": "h2c -> h2c",  # the origin's h2c listener (nginx: grpc_pass)
+}
 
 
 SCENARIOS = {
@@ -79,6 +93,17 @@ SCENARIOS = {
         Scenario(name="upload-c8", kind="wrk", path="/upload", conns=8, payload=UPLOAD_BYTES,
                  needs="upload", lua="upload", throughput=True,
                  desc="POST /upload with a 1 MiB body, 8 connections: upload throughput"),
+        Scenario(name="h2-c50m10", kind="h2load", route="h2", path="/", conns=50, streams=10,
+                 payload=len(HELLO), needs="h2",
+                 desc="h2c -> HTTP/1.1: GET / (12-byte body), 50 connections x 10 streams"),
+        Scenario(name="h2-c1", kind="h2load", route="h2", path="/", conns=1, payload=len(HELLO),
+                 needs="h2", desc="h2c -> HTTP/1.1: GET /, 1 connection, 1 stream: latency"),
+        Scenario(name="h2h2-c50m10", kind="h2load", route="h2h2", path="/", conns=50, streams=10,
+                 payload=len(HELLO), needs="h2",
+                 desc="h2c -> h2c: GET / (12-byte body), 50 connections x 10 streams"),
+        Scenario(name="h2h2-c1", kind="h2load", route="h2h2", path="/", conns=1,
+                 payload=len(HELLO), needs="h2",
+                 desc="h2c -> h2c: GET /, 1 connection, 1 stream: latency"),
         Scenario(name="idle10k", kind="idle", path="/", conns=0, payload=len(HELLO),
                  needs="small",
                  desc="idle keep-alive connections (one GET each, then held): memory"),
@@ -108,6 +133,8 @@ TARGET_1M_X_NGINX = 0.8  # 1m-c8, throughput
 TARGET_DIAG_COST = 0.10  # small-c50 req/s, on vs off
 TARGET_RSS_AFTER_MB = 40.0
 TARGET_RSS_IDLE_MB = 100.0
+# Issue 19's: h2load -c 50 -m 10, h2c -> HTTP/1.1 and h2c -> h2c, diagnostics + log on.
+TARGET_H2_RPS_X_NGINX = 0.5
 
 
 def log(*parts: object) -> None:
@@ -349,6 +376,43 @@ def validate(port: int) -> tuple[dict[str, str], str | None]:
     return bad, bad.get("small")
 
 
+def h2_check(port: int, n: int = 4) -> str | None:
+    """GET / `n` times over one h2c connection (prior knowledge) with h2load; None if every
+    answer was a 2xx carrying the 12-byte body, else what went wrong."""
+    argv = ["h2load", f"-n{n}", "-c1", "-m1", f"http://127.0.0.1:{port}/"]
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=15).stdout
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"h2load: {exc!r}"
+    if "Application protocol: h2c" not in out:
+        return "no h2c session (h2load could not connect or negotiate HTTP/2)"
+    m = re.search(r"status codes: (\d+) 2xx", out)
+    ok = int(m.group(1)) if m else 0
+    m = re.search(r"\((\d+)\) data", out)
+    data = int(m.group(1)) if m else -1
+    if ok != n or data != n * len(HELLO):
+        codes = re.search(r"status codes: (.*)", out)
+        return (
+            f"GET / x{n} over h2c: {ok} 2xx, {data} body bytes (want {n * len(HELLO)}); "
+            f"{codes.group(1) if codes else 'no status codes'}"
+        )
+    return None
+
+
+def wait_ready_h2(v: Variant, timeout: float) -> str | None:
+    """Poll h2_check until it passes (None), the server dies or `timeout` passes (the reason)."""
+    end = time.monotonic() + timeout
+    why: str | None = "not tried"
+    while time.monotonic() < end:
+        if v.server and not v.server.alive():
+            return f"exited ({v.server.proc.poll()}; log: {v.server.log_path})"
+        why = h2_check(v.port)
+        if why is None:
+            return None
+        time.sleep(0.3)
+    return why
+
+
 # ---------------------------------------------------------------- wrk
 UNIT_MS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3}
 
@@ -378,6 +442,33 @@ def parse_wrk(out: str) -> dict:
     return r
 
 
+def parse_h2load(out: str, log_path: str) -> dict:
+    """h2load's summary, plus latency percentiles from its per-request log (--log-file: start
+    us, status, microseconds until the end of the response), which the summary lacks."""
+    r: dict = {}
+    m = re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", out)
+    r["rps"] = float(m.group(1)) if m else 0.0
+    m = re.search(r"requests: \d+ total, \d+ started, (\d+) done, \d+ succeeded, (\d+) failed", out)
+    r["requests"] = int(m.group(1)) if m else 0
+    errors = int(m.group(2)) if m else 0
+    m = re.search(r"status codes: \d+ 2xx, \d+ 3xx, (\d+) 4xx, (\d+) 5xx", out)
+    if m:
+        errors += int(m.group(1)) + int(m.group(2))
+    r["errors"] = errors
+    times: list[int] = []
+    with contextlib.suppress(OSError), open(log_path) as f:
+        for line in f:
+            parts = line.split("\t")
+            if len(parts) >= 3:
+                times.append(int(parts[2]))
+    times.sort()
+    for pct in ("50", "75", "90", "99"):
+        r[f"p{pct}"] = (
+            times[min(len(times) - 1, len(times) * int(pct) // 100)] / 1000 if times else None
+        )
+    return r
+
+
 @dataclass
 class Variant:
     name: str
@@ -385,6 +476,7 @@ class Variant:
     server: Server | None  # None: direct to the origin
     access_log: str | None = None  # the server's stdout file, emptied after each run
     unsupported: dict[str, str] = field(default_factory=dict)  # scenario needs -> reason
+    twin: bool = False  # a Faultline with an h2c upstream, for the h2c -> h2c scenarios
 
     def pids(self) -> list[int]:
         return self.server.pids() if self.server else []
@@ -410,6 +502,43 @@ def run_wrk(v: Variant, scen: Scenario, duration: int, a: argparse.Namespace, ru
                 f.write(LUA[scen.lua])
         argv += ["-s", path]
     argv.append(f"http://127.0.0.1:{v.port}{scen.path}")
+    return run_load(v, scen, argv, duration, a, parse_wrk)
+
+
+def run_h2load(
+    v: Variant, scen: Scenario, duration: int, a: argparse.Namespace, rundir: str
+) -> dict:
+    """h2load on the load CPU, 1 thread, h2c with prior knowledge, for `duration` seconds."""
+    log_path = os.path.join(rundir, "h2load-requests.tsv")
+    argv = [
+        "taskset",
+        "-c",
+        a.load_cpu,
+        "h2load",
+        "-t1",
+        f"-c{scen.conns}",
+        f"-m{scen.streams}",
+        f"-D{duration}",
+        f"--log-file={log_path}",
+        f"http://127.0.0.1:{v.port}{scen.path}",
+    ]
+    try:
+        return run_load(v, scen, argv, duration, a, lambda out: parse_h2load(out, log_path))
+    finally:  # about 30 bytes a request: do not keep them
+        with contextlib.suppress(OSError):
+            os.unlink(log_path)
+
+
+def run_load(
+    v: Variant,
+    scen: Scenario,
+    argv: list[str],
+    duration: int,
+    a: argparse.Namespace,
+    parse: Callable[[str], dict],
+) -> dict:
+    """Run the load command `argv` against `v` and measure the proxy's side meanwhile: CPU
+    time of its process tree, its peak RSS, how busy each CPU was, the machine's load."""
     pids = v.pids()
     peak = [rss_bytes(pids)]
     stop = threading.Event()
@@ -429,8 +558,9 @@ def run_wrk(v: Variant, scen: Scenario, duration: int, a: argparse.Namespace, ru
     ticks1, jiffies1 = cpu_ticks(pids), cpu_jiffies()
     stop.set()
     sampler.join()
-    r = parse_wrk(out)
+    r = parse(out)
     r["raw"] = out
+    r["loadavg"] = round(os.getloadavg()[0], 2)
     cpu_s = (ticks1 - ticks0) / CLK_TCK
     r["mib_s"] = r["rps"] * scen.payload / MIB
     r["rss_mb"] = peak[0] / MIB if pids else None
@@ -557,7 +687,7 @@ def command_python(template: str) -> str:
 
 PROBE = """import json, platform
 r = {"python": platform.python_version()}
-for m in ("uvloop", "httptools"):
+for m in ("uvloop", "httptools", "h2"):
     try:
         r[m] = __import__(m).__version__
     except Exception:
@@ -568,8 +698,11 @@ try:
 except Exception:
     r["faultline"] = None
 try:
-    import proxy
-    r["faultline_build"] = "compiled" if proxy.compiled() else "interpreted"
+    try:
+        from proxy.cli import compiled
+    except ImportError:  # before the package root stopped importing its sub-packages
+        from proxy import compiled
+    r["faultline_build"] = "compiled" if compiled() else "interpreted"
 except Exception:
     r["faultline_build"] = None
 print(json.dumps(r))
@@ -603,6 +736,8 @@ def machine_and_versions(fl_template: str) -> dict:
     wrk = first_line(["wrk", "-v"]) or ""
     m = re.match(r"wrk (\S+)", wrk)
     info["wrk"] = m.group(1) if m else wrk
+    h2load = first_line(["h2load", "--version"]) or ""
+    info["h2load"] = h2load.split()[-1] if h2load else None
     info["harness_python"] = platform.python_version()
     py = command_python(fl_template)
     info["faultline_python_path"] = py
@@ -613,7 +748,9 @@ def machine_and_versions(fl_template: str) -> dict:
         p = subprocess.run([py, "-c", PROBE], capture_output=True, text=True, timeout=20, cwd="/")
         info.update(json.loads(p.stdout))
     except (OSError, ValueError, subprocess.TimeoutExpired):
-        info.update(python=None, uvloop=None, httptools=None, faultline=None, faultline_build=None)
+        info.update(
+            python=None, uvloop=None, httptools=None, h2=None, faultline=None, faultline_build=None
+        )
     rev = first_line(["git", "-C", REPO, "rev-parse", "--short", "HEAD"])
     if rev and re.fullmatch(r"[0-9a-f]+", rev):
         dirty = subprocess.run(
@@ -623,6 +760,23 @@ def machine_and_versions(fl_template: str) -> dict:
     else:
         info["git"] = None
     return info
+
+
+def nginx_http2(version: str) -> dict[str, str]:
+    """How this nginx spells an h2c listener: `listen ... http2` before 1.25.1, `http2 on;` since
+    (the old spelling still works there, with a warning)."""
+    m = re.match(r"(\d+)\.(\d+)\.(\d+)", version)
+    new = bool(m) and tuple(map(int, m.groups())) >= (1, 25, 1)
+    return {"LISTEN_HTTP2": "" if new else " http2", "HTTP2_ON": "http2 on;" if new else ""}
+
+
+def h2c_twin(template: str) -> str | None:
+    """The command of a Faultline's twin for the h2c -> h2c scenarios: the same command with its
+    `http://{UPSTREAM}` made `h2c://{UPSTREAM}` ({UPSTREAM} is then the origin's h2c listener);
+    None when the template does not name its upstream that way."""
+    if "http://{UPSTREAM}" not in template:
+        return None
+    return template.replace("http://{UPSTREAM}", "h2c://{UPSTREAM}")
 
 
 def nofile_limit() -> int:
@@ -671,7 +825,18 @@ def table(headers: list[str], rows: list[list[str]], markdown: bool, left: int =
 
 def summarize(results: dict, names: list[str]) -> dict:
     summary: dict = {}
-    keys = ("rps", "mib_s", "p50", "p99", "us_per_req", "cpu_pct", "rss_mb", "core_pct", "load_pct")
+    keys = (
+        "rps",
+        "mib_s",
+        "p50",
+        "p99",
+        "us_per_req",
+        "cpu_pct",
+        "rss_mb",
+        "core_pct",
+        "load_pct",
+        "loadavg",
+    )
     for s, per in results.items():
         summary[s] = {}
         for n in names:
@@ -706,6 +871,7 @@ def scenario_lines(
         "CPU x nginx",
         "core%",
         "load%",
+        "loadavg",
         "errors",
         "req/s per rep",
     ]
@@ -729,6 +895,7 @@ def scenario_lines(
                 num(ratio(m["us_per_req"], ngx.get("us_per_req")), ".2f"),
                 num(m["core_pct"], ".0f"),
                 num(m["load_pct"], ".0f"),
+                num(m["loadavg"], ".1f"),
                 str(m["errors"]),
                 " ".join(map(str, m["rps_runs"])),
             ]
@@ -787,7 +954,7 @@ def memory_lines(rss_after: dict, hwm: dict, md: bool) -> list[str]:
 
 
 def check_targets(summary: dict, idle: dict, rss_after: dict, fl: str, off: str) -> list[str]:
-    """Issue 6's targets as PASS/FAIL/SKIP lines."""
+    """Issue 6's targets (and issue 19's for HTTP/2) as PASS/FAIL/SKIP lines."""
     out = []
 
     def get(s: str, n: str, k: str) -> float | None:
@@ -813,6 +980,8 @@ def check_targets(summary: dict, idle: dict, rss_after: dict, fl: str, off: str)
     vs_nginx("small-c50", "us_per_req", "CPU us/req", TARGET_CPU_X_NGINX, False, ".1f")
     vs_nginx("small-c1", "p50", "median latency (ms)", TARGET_P50_X_NGINX, False, ".3f")
     vs_nginx("1m-c8", "mib_s", "throughput (MiB/s)", TARGET_1M_X_NGINX, True, ".0f")
+    vs_nginx("h2-c50m10", "rps", "req/s", TARGET_H2_RPS_X_NGINX, True, ".0f")
+    vs_nginx("h2h2-c50m10", "rps", "req/s", TARGET_H2_RPS_X_NGINX, True, ".0f")
 
     on, offv = get("small-c50", fl, "rps"), get("small-c50", off, "rps")
     text = f"small-c50: diagnostics cost <= {TARGET_DIAG_COST:.0%} of req/s ({fl} vs {off})"
@@ -871,19 +1040,23 @@ def report(
         lines += ["## Faultline benchmark", ""]
     machine = (
         f"machine: {v['cpu']}, {v['cores']} cores; kernel {v['kernel']}; proxy on CPU "
-        f"{a.proxy_cpu}, origin + wrk on CPU {a.load_cpu}"
+        f"{a.proxy_cpu}, origin + wrk/h2load on CPU {a.load_cpu}"
     )
     vers = (
         f"versions: faultline {v['faultline'] or '(not installed)'} "
         f"({v.get('faultline_build') or 'build unknown'}, git {v['git']}), "
         f"python {v['python']}, "
         f"uvloop {v['uvloop']}, httptools {v['httptools']}; nginx {v['nginx']}, "
-        f"haproxy {v['haproxy']}, wrk {v['wrk']}"
+        f"haproxy {v['haproxy']}, wrk {v['wrk']}, h2load {v.get('h2load')}, h2 {v.get('h2')}"
     )
     cmd = f"command: {meta['command']}"
     when = (
         f"date: {meta['date']}; {a.reps} rep(s) x {a.duration} s per variant and scenario, "
-        "interleaved"
+        "interleaved; load average (1, 5, 15 min) "
+        + " at start, ".join(
+            " ".join(f"{x:.2f}" for x in meta[k]) for k in ("loadavg_start", "loadavg_end")
+        )
+        + " at end"
     )
     if md:
         lines += [f"- {machine}", f"- {vers}", f"- command: `{meta['command']}`", f"- {when}", ""]
@@ -896,15 +1069,18 @@ def report(
     if rss_after:
         lines += memory_lines(rss_after, hwm, md)
     if md:
-        lines += ["### Targets (issue 6)", "", "```", *checks, "```", ""]
+        lines += ["### Targets (issues 6 and 19)", "", "```", *checks, "```", ""]
     else:
-        lines += ["[targets (issue 6)]", *checks, ""]
+        lines += ["[targets (issues 6 and 19)]", *checks, ""]
     notes = [
         "CPU us/req and cpu% = utime+stime of the proxy's process tree during the run / requests;",
         "softirq work for loopback TCP is not charged to it. core% / load% = whole-CPU busy",
         "(incl. softirq and anything else running) of the proxy CPU / the load CPU (origin+wrk):",
         "load% near 100 means the load side, not the proxy, limits req/s. RSS MB = peak during",
         "the run. Figures are noisy on a shared 2-core box: compare ratios within one run.",
+        "loadavg = the 1-minute load average at the end of each run (median), the benchmark's",
+        "own 2 or so included: above 3 someone else was busy on the box.",
+        "h2c scenarios: h2load, 1 thread; p50/p99 from its per-request log.",
     ]
     for n in names:  # show that the access log was really written (or not)
         per_req = [summary[s][n].get("log_bytes_per_req") for s in summary if n in summary[s]]
@@ -920,7 +1096,7 @@ def report(
                 f"to stdout (median over scenarios).{warn}"
             )
     if md:
-        lines += ["> " + " ".join(notes[:5]), "", *(f"- {n}" for n in notes[5:])]
+        lines += ["> " + " ".join(notes[:8]), "", *(f"- {n}" for n in notes[8:])]
     else:
         lines += notes
     return "\n".join(lines)
@@ -934,7 +1110,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         epilog="Command templates (--faultline-cmd, --candidate) are run as "
         "`taskset -c PROXY_CPU prlimit --nofile=N:N bash -c COMMAND` from the repository "
         "root, with {PORT} (listen port on 127.0.0.1), {ADMIN_PORT}, {UPSTREAM} (origin "
-        "host:port) and {ORIGIN_PORT} substituted.",
+        "host:port) and {ORIGIN_PORT} substituted. For the h2c -> h2c scenarios each such command "
+        "also runs as a twin process with `http://{UPSTREAM}` made `h2c://{UPSTREAM}`, "
+        "pointing at the origin's h2c listener.",
     )
     ap.add_argument("--duration", type=int, help="seconds per measured run (default 8; quick 2)")
     ap.add_argument("--reps", type=int, help="repetitions per variant (default 3; quick 1)")
@@ -986,7 +1164,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--base-port",
         type=int,
         default=39500,
-        help="first of the ports used on 127.0.0.1 (default 39500; uses up to +29)",
+        help="first of the ports used on 127.0.0.1 (default 39500; uses up to +59)",
     )
     ap.add_argument("--proxy-cpu", default="1")
     ap.add_argument("--load-cpu", default="0")
@@ -1014,15 +1192,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
-    for tool in ("nginx", "haproxy", "wrk", "taskset", "prlimit", "bash"):
-        if not shutil.which(tool):
-            log(f"missing tool: {tool} (apt-get install -y nginx-light haproxy wrk util-linux)")
-            return 2
     scens = [s for s in a.scenarios.split(",") if s]
     unknown = [s for s in scens if s not in SCENARIOS]
     if unknown:
         log(f"unknown scenario(s) {unknown}; choose from {list(SCENARIOS)}")
         return 2
+    routes = {SCENARIOS[s].route for s in scens}
+    tools = ["nginx", "haproxy", "wrk", "taskset", "prlimit", "bash"]
+    tools += ["h2load"] if routes - {"h1"} else []
+    for tool in tools:
+        if not shutil.which(tool):
+            log(
+                f"missing tool: {tool} "
+                "(apt-get install -y nginx-light haproxy wrk nghttp2-client util-linux)"
+            )
+            return 2
     fl_cmd = a.faultline_cmd or default_faultline_cmd()
     nodiag_env = dict(kv.split("=", 1) for kv in (a.nodiag_env or DEFAULT_NODIAG_ENV))
     candidates = []
@@ -1051,23 +1235,47 @@ def main(argv: list[str] | None = None) -> int:
             f.write(data)
 
     bp = a.base_port
-    ports = {"origin": bp, "nginx": bp + 1, "haproxy": bp + 2}
-    fl_specs = []  # (name, command, port, admin port, env, access log path)
+    ports = {
+        "origin": bp,
+        "nginx": bp + 1,
+        "haproxy": bp + 2,
+        "origin-h2c": bp + 7,
+        "nginx-h2": bp + 8,
+        "nginx-h2h2": bp + 9,
+        "haproxy-h2": bp + 30,
+        "haproxy-h2h2": bp + 31,
+    }
+    # (name, command, port, admin port, env, access log path, route): route "h1" serves the
+    # HTTP/1.1 and the h2c -> HTTP/1.1 scenarios on one port, "h2h2" is the twin with an h2c
+    # upstream (its own process) for the h2c -> h2c scenarios.
+    fl_specs: list[tuple[str, str, int, int, dict[str, str], str | None, str]] = []
     access_log = (
         (lambda n: os.path.join(rundir, f"{n}.access.log"))
         if a.access_log == "file"
         else (lambda n: "/dev/null")
     )
     if FAULTLINE in wanted:
-        fl_specs.append((FAULTLINE, fl_cmd, bp + 3, bp + 4, {}, access_log(FAULTLINE)))
+        fl_specs.append((FAULTLINE, fl_cmd, bp + 3, bp + 4, {}, access_log(FAULTLINE), "h1"))
     if FAULTLINE_OFF in wanted:
         fl_specs.append(
-            (FAULTLINE_OFF, fl_cmd, bp + 5, bp + 6, nodiag_env, access_log(FAULTLINE_OFF))
+            (FAULTLINE_OFF, fl_cmd, bp + 5, bp + 6, nodiag_env, access_log(FAULTLINE_OFF), "h1")
         )
     for i, (name, cmd) in enumerate(candidates):
         if name in wanted:
-            fl_specs.append((name, cmd, bp + 10 + 2 * i, bp + 11 + 2 * i, {}, None))
-    used = [ports["origin"]] + [ports[n] for n in ("nginx", "haproxy") if n in wanted]
+            fl_specs.append((name, cmd, bp + 10 + 2 * i, bp + 11 + 2 * i, {}, None, "h1"))
+    if "h2h2" in routes:
+        twin_ports = {FAULTLINE: bp + 32, FAULTLINE_OFF: bp + 34}
+        twin_ports |= {name: bp + 40 + 2 * i for i, (name, _) in enumerate(candidates)}
+        for name, cmd, _port, _admin, env, alog, _route in list(fl_specs):
+            twin = h2c_twin(cmd)
+            if twin is None:
+                log(f"note: {name} has no h2c twin: its command has no http://{{UPSTREAM}}")
+                continue
+            tp = twin_ports[name]
+            talog = access_log(f"{name}-h2c") if alog else None
+            fl_specs.append((name, twin, tp, tp + 1, env, talog, "h2h2"))
+    used = [ports["origin"], ports["origin-h2c"]]
+    used += [p for k, p in ports.items() if k.split("-")[0] in wanted]
     used += [p for spec in fl_specs for p in spec[2:4]]
     busy = wait_ports_free(used)
     if busy:
@@ -1076,24 +1284,29 @@ def main(argv: list[str] | None = None) -> int:
 
     nofile = nofile_limit()
     worker_conns = max(1024, nofile - 200)
+    versions = machine_and_versions(fl_cmd)
     subs = {
         "RUN": rundir,
         "ORIGIN_PORT": ports["origin"],
+        "H2C_ORIGIN_PORT": ports["origin-h2c"],
         "NOFILE": nofile,
         "WORKER_CONNECTIONS": worker_conns,
         "MAXCONN": a.idle_conns + 1000,
+        **nginx_http2(versions["nginx"]),
     }
     render(os.path.join(HERE, "nginx-origin.conf"), os.path.join(rundir, "nginx-origin.conf"), subs)
     render(
         os.path.join(HERE, "nginx-proxy.conf"),
         os.path.join(rundir, "nginx-proxy.conf"),
-        {**subs, "PORT": ports["nginx"]},
-    )
+        {**subs, "PORT": ports["nginx"], "H2_PORT": ports["nginx-h2"],
+         "H2H2_PORT": ports["nginx-h2h2"]},
+    )  # fmt: skip
     render(
         os.path.join(HERE, "haproxy.cfg"),
         os.path.join(rundir, "haproxy.cfg"),
-        {**subs, "PORT": ports["haproxy"]},
-    )
+        {**subs, "PORT": ports["haproxy"], "H2_PORT": ports["haproxy-h2"],
+         "H2H2_PORT": ports["haproxy-h2h2"]},
+    )  # fmt: skip
 
     meta = {
         "command": shlex.join([os.path.basename(sys.executable), *sys.argv]),
@@ -1102,7 +1315,8 @@ def main(argv: list[str] | None = None) -> int:
         "faultline_cmd": fl_cmd,
         "nodiag_env": nodiag_env,
         "nofile": nofile,
-        "versions": machine_and_versions(fl_cmd),
+        "versions": versions,
+        "loadavg_start": [round(x, 2) for x in os.getloadavg()],
         "faultline_env": {k: v for k, v in os.environ.items() if k.startswith("FAULTLINE_")},
     }
 
@@ -1114,7 +1328,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGHUP, on_signal)
     # Ctrl-C stops the run even when started from a shell that ignores SIGINT in the background
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    results: dict = {s: {} for s in scens if SCENARIOS[s].kind == "wrk"}
+    results: dict = {s: {} for s in scens if SCENARIOS[s].kind != "idle"}
     idle: dict = {}
     rss_after: dict = {}
     hwm: dict = {}
@@ -1145,44 +1359,29 @@ def main(argv: list[str] | None = None) -> int:
         if not wait_ready(origin, a.ready_timeout):
             log(f"origin did not start; see {rundir}/origin.log and origin-error.log")
             return 1
-        variants: list[Variant] = []
+        # One list of variants per route (ROUTES); a proxy's variants share its server.
+        by_route: dict[str, list[Variant]] = {r: [] for r in ROUTES}
+        twins: list[Variant] = []  # Faultline processes with an h2c upstream (route h2h2)
         if "direct" in wanted:
-            variants.append(Variant("direct", ports["origin"], None))
-        if "nginx" in wanted:
-            variants.append(
-                Variant(
-                    "nginx",
-                    ports["nginx"],
-                    Server(
-                        "nginx",
-                        ngx("nginx-proxy.conf", "nginx-proxy"),
-                        ports["nginx"],
-                        a.proxy_cpu,
-                        rundir,
-                        nofile,
-                    ),
-                )
-            )
-        if "haproxy" in wanted:
-            variants.append(
-                Variant(
-                    "haproxy",
-                    ports["haproxy"],
-                    Server(
-                        "haproxy",
-                        ["haproxy", "-db", "-f", os.path.join(rundir, "haproxy.cfg")],
-                        ports["haproxy"],
-                        a.proxy_cpu,
-                        rundir,
-                        nofile,
-                    ),
-                )
-            )
-        for name, cmd, port, admin, env, alog in fl_specs:
-            cmd = substitute(cmd, port, admin, ports["origin"])
-            meta.setdefault("commands", {})[name] = {"cmd": cmd, "env": env}
+            by_route["h1"].append(Variant("direct", ports["origin"], None))
+            by_route["h2h2"].append(Variant("direct", ports["origin-h2c"], None))
+        peers = {
+            "nginx": ngx("nginx-proxy.conf", "nginx-proxy"),
+            "haproxy": ["haproxy", "-db", "-f", os.path.join(rundir, "haproxy.cfg")],
+        }
+        for name, peer_argv in peers.items():
+            if name in wanted:
+                srv = Server(name, peer_argv, ports[name], a.proxy_cpu, rundir, nofile)
+                by_route["h1"].append(Variant(name, ports[name], srv))
+                by_route["h2"].append(Variant(name, ports[f"{name}-h2"], srv))
+                by_route["h2h2"].append(Variant(name, ports[f"{name}-h2h2"], srv))
+        for name, cmd, port, admin, env, alog, route in fl_specs:
+            upstream = ports["origin"] if route == "h1" else ports["origin-h2c"]
+            cmd = substitute(cmd, port, admin, upstream)
+            label = name if route == "h1" else f"{name}-h2c"
+            meta.setdefault("commands", {})[label] = {"cmd": cmd, "env": env}
             srv = Server(
-                name,
+                label,
                 ["bash", "-c", cmd],
                 port,
                 a.proxy_cpu,
@@ -1192,12 +1391,16 @@ def main(argv: list[str] | None = None) -> int:
                 cwd=REPO,
                 stdout_path=alog,
             )
-            variants.append(
-                Variant(name, port, srv, access_log=alog if alog and alog != "/dev/null" else None)
-            )
+            alog = alog if alog and alog != "/dev/null" else None
+            if route == "h1":  # one port for HTTP/1.1 and h2c clients
+                by_route["h1"].append(Variant(name, port, srv, access_log=alog))
+                by_route["h2"].append(Variant(name, port, srv, access_log=alog))
+            else:
+                twins.append(Variant(name, port, srv, access_log=alog, twin=True))
+                by_route["h2h2"].append(twins[-1])
 
         ready = []
-        for v in variants:
+        for v in by_route["h1"]:
             if v.server and not wait_ready(v.server, a.ready_timeout):
                 log(
                     f"SKIP {v.name}: not ready on 127.0.0.1:{v.port} "
@@ -1215,34 +1418,56 @@ def main(argv: list[str] | None = None) -> int:
                 os.truncate(v.access_log, 0)
             meta.setdefault("process_trees", {})[v.name] = [f"{p} {proc_name(p)}" for p in v.pids()]
             ready.append(v)
-        variants = ready
-        names = [v.name for v in variants]
-        wrk_scens = [s for s in scens if SCENARIOS[s].kind == "wrk"]
-        est = len(wrk_scens) * len(variants) * (a.reps * a.duration + a.warmup)
+        by_route["h1"] = ready
+        for route in ("h2", "h2h2"):
+            ok = []
+            for v in by_route[route] if route in routes else []:
+                if v.server and not v.server.alive():
+                    continue  # said above
+                why = wait_ready_h2(v, a.ready_timeout)
+                if why:
+                    log(f"SKIP {v.name} in the {ROUTES[route]} scenarios: {why}")
+                    if v.twin and v.server:
+                        v.server.stop()
+                    continue
+                if v.twin:
+                    if v.access_log:
+                        os.truncate(v.access_log, 0)
+                    meta.setdefault("process_trees", {})[f"{v.name}-h2c"] = [
+                        f"{p} {proc_name(p)}" for p in v.pids()
+                    ]
+                ok.append(v)
+            by_route[route] = ok
+        names = list(dict.fromkeys(v.name for r in ROUTES for v in by_route[r]))
+        load_scens = [s for s in scens if SCENARIOS[s].kind != "idle"]
+        est = sum(len(by_route[SCENARIOS[s].route]) for s in load_scens)
+        est *= a.reps * a.duration + a.warmup
         log(
             f"run dir: {rundir}\nvariants: {names}\nscenarios: {scens}; {a.reps} rep(s) x "
             f"{a.duration} s, interleaved; load runs take about {est // 60} min {est % 60} s"
         )
 
-        for s in wrk_scens:
+        for s in load_scens:
             scen = SCENARIOS[s]
-            runnable = [v for v in variants if scen.needs not in v.unsupported]
+            runnable = [v for v in by_route[scen.route] if scen.needs not in v.unsupported]
+            run = run_wrk if scen.kind == "wrk" else run_h2load
             if a.warmup:
                 for v in runnable:
-                    run_wrk(v, scen, a.warmup, a, rundir)
+                    run(v, scen, a.warmup, a, rundir)
             for rep in range(a.reps):
                 for v in runnable:
                     if v.server and not v.server.alive():
                         log(f"  {v.name} died (log: {v.server.log_path}); skipping")
                         continue
-                    r = run_wrk(v, scen, a.duration, a, rundir)
+                    r = run(v, scen, a.duration, a, rundir)
                     results[s].setdefault(v.name, []).append(r)
                     log(
                         f"  {s} rep{rep + 1} {v.name:>16}: {r['rps']:9.0f} req/s "
                         f"{r['mib_s']:7.0f} MiB/s p50 {num(r['p50'], '.3f')} ms "
                         f"p99 {num(r['p99'], '.3f')} ms cpu {num(r['cpu_pct'], '.0f')}% "
                         f"{num(r['us_per_req'], '.1f')} us/req core {num(r['core_pct'], '.0f')}% "
-                        f"load {num(r['load_pct'], '.0f')}% err {r['errors']}"
+                        f"load {num(r['load_pct'], '.0f')}% err {r['errors']} "
+                        f"loadavg {r['loadavg']:.2f}"
                         + (
                             f" log {r['access_log_bytes'] / r['requests']:.0f} B/req"
                             if r.get("access_log_bytes") is not None and r["requests"]
@@ -1251,10 +1476,12 @@ def main(argv: list[str] | None = None) -> int:
                     )
 
         time.sleep(1.0)
-        for v in variants:
+        variants = by_route["h1"]
+        for v in [*variants, *twins]:
+            label = f"{v.name} (h2c upstream)" if v.twin else v.name
             if v.server and v.server.alive():
-                rss_after[v.name] = rss_bytes(v.pids()) / MIB
-                hwm[v.name] = hwm_bytes(v.pids()) / MIB
+                rss_after[label] = rss_bytes(v.pids()) / MIB
+                hwm[label] = hwm_bytes(v.pids()) / MIB
 
         if "idle10k" in scens:
             for v in variants:
@@ -1274,6 +1501,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         stop_all()
 
+    meta["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     summary = summarize(results, names)
     checks = check_targets(summary, idle, rss_after, FAULTLINE, FAULTLINE_OFF)
     text = report(meta, summary, idle, rss_after, hwm, checks, names, a, md=False)
