@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 import uvloop
+from h2_origin import Answer, H2Server
 
 from support import RunningProxy, Script, ScriptedOrigin, start_proxy
 
@@ -43,3 +44,18 @@ async def origin_factory() -> AsyncIterator[Callable[[Script], Awaitable[Scripte
     yield factory
     for origin in started:
         await origin.close()
+
+
+@pytest.fixture
+async def h2_server() -> AsyncIterator[Callable[..., Awaitable[H2Server]]]:
+    """Start scripted HTTP/2 origins (`h2_origin.H2Server`); all are closed at the end."""
+    started: list[H2Server] = []
+
+    async def factory(answer: Answer, max_streams: int | None = None) -> H2Server:
+        server = await H2Server(answer, max_streams).start()
+        started.append(server)
+        return server
+
+    yield factory
+    for server in started:
+        await server.close()

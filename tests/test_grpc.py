@@ -179,12 +179,13 @@ async def test_client_streaming(grpc_server, proxy_factory):
     assert line["grpc_status"] == 0 and line["bytes_in"] > 500_000
 
 
-async def test_a_deadline_is_never_charged_to_the_proxy(grpc_server, proxy_factory):
+async def test_a_client_deadline_is_told_as_it_happened(grpc_server, proxy_factory):
     """The client's deadline (0.5 s, sent as grpc-timeout) passes while the server takes
-    2 s. The client sees DEADLINE_EXCEEDED. Who ended the call is a race the record tells
-    as it happened: the server's gRPC library answering DEADLINE_EXCEEDED itself (the
-    origin's answer, grpc_status 4) or the client cancelling first (499, CANCELLED); never
-    the proxy."""
+    2 s. The client sees DEADLINE_EXCEEDED. Client, proxy and server all keep that deadline,
+    so who ended the call is a race the record tells as it happened: the client cancelling
+    first (499, CANCELLED), the proxy answering DEADLINE_EXCEEDED itself (its timer runs
+    from the request's arrival), or the server's gRPC library doing so (the origin's
+    answer, grpc_status 4)."""
 
     def call() -> grpc.RpcError:
         with grpc.insecure_channel(f"{LOOPBACK}:{proxy.port}") as channel:
@@ -202,7 +203,90 @@ async def test_a_deadline_is_never_charged_to_the_proxy(grpc_server, proxy_facto
     (line,) = proxy.access_log()
     closed = Fault.CLIENT_CLOSED_REQUEST.value
     outcome = (line["source"], line["status"], line["error"], line["grpc_status"])
-    assert outcome in (("origin", 200, None, 4), ("client", 499, closed, 1)), outcome
+    by_proxy = ("proxy", 200, Fault.HTTP_RESPONSE_TIMEOUT.value, 4)
+    assert outcome in (("origin", 200, None, 4), ("client", 499, closed, 1), by_proxy), outcome
+
+
+# -- the caller's grpc-timeout, kept by the proxy ----------------------------------------------
+
+GRPC_HEAD = (
+    (b"content-type", b"application/grpc"),
+    (b"te", b"trailers"),
+    (b"grpc-timeout", b"300m"),
+)
+TIMEOUT = Fault.HTTP_RESPONSE_TIMEOUT.value
+
+
+async def test_the_proxy_keeps_the_callers_grpc_timeout_before_the_head(h2_server, proxy_factory):
+    """An origin that ignores grpc-timeout and holds the call 3 s: at 300 ms the proxy ends
+    the call itself, DEADLINE_EXCEEDED, trailers-only, and the record says the proxy did."""
+    from test_http2 import H2Client
+
+    async def hold(conn, sid, head, body) -> None:
+        await asyncio.sleep(3)
+        await conn.respond(sid, 200, b"late")
+
+    origin = await h2_server(hold)
+    proxy = await proxy_factory(origin.url)
+    client = await H2Client.connect(proxy.port)
+    start = time.monotonic()
+    sid = client.request("/echo.Echo/Slow", "POST", b"\x00\x00\x00\x00\x00", GRPC_HEAD)
+    await client.send()
+    await client.until(lambda: sid in client.ended)
+    assert time.monotonic() - start < 2.5  # not the origin's 3 s
+    head = client.heads[sid]
+    assert head[b":status"] == b"200" and head[b"content-type"] == b"application/grpc"
+    assert head[b"grpc-status"] == b"4"  # trailers-only: the status is in the one HEADERS
+    assert b"(proxy)" in head[b"grpc-message"] and TIMEOUT.encode() in head[b"grpc-message"]
+    assert b"300ms (grpc-timeout)" in head[b"grpc-message"]
+    assert f"error={TIMEOUT}".encode() in head[b"proxy-status"]
+    client.close()
+    await proxy.settle()
+    (line,) = proxy.access_log()
+    outcome = (line["source"], line["status"], line["error"], line["grpc_status"])
+    assert outcome == ("proxy", 200, TIMEOUT, 4)
+    assert proxy.stats.snapshot(proxy={})["responses"]["by_grpc_status"] == {"4": {"proxy": 1}}
+    await asyncio.sleep(0.2)
+    assert origin.resets  # the origin's stream was cancelled, not left running
+
+
+async def test_the_proxy_keeps_the_callers_grpc_timeout_mid_stream(h2_server, proxy_factory):
+    """The origin streams one message and stalls: at 300 ms the proxy ends the stream with
+    grpc-status 4 in trailers (a clean gRPC end the client can read), not a reset."""
+    from test_http2 import H2Client
+
+    async def stall(conn, sid, head, body) -> None:
+        fields = [(b":status", b"200"), (b"content-type", b"application/grpc")]
+        conn.h2.send_headers(sid, fields)
+        conn.h2.send_data(sid, b"\x00\x00\x00\x00\x02hi")
+        conn.flush()
+        await asyncio.sleep(3)
+
+    origin = await h2_server(stall)
+    proxy = await proxy_factory(origin.url)
+    client = await H2Client.connect(proxy.port)
+    sid = client.request("/echo.Echo/Many", "POST", b"\x00\x00\x00\x00\x00", GRPC_HEAD)
+    await client.send()
+    trailers: list = []
+    original = client._event
+
+    def event(ev) -> None:
+        if type(ev).__name__ == "TrailersReceived":
+            trailers.append(dict(ev.headers))
+        original(ev)
+
+    client._event = event
+    await client.until(lambda: sid in client.ended or sid in client.reset)
+    assert sid in client.ended and sid not in client.reset
+    assert bytes(client.bodies[sid]) == b"\x00\x00\x00\x00\x02hi"
+    (fields,) = trailers
+    assert fields[b"grpc-status"] == b"4" and b"(proxy)" in fields[b"grpc-message"]
+    client.close()
+    await proxy.settle()
+    (line,) = proxy.access_log()
+    outcome = (line["source"], line["status"], line["error"], line["grpc_status"])
+    assert outcome == ("proxy", 200, TIMEOUT, 4)
+    assert "while the response was streamed" in line["details"]
 
 
 async def test_fifty_concurrent_calls_on_one_channel(grpc_server, proxy_factory):
@@ -287,3 +371,25 @@ async def test_a_non_grpc_answer_to_a_grpc_call_passes_through_with_its_hop(prox
         assert line["grpc_status"] == 14 and line["hop"] == "aws-alb"
     finally:
         await origin.close()
+
+
+@pytest.mark.parametrize(
+    ("value", "ns"),
+    [
+        (b"300m", 300_000_000),
+        (b" 2S", 2_000_000_000),
+        (b"1H", 3_600_000_000_000),
+        (b"99999999n", 99_999_999),
+        (b"5u", 5_000),
+        (b"123456789m", None),  # nine digits: malformed
+        (b"10", None),
+        (b"m", None),
+        (b"-1S", None),
+        (b"1s", None),  # units are case-sensitive: s is not a unit
+        (b"", None),
+    ],
+)
+def test_grpc_timeout_values(value: bytes, ns: int | None) -> None:
+    from proxy.diagnosis.grpc import timeout_ns
+
+    assert timeout_ns(value) == ns

@@ -68,6 +68,28 @@ def is_grpc(content_type: bytes | None) -> bool:
     return lowered[:16] == b"application/grpc" and lowered[16:17] in (b"", b"+", b";")
 
 
+# grpc-timeout units (PROTOCOL-HTTP2.md: "Timeout → TimeoutValue TimeoutUnit"), in ns.
+_TIMEOUT_UNITS: Final = {
+    ord("H"): 3_600_000_000_000,
+    ord("M"): 60_000_000_000,
+    ord("S"): 1_000_000_000,
+    ord("m"): 1_000_000,
+    ord("u"): 1_000,
+    ord("n"): 1,
+}
+
+
+def timeout_ns(value: bytes) -> int | None:
+    """A grpc-timeout value (at most 8 digits and a unit) in nanoseconds; None if malformed
+    (it is forwarded untouched, and the server judges it)."""
+    value = value.strip()
+    digits = value[:-1]
+    unit = _TIMEOUT_UNITS.get(value[-1]) if value else None
+    if unit is None or not 1 <= len(digits) <= 8 or not digits.isdigit():
+        return None
+    return int(digits) * unit
+
+
 def status_of_fault(fault: Fault, problem: RequestProblem | None = None) -> int:
     """The grpc-status the proxy answers a failed gRPC call with."""
     if fault is Fault.HTTP_REQUEST_ERROR:

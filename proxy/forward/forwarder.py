@@ -24,8 +24,8 @@ from urllib.parse import unquote
 
 from ..base.text import duration_text
 from ..diagnosis import grpc
-from ..diagnosis.classify import StreamReset, classify
-from ..diagnosis.faults import STALE_CONNECTION_FAULTS, Fault, RequestProblem
+from ..diagnosis.classify import DeadlineExpired, StreamReset, classify
+from ..diagnosis.faults import STALE_CONNECTION_FAULTS, Fault, RequestProblem, Source
 from ..diagnosis.hops import BODY_SAMPLE_BYTES, REQUEST_SAMPLE_BYTES, Evidence
 from ..diagnosis.record import AWAIT_HEAD, BODY, SEND, Phase, perf_ns
 from .codec import PAUSE_BUFFER, PAUSE_UPLOAD, OriginConnection, ResponseHead
@@ -64,9 +64,55 @@ class Forwarder(ExchangeState):
                 f"a gRPC call needs an HTTP/2 upstream; upstream {ctx.upstream} is HTTP/1.1",
             )
             return
+        if head.grpc:
+            self._arm_grpc_deadline(head.lines)
         conn = ctx.pool.acquire(self)
         if conn is not None:
             self.on_upstream_connected(conn, True)  # reused (positional: the hot call)
+
+    def _arm_grpc_deadline(self, lines: list[bytes]) -> None:
+        """The caller's grpc-timeout bounds the upstream phases, from the request's arrival:
+        one timer for such a call (the sweep's granularity is too coarse for it)."""
+        for line in lines:
+            if line[:13].lower() == b"grpc-timeout:":
+                limit = grpc.timeout_ns(line[13:])
+                if limit is not None:
+                    self.grpc_timeout_ns = limit
+                    delay = max(self.t_start + limit - perf_ns(), 0) / 1e9
+                    loop = self.ctx.pool.loop
+                    self.grpc_timer = loop.call_later(delay, self.on_grpc_deadline)
+                return
+
+    def on_grpc_deadline(self) -> None:
+        """The caller's grpc-timeout passed: the proxy ends the call DEADLINE_EXCEEDED, and
+        the record says the proxy did."""
+        self.grpc_timer = None
+        if self.done:
+            return
+        self.grpc_expired = True
+        limit = self.grpc_timeout_ns
+        if not self.response_started:
+            self.cancel_connect()
+            self.on_upstream_failed(DeadlineExpired(limit, "grpc-timeout"))
+            return
+        # The response is streaming: it ends with the status a gRPC client reads, in
+        # trailers, and the origin's stream is cancelled.
+        self._drop_upstream()
+        fault = Fault.HTTP_RESPONSE_TIMEOUT
+        self.fault = fault
+        self.details = (
+            f"the caller's grpc-timeout ({duration_text(limit)}) passed while the response "
+            "was streamed"
+        )
+        self.source = Source.PROXY
+        self.grpc_status = grpc.DEADLINE_EXCEEDED
+        message = grpc.message_of_fault(fault.value, self.details, self.ctx.proxy_name)
+        self.grpc_message = message
+        self.sink.send_trailers(
+            [(b"grpc-status", b"4"), (b"grpc-message", grpc.percent_encode(message))]
+        )
+        self.sink.send_end()
+        self.finish()
 
     # -- request side -------------------------------------------------------------------------
 

@@ -39,6 +39,9 @@ class ExchangeState(Exchange):
         "done",
         "down",
         "evidence",
+        "grpc_expired",
+        "grpc_timeout_ns",
+        "grpc_timer",
         "head",
         "held",
         "idempotent",
@@ -88,6 +91,9 @@ class ExchangeState(Exchange):
         self.evidence: Evidence | None = None  # kept for origin error responses only
         self.request_sample: bytearray | None = None  # a JSON request body, to judge a 5xx
         self.held: list[bytes] | None = None  # client bytes after an Upgrade, before 101
+        self.grpc_timeout_ns = 0  # the caller's grpc-timeout (0: none)
+        self.grpc_timer: asyncio.TimerHandle | None = None
+        self.grpc_expired = False  # it passed: the proxy ends the call DEADLINE_EXCEEDED
 
     def attach(
         self, head: RequestHead | None, reject: tuple[RequestProblem, str] | None = None
@@ -154,7 +160,8 @@ class ExchangeState(Exchange):
         if head is not None and head.grpc:
             # A gRPC client reads the outcome from grpc-status: HTTP 200, trailers-only.
             self.status = 200
-            self.grpc_status = grpc.status_of_fault(fault, problem)
+            status = grpc.status_of_fault(fault, problem)
+            self.grpc_status = grpc.DEADLINE_EXCEEDED if self.grpc_expired else status
             self.grpc_message = grpc.message_of_fault(row.token, detail, self.ctx.proxy_name)
         self.source = Source.PROXY
         self.sink.send_reply(self, row, detail, params)
@@ -228,6 +235,9 @@ class ExchangeState(Exchange):
         self.done = True
         self.phase = DONE
         self.t_end = perf_ns()
+        if self.grpc_timer is not None:
+            self.grpc_timer.cancel()
+            self.grpc_timer = None
         evidence = self.evidence
         if evidence is not None:
             head = self.head
