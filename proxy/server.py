@@ -71,19 +71,31 @@ def build_context(
         via=config.headers.via,
     )
     outbox = Outbox(loop)
-    origins: OriginFactory
-    if config.upstream_scheme == "h2c":
-        origins = H2OriginSide(
+    scheme = config.upstream_scheme
+    h2_origins: OriginFactory | None = None
+    if scheme in ("h2c", "https"):  # HTTP/2 with prior knowledge, or if ALPN chooses it
+        h2_origins = H2OriginSide(
             outbox,
             config.proxy_name,
             config.upstream_authority,
             config.headers.proxy_status and diagnostics,
             instance_id,
+            scheme=b"https" if scheme == "https" else b"http",
         )
+    origins: OriginFactory
+    if scheme == "h2c" and h2_origins is not None:
+        origins, h2_origins = h2_origins, None
     else:
         origins = OriginSide(headers, outbox, config.limits.max_response_header_bytes)
     ctx = ForwardContext(
-        config, loop, outbox, telemetry.record, telemetry.stats.gauges, origins, instance_id
+        config,
+        loop,
+        outbox,
+        telemetry.record,
+        telemetry.stats.gauges,
+        origins,
+        instance_id,
+        h2_factory=h2_origins,
     )
     # Reads that were one whole bodiless request head -> that head, parsed and validated
     # under this configuration: at most 1024 heads of at most 4 KiB.

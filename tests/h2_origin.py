@@ -98,8 +98,9 @@ class OriginConn:
 
 
 class H2Server:
-    def __init__(self, answer: Answer, max_streams: int | None = None) -> None:
+    def __init__(self, answer: Answer, max_streams: int | None = None, ssl=None) -> None:
         self.answer = answer
+        self.ssl = ssl  # an SSLContext offering ALPN h2: an https:// origin
         self.max_streams = max_streams
         self.connections: list[OriginConn] = []
         self.requests: list[dict[bytes, bytes]] = []
@@ -108,13 +109,14 @@ class H2Server:
         self.server: asyncio.AbstractServer | None = None
 
     async def start(self) -> H2Server:
-        self.server = await asyncio.start_server(self._serve, LOOPBACK, 0)
+        self.server = await asyncio.start_server(self._serve, LOOPBACK, 0, ssl=self.ssl)
         return self
 
     @property
     def url(self) -> str:
         assert self.server is not None
-        return f"h2c://{LOOPBACK}:{self.server.sockets[0].getsockname()[1]}"
+        scheme = "https" if self.ssl else "h2c"
+        return f"{scheme}://{LOOPBACK}:{self.server.sockets[0].getsockname()[1]}"
 
     async def _serve(self, reader, writer) -> None:
         conn = OriginConn(self, reader, writer)

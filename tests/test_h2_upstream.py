@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 
+import pytest
+import trustme
 from h2.errors import ErrorCodes
 from h2_origin import OriginConn
 
@@ -203,3 +206,113 @@ async def test_a_slow_client_holds_its_own_stream_not_the_shared_connection(
     assert got.endswith(big[-100:]) and len(got) > len(big)
     await proxy.settle()
     assert proxy.stats.counts == {(200, "origin", None): 2}
+
+
+# -- https:// upstreams: ALPN chooses h2, then http/1.1 --------------------------------------
+
+
+@pytest.fixture
+def tls(tmp_path):
+    """A CA the proxy trusts (its file), and server contexts for 127.0.0.1 offering ALPN."""
+    ca = trustme.CA()
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    cert = ca.issue_cert("127.0.0.1")
+
+    def server_context(*alpn: str) -> ssl.SSLContext:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        cert.configure_cert(context)
+        context.set_alpn_protocols(list(alpn))
+        return context
+
+    return str(ca_file), server_context, cert
+
+
+async def test_an_https_origin_that_chooses_h2_gets_streams_on_one_connection(
+    h2_server, proxy_factory, tls
+):
+    ca_file, server_context, _ = tls
+
+    async def answer(conn: OriginConn, sid: int, head, body: bytes) -> None:
+        await asyncio.sleep(0.05)
+        await conn.respond(sid, 200, b"over " + head[b":scheme"])
+
+    origin = await h2_server(answer, ssl=server_context("h2", "http/1.1"))
+    proxy = await proxy_factory(origin.url, **{"tls.ca_file": ca_file})
+    first = await fetch(proxy.port, "/first")
+    assert (first.status, first.body) == (200, b"over https")
+    responses = await asyncio.gather(*(fetch(proxy.port, "/n") for _ in range(20)))
+    assert [r.status for r in responses] == [200] * 20
+    assert len(origin.connections) == 1 and origin.peak == 20
+    await proxy.settle()
+    assert proxy.stats.counts == {(200, "origin", None): 21}
+    first_line, *others = proxy.access_log()
+    assert first_line["phases_ms"]["tls"] is not None and not first_line["reused"]
+    assert all(line["reused"] and line["phases_ms"]["tls"] is None for line in others)
+
+
+async def test_grpc_through_an_https_origin_that_chooses_h2(proxy_factory, tls):
+    """A real grpcio server over TLS: the call goes through, its status is the origin's."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    grpc = pytest.importorskip("grpc")
+    ca_file, _, cert = tls
+    server = grpc.server(ThreadPoolExecutor(max_workers=4))
+    handler = grpc.method_handlers_generic_handler(
+        "echo.Echo",
+        {"Say": grpc.unary_unary_rpc_method_handler(lambda request, context: b"tls " + request)},
+    )
+    server.add_generic_rpc_handlers((handler,))
+    key = cert.private_key_pem.bytes()
+    chain = b"".join(blob.bytes() for blob in cert.cert_chain_pems)
+    port = server.add_secure_port(f"{LOOPBACK}:0", grpc.ssl_server_credentials([(key, chain)]))
+    server.start()
+    try:
+        proxy = await proxy_factory(f"https://{LOOPBACK}:{port}", **{"tls.ca_file": ca_file})
+
+        def call() -> bytes:
+            with grpc.insecure_channel(f"{LOOPBACK}:{proxy.port}") as channel:
+                say = channel.unary_unary("/echo.Echo/Say", None, None)
+                return say(b"hello", timeout=5)
+
+        assert await asyncio.to_thread(call) == b"tls hello"
+        line = await proxy.last_log()
+        assert (line["grpc_status"], line["source"], line["status"]) == (0, "origin", 200)
+    finally:
+        server.stop(None)
+
+
+async def test_an_https_origin_that_chooses_http11_serves_http11_and_refuses_grpc(
+    origin_factory, proxy_factory, tls
+):
+    ca_file, server_context, _ = tls
+    context = server_context("http/1.1")
+
+    async def script(conn) -> None:
+        while await conn.read_request() is not None:
+            await conn.respond(200, b"one-one")
+
+    from support import ScriptedOrigin
+
+    origin = await ScriptedOrigin(script, ssl=context).start()
+    try:
+        proxy = await proxy_factory(origin.url, **{"tls.ca_file": ca_file})
+        response = await fetch(proxy.port, "/plain")
+        assert (response.status, response.body) == (200, b"one-one")
+        from test_http2 import H2Client
+
+        client = await H2Client.connect(proxy.port)
+        grpc_head = ((b"content-type", b"application/grpc"), (b"te", b"trailers"))
+        sid = client.request("/echo.Echo/Say", "POST", b"\0\0\0\0\0", grpc_head)
+        await client.send()
+        await client.until(lambda: sid in client.ended)
+        head = client.heads[sid]
+        assert head[b"grpc-status"] == b"14"
+        assert b"proxy_configuration_error" in head[b"grpc-message"]
+        assert b"chose HTTP/1.1 (ALPN)" in head[b"grpc-message"]
+        client.close()
+        await proxy.settle()
+        config_error = "proxy_configuration_error"
+        assert proxy.stats.counts == {(200, "origin", None): 1, (200, "proxy", config_error): 1}
+    finally:
+        await origin.close()

@@ -39,22 +39,19 @@ class ForwardContext:
         gauges: Gauges,
         origin_factory: OriginFactory,
         instance_id: str,
+        h2_factory: OriginFactory | None = None,
     ) -> None:
         self.config = config
         self.record = record
         self.gauges = gauges
         self.outbox = outbox
-        self.pool = UpstreamPool(config, loop, origin_factory)
+        self.pool = UpstreamPool(config, loop, origin_factory, h2_factory)
         self.connections: set[ServedConnection] = set()
         self.draining = False
         self.instance_id = instance_id
         self.diagnostics = config.diagnostics
         self.upstream = config.upstream
         self.upstream_authority = config.upstream_authority
-        # The upstream can carry trailers, which a gRPC call's status travels in: HTTP/2
-        # (h2c://; ALPN h2 on https:// is still to come).
-        self.upstream_trailers = config.upstream_scheme == "h2c"
-        self.upstream_multiplexed = config.upstream_scheme == "h2c"
         self.proxy_name = config.proxy_name
         limits, timeouts = config.limits, config.timeouts
         self.max_in_flight = limits.max_in_flight

@@ -58,17 +58,22 @@ class Forwarder(ExchangeState):
         if ctx.gauges.in_flight > ctx.max_in_flight:
             self.fail(Fault.CONNECTION_LIMIT_REACHED, "limits.max_in_flight reached")
             return
-        if head.grpc and not ctx.upstream_trailers:
-            self.fail(
-                Fault.PROXY_CONFIGURATION_ERROR,
-                f"a gRPC call needs an HTTP/2 upstream; upstream {ctx.upstream} is HTTP/1.1",
-            )
-            return
         if head.grpc:
+            if not ctx.pool.trailers:
+                self._no_trailers()
+                return
             self._arm_grpc_deadline(head.lines)
         conn = ctx.pool.acquire(self)
         if conn is not None:
             self.on_upstream_connected(conn, True)  # reused (positional: the hot call)
+
+    def _no_trailers(self) -> None:
+        upstream = self.ctx.upstream
+        spoken = "chose HTTP/1.1 (ALPN)" if upstream.startswith("https") else "is HTTP/1.1"
+        self.fail(
+            Fault.PROXY_CONFIGURATION_ERROR,
+            f"a gRPC call needs an HTTP/2 upstream; upstream {upstream} {spoken}",
+        )
 
     def _arm_grpc_deadline(self, lines: list[bytes]) -> None:
         """The caller's grpc-timeout bounds the upstream phases, from the request's arrival:
@@ -120,10 +125,14 @@ class Forwarder(ExchangeState):
         if self.done:
             self.ctx.pool.release(conn, reusable=True)
             return
-        self.up = conn
-        self.reused = reused
         head = self.head
         assert head is not None
+        if head.grpc and not self.ctx.pool.trailers:  # ALPN chose HTTP/1.1 on the way
+            self.ctx.pool.release(conn, reusable=True)
+            self._no_trailers()
+            return
+        self.up = conn
+        self.reused = reused
         conn.begin(self, head)
         down = self.down
         if down.write_paused:

@@ -10,7 +10,12 @@ Rules:
    no connection has a free stream and none is being connected, and an exchange that waits
    gets the next stream that frees.
 3. What the resolver and the TLS library report in their own types becomes a neutral
-   failure here (`NameNotResolved`, `HandshakeFailed`), so `classify` knows neither.
+   failure on the way (`proxy.forward.connecting`), so `classify` knows neither.
+4. Over TLS with an `h2_factory`, ALPN offers h2 then http/1.1, and the codec connection is
+   made after the handshake, by the factory of the protocol the origin chose (bytes that
+   arrive before it exists are kept for it: `Handshaking`). The pool follows the last choice: streams on
+   shared connections after h2, a connection per exchange after http/1.1 (`trailers`
+   tells the core whether a gRPC call can be carried).
 """
 
 from __future__ import annotations
@@ -25,41 +30,15 @@ from collections.abc import Callable
 from typing import Any, Final, Protocol
 
 from ..config import Config
-from ..diagnosis.classify import HandshakeFailed, NameNotResolved
 from ..diagnosis.record import Phase, perf_ns
 from .codec import OriginConnection, SharedConnection
+from .connecting import Handshaking, handshake_failure, make_ssl_context, name_failure
 
 # Connect failures that mean "nothing is listening yet" (a dev server restarting).
 _NOT_LISTENING: Final = (ConnectionRefusedError,)
 _RETRY_WAIT_S: Final = 0.1
 # Exchanges that wait for one multiplexed connection being connected before another opens.
 _STREAMS_PER_CONNECT: Final = 100
-
-# getaddrinfo errors -> DNS rcode names (RFC 9209 dns_error carries `rcode`).
-_GAI_RCODE: Final = {
-    socket.EAI_NONAME: "NXDOMAIN",
-    getattr(socket, "EAI_NODATA", -5): "NOERROR",  # name exists, no address record
-    socket.EAI_FAIL: "SERVFAIL",
-}
-
-
-def name_failure(error: socket.gaierror) -> NameNotResolved:
-    """What a failed getaddrinfo means, as a fact `classify` reads."""
-    if error.errno == socket.EAI_AGAIN:
-        return NameNotResolved("SERVFAIL", temporary=True)
-    return NameNotResolved(_GAI_RCODE.get(error.errno or 0, "SERVFAIL"))
-
-
-def handshake_failure(error: ssl.SSLError) -> HandshakeFailed:
-    """What a failed TLS handshake means, as a fact `classify` reads."""
-    if isinstance(error, ssl.SSLCertVerificationError):
-        reason = (
-            getattr(error, "verify_message", None)
-            or getattr(error, "reason", None)
-            or "verification failed"
-        )
-        return HandshakeFailed(str(reason), certificate=True)
-    return HandshakeFailed(str(getattr(error, "reason", None) or error))
 
 
 class Waiter(Protocol):
@@ -92,10 +71,15 @@ class UpstreamPool:
     """A bounded set of connections to the one origin: idle ones reused newest first."""
 
     def __init__(
-        self, config: Config, loop: asyncio.AbstractEventLoop, factory: OriginFactory
+        self,
+        config: Config,
+        loop: asyncio.AbstractEventLoop,
+        factory: OriginFactory,
+        h2_factory: OriginFactory | None = None,
     ) -> None:
         self.loop = loop
         self.factory = factory
+        self.h2_factory = h2_factory  # the codec for ALPN h2 (https:// upstreams)
         self.host = config.upstream_host
         self.port = config.upstream_port
         self.max_connections = config.pool.max_connections
@@ -105,7 +89,7 @@ class UpstreamPool:
         self.ssl_context: ssl.SSLContext | None = None
         self.server_hostname: str | None = None
         if config.upstream_scheme == "https":
-            self.ssl_context = make_ssl_context(config)
+            self.ssl_context = make_ssl_context(config, h2=h2_factory is not None)
             self.server_hostname = config.tls.server_name or self.host
         try:
             ipaddress.ip_address(self.host)
@@ -118,6 +102,8 @@ class UpstreamPool:
         self.connecting = 0
         self.waiters: deque[Waiter] = deque()
         self.multiplexed = bool(getattr(factory, "multiplexed", False))
+        # The upstream can carry trailers (a gRPC call's status): HTTP/2, or maybe (ALPN).
+        self.trailers = self.multiplexed or h2_factory is not None
         self.shared: list[SharedConnection] = []  # multiplexed connections, oldest first
 
     # -- acquiring and releasing ------------------------------------------------------------
@@ -249,8 +235,8 @@ class UpstreamPool:
     async def _connect(self, forwarder: Waiter) -> None:
         attempt = _Attempt()
         try:
-            conn = await self._open(forwarder, attempt)
-            if self.multiplexed:
+            conn, multiplexed = await self._open(forwarder, attempt)
+            if multiplexed:
                 await conn.ready()  # type: ignore[attr-defined]
         except asyncio.CancelledError:
             # The exchange gave up (deadline or client gone) and has already reported it.
@@ -263,7 +249,7 @@ class UpstreamPool:
             return
         forwarder.connect_task = None
         self.connecting -= 1
-        if self.multiplexed:
+        if multiplexed:
             shared: SharedConnection = conn  # type: ignore[assignment]
             self.shared.append(shared)
             stream = shared.open_stream()
@@ -289,8 +275,9 @@ class UpstreamPool:
         if waiter is not None:
             self._start_connect(waiter)
 
-    async def _open(self, forwarder: Waiter, attempt: _Attempt) -> OriginConnection:
-        """DNS, TCP connect (every address in turn), then TLS; marks and phases on the way."""
+    async def _open(self, forwarder: Waiter, attempt: _Attempt) -> tuple[OriginConnection, bool]:
+        """DNS, TCP connect (every address in turn), then TLS; marks and phases on the way.
+        The connection, and whether it is multiplexed (a `SharedConnection`)."""
         ex = forwarder
         loop = self.loop
         if self.host_is_ip:
@@ -306,9 +293,10 @@ class UpstreamPool:
         ex.phase = Phase.CONNECT
         ex.t_connect = perf_ns()
         wait_until = ex.t_start + int(self.upstream_wait_s * 1e9) if forwarder.may_wait else 0
+        alpn = self.ssl_context is not None and self.h2_factory is not None
         while True:
             try:
-                conn = await self._connect_any(addresses)
+                conn = await self._connect_any(addresses, Handshaking(self) if alpn else None)
                 break
             except _NOT_LISTENING:
                 if not wait_until:
@@ -326,22 +314,37 @@ class UpstreamPool:
                 ex.t_connect = perf_ns()
         attempt.conn = conn
         ex.t_connected = perf_ns()
-        if self.ssl_context is not None:
-            ex.phase = Phase.TLS
-            try:
-                protocol: Any = conn  # an asyncio protocol, seen here as an OriginConnection
-                conn.transport = await loop.start_tls(
-                    conn.transport, protocol, self.ssl_context, server_hostname=self.server_hostname
-                )
-            except ssl.SSLError as exc:
-                raise handshake_failure(exc) from exc
-            ex.t_tls_done = perf_ns()
-        return conn
+        if self.ssl_context is None:
+            return conn, self.multiplexed
+        ex.phase = Phase.TLS
+        try:
+            protocol: Any = conn  # an asyncio protocol, seen here as an OriginConnection
+            conn.transport = await loop.start_tls(
+                conn.transport, protocol, self.ssl_context, server_hostname=self.server_hostname
+            )
+        except ssl.SSLError as exc:
+            raise handshake_failure(exc) from exc
+        ex.t_tls_done = perf_ns()
+        if not alpn:
+            return conn, False
+        # The origin chose: its codec takes the connection over.
+        handshaking: Any = conn
+        if handshaking.closed:  # its loss already freed the slot
+            raise ConnectionResetError("the origin closed the connection after the handshake")
+        chosen = conn.transport.get_extra_info("ssl_object").selected_alpn_protocol()
+        h2 = chosen == "h2"
+        factory = self.h2_factory if h2 else self.factory
+        assert factory is not None
+        codec = factory(self)
+        attempt.conn = codec
+        self.multiplexed = self.trailers = h2
+        handshaking.hand_over(codec)
+        return codec, h2
 
-    async def _connect_any(self, addresses: list[str]) -> OriginConnection:
+    async def _connect_any(self, addresses: list[str], first: Any = None) -> OriginConnection:
         error: BaseException | None = None
         for address in addresses:
-            conn = self.factory(self)
+            conn = first or self.factory(self)
             try:
                 # The factory runs inside this call, before the loop moves on.
                 await self.loop.create_connection(lambda: conn, address, self.port)  # noqa: B023
@@ -359,13 +362,3 @@ class _Attempt:
 
     def __init__(self) -> None:
         self.conn: OriginConnection | None = None
-
-
-def make_ssl_context(config: Config) -> ssl.SSLContext:
-    tls = config.tls
-    context = ssl.create_default_context(cafile=tls.ca_file)
-    if not tls.verify:
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    context.set_alpn_protocols(["http/1.1"])
-    return context

@@ -108,7 +108,7 @@ class ExchangeState(Exchange):
             self.idempotent = True
             self.replay = []
             self.may_wait = self.ctx.upstream_wait
-        elif self.ctx.upstream_multiplexed:
+        elif self.ctx.pool.multiplexed:
             self.replay = []  # an HTTP/2 origin may refuse the stream unprocessed
         content_type = head.content_type
         if (

@@ -67,9 +67,16 @@ class H2OriginSide:
     multiplexed = True  # the pool opens streams on its connections (`SharedConnection`)
 
     def __init__(
-        self, outbox: Outbox, proxy_name: str, authority: str, proxy_status: bool, instance: str
+        self,
+        outbox: Outbox,
+        proxy_name: str,
+        authority: str,
+        proxy_status: bool,
+        instance: str,
+        scheme: bytes = b"http",
     ) -> None:
         self.outbox = outbox
+        self.scheme = scheme  # :scheme towards the origin: https over TLS
         self.proxy_status = proxy_status
         self.ps_prefix, self.ps_suffix = proxy_status_received(proxy_name, authority)
         self.via = b"2 " + proxy_name.encode()
@@ -85,7 +92,7 @@ class H2OriginSide:
         """The request's HEADERS: pseudo-fields first, then the end-to-end fields."""
         fields = [
             (b":method", head.method),
-            (b":scheme", b"http"),
+            (b":scheme", self.scheme),
             (b":authority", head.host or host.encode()),
             (b":path", head.target),
         ]
