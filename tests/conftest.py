@@ -51,8 +51,8 @@ async def h2_server() -> AsyncIterator[Callable[..., Awaitable[H2Server]]]:
     """Start scripted HTTP/2 origins (`h2_origin.H2Server`); all are closed at the end."""
     started: list[H2Server] = []
 
-    async def factory(answer: Answer, max_streams: int | None = None, ssl=None) -> H2Server:
-        server = await H2Server(answer, max_streams, ssl).start()
+    async def factory(answer: Answer, max_streams: int | None = None, **options) -> H2Server:
+        server = await H2Server(answer, max_streams, **options).start()
         started.append(server)
         return server
 

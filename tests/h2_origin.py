@@ -52,9 +52,10 @@ class OriginConn:
                         self.server.peak = max(self.server.peak, len(self.open))
                     elif isinstance(event, DataReceived):
                         bodies[event.stream_id] += event.data
-                        self.h2.acknowledge_received_data(
-                            event.flow_controlled_length, event.stream_id
-                        )
+                        if self.server.ack_data:
+                            self.h2.acknowledge_received_data(
+                                event.flow_controlled_length, event.stream_id
+                            )
                     elif isinstance(event, StreamEnded) and event.stream_id in heads:
                         sid = event.stream_id
                         head = heads.pop(sid)
@@ -98,8 +99,11 @@ class OriginConn:
 
 
 class H2Server:
-    def __init__(self, answer: Answer, max_streams: int | None = None, ssl=None) -> None:
+    def __init__(
+        self, answer: Answer, max_streams: int | None = None, ssl=None, ack_data: bool = True
+    ) -> None:
         self.answer = answer
+        self.ack_data = ack_data  # False: it never opens its window (an upload stalls)
         self.ssl = ssl  # an SSLContext offering ALPN h2: an https:// origin
         self.max_streams = max_streams
         self.connections: list[OriginConn] = []

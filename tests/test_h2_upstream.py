@@ -316,3 +316,52 @@ async def test_an_https_origin_that_chooses_http11_serves_http11_and_refuses_grp
         assert proxy.stats.counts == {(200, "origin", None): 1, (200, "proxy", config_error): 1}
     finally:
         await origin.close()
+
+
+@pytest.mark.parametrize("scheme", ["h2c", "http"])
+async def test_an_origin_that_takes_no_upload_holds_it_bounded_then_times_out(
+    scheme, h2_server, origin_factory, proxy_factory
+):
+    """The origin never opens its window (HTTP/2), or stops reading its socket (HTTP/1.1):
+    the proxy keeps at most its buffer of the upload (the client is paused, the proxy's
+    memory does not grow), and after timeouts.upstream_read without a byte taken it answers
+    504, charged to the upstream. Before, the exchange waited for ever."""
+
+    async def never(conn: OriginConn, sid: int, head, body: bytes) -> None:
+        raise AssertionError("the upload can never end")
+
+    async def reads_the_head_only(conn) -> None:
+        await conn.reader.readuntil(b"\r\n\r\n")
+        await asyncio.sleep(30)  # its stream reader stops taking bytes at 128 KiB
+
+    if scheme == "h2c":
+        url = (await h2_server(never, ack_data=False)).url
+    else:
+        url = (await origin_factory(reads_the_head_only)).url
+    proxy = await proxy_factory(url, **{"timeouts.upstream_read": "1s"})
+    size = 64 * 1024 * 1024
+    reader, writer = await asyncio.open_connection(LOOPBACK, proxy.port)
+    writer.write(f"PUT /up HTTP/1.1\r\nHost: app\r\nContent-Length: {size}\r\n\r\n".encode())
+
+    async def upload() -> None:
+        chunk = b"u" * (1 << 20)
+        with contextlib.suppress(ConnectionError):
+            for _ in range(size // len(chunk)):
+                writer.write(chunk)
+                await writer.drain()
+
+    sender = asyncio.create_task(upload())
+    data = bytearray()
+    with contextlib.suppress(ConnectionError):
+        async with asyncio.timeout(10):
+            while chunk := await reader.read(65536):
+                data += chunk
+    sender.cancel()
+    writer.close()
+    (response,), _ = parse_responses(bytes(data))
+    assert response.status == 504
+    assert b"error=http_response_timeout" in data and b"took no request body bytes" in data
+    line = await proxy.last_log()
+    assert (line["source"], line["layer"]) == ("proxy", "upstream")
+    # Of 64 MiB offered: the proxy's buffer, plus what the sockets to the origin hold.
+    assert line["bytes_in"] < 24 * 1024 * 1024, line["bytes_in"]

@@ -39,6 +39,11 @@ class DeadlineExpired(UpstreamError, TimeoutError):
         return f" within {duration_text(self.limit_ns)} ({self.setting})"
 
 
+class UploadStalled(DeadlineExpired):
+    """The upstream took no request body bytes for the limit (its TCP or HTTP/2 window
+    stayed shut), while the client had more to send."""
+
+
 class UpstreamProtocolError(UpstreamError):
     """The upstream sent bytes that are not valid HTTP/1.x."""
 
@@ -191,6 +196,12 @@ def _classify_tls(error: BaseException | None) -> tuple[Fault, str]:
 def _classify_before_head(
     phase: Phase, error: BaseException | None, response_bytes_seen: bool
 ) -> tuple[Fault, str]:
+    if isinstance(error, UploadStalled):
+        return (
+            Fault.HTTP_RESPONSE_TIMEOUT,
+            f"the upstream took no request body bytes{error.within()}: it stopped reading "
+            "the upload (its window stayed shut) and never answered",
+        )
     if isinstance(error, DeadlineExpired):
         return Fault.HTTP_RESPONSE_TIMEOUT, f"no response headers{error.within() or ' in time'}"
     if isinstance(error, ResponseHeadersTooLarge):

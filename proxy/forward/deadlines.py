@@ -10,9 +10,10 @@ not charged to the upstream.
 from __future__ import annotations
 
 from ..base.text import duration_text
-from ..diagnosis.classify import DeadlineExpired
+from ..diagnosis.classify import DeadlineExpired, UploadStalled
 from ..diagnosis.faults import RequestProblem
 from ..diagnosis.record import Phase
+from .codec import PAUSE_UPLOAD
 from .forwarder import Forwarder
 
 
@@ -34,7 +35,16 @@ def check_deadline(fw: Forwarder, now: int) -> None:
         elif now - fw.progress_ns > ctx.upstream_read_ns:
             fw.on_upstream_failed(DeadlineExpired(ctx.upstream_read_ns, "timeouts.upstream_read"))
     elif phase is Phase.SEND:
-        if fw.request_complete or fw.down.read_pauses:
+        pauses = fw.down.read_pauses
+        if pauses == PAUSE_UPLOAD and not fw.request_complete:
+            # Only the upstream holds the upload (it takes no more): its clock runs from
+            # the last body byte it let the client send.
+            if fw.body_bytes_in != fw.progress or not fw.progress_ns:
+                fw.progress = fw.body_bytes_in
+                fw.progress_ns = now
+            elif now - fw.progress_ns > ctx.upstream_read_ns:
+                fw.on_upstream_failed(UploadStalled(ctx.upstream_read_ns, "timeouts.upstream_read"))
+        elif fw.request_complete or pauses:
             fw.progress_ns = now
         elif fw.body_bytes_in != fw.progress:
             fw.progress = fw.body_bytes_in

@@ -30,7 +30,7 @@ from h2.stream import StreamState
 from ..diagnosis.classify import StreamReset as ResetByPeer
 from ..diagnosis.classify import UpstreamProtocolError
 from ..forward.codec import RequestHead
-from ..forward.forwarder import Forwarder
+from ..forward.forwarder import PENDING_HIGH_BYTES, Forwarder
 from ..forward.heads import OriginHead
 
 
@@ -85,6 +85,8 @@ class H2OriginStream:
         self.stream_id = 0
         self.remaining: int | None = None  # request bytes still due (known length)
         self.chunks: list[bytes] = []  # request DATA waiting for the origin's window
+        self.buffered = 0  # bytes in `chunks`: above PENDING_HIGH_BYTES the client pauses
+        self.upload_paused = False
         self.ending = False  # END_STREAM is due after the chunks
         self.done = False  # the response ended or failed: no more events for the core
         self.paused = False
@@ -112,11 +114,16 @@ class H2OriginStream:
 
     def send_data(self, data: bytes) -> None:
         self.chunks.append(data)
+        self.buffered += len(data)
         if self.remaining is not None:
             self.remaining -= len(data)
             if self.remaining <= 0:
                 self.ending = True
         self.pump()
+        handler = self.handler
+        if self.buffered > PENDING_HIGH_BYTES and not self.upload_paused and handler is not None:
+            self.upload_paused = True  # the origin's window is shut: the client waits
+            handler.upstream_write_paused()
 
     def send_end(self) -> None:
         self.ending = True
@@ -146,9 +153,14 @@ class H2OriginStream:
                 else:
                     chunks.pop(0)
                 h2.send_data(sid, chunk)
+                self.buffered -= len(chunk)
             if self.ending and not chunks:
                 self.ending = False
                 h2.end_stream(sid)
+        handler = self.handler
+        if self.upload_paused and self.buffered <= PENDING_HIGH_BYTES // 4 and handler is not None:
+            self.upload_paused = False
+            handler.upstream_write_resumed()
 
     # -- back-pressure -------------------------------------------------------------------
 
