@@ -4,6 +4,7 @@ back-pressure (the proxy pauses the sending side while the receiving side is ful
 from __future__ import annotations
 
 import asyncio
+import shutil
 
 import pytest
 
@@ -73,4 +74,41 @@ async def test_one_gib_upload_streams_in_bounded_memory(big_proxy):
     writer.close()
     assert head.startswith(b"HTTP/1.1 200")
     assert body == str(GIB).encode()
+    assert big_proxy.peak_rss_bytes() < RSS_LIMIT, big_proxy.peak_rss_bytes()
+
+
+# -- the same over HTTP/2 (curl with prior knowledge: a client that keeps up) -------------------
+
+
+async def _curl(*args: str) -> bytes:
+    proc = await asyncio.create_subprocess_exec(
+        "curl", "-s", "-S", "--http2-prior-knowledge", "--max-time", "150", *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await proc.communicate()
+    assert proc.returncode == 0, err
+    return out
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+async def test_one_gib_download_over_http2_streams_in_bounded_memory(big_proxy):
+    out = await _curl(
+        "-o", "/dev/null", "-w", "%{http_version} %{http_code} %{size_download}",
+        f"http://{LOOPBACK}:{big_proxy.port}/download",
+    )  # fmt: skip
+    assert out.split() == [b"2", b"200", str(GIB).encode()]
+    assert big_proxy.peak_rss_bytes() < RSS_LIMIT, big_proxy.peak_rss_bytes()
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+async def test_one_gib_upload_over_http2_streams_in_bounded_memory(big_proxy, tmp_path):
+    upload = tmp_path / "gib"
+    with upload.open("wb") as f:
+        f.truncate(GIB)  # sparse: no disk written, reads as zeros
+    out = await _curl(
+        "-T", str(upload), "-w", " %{http_version} %{http_code}",
+        f"http://{LOOPBACK}:{big_proxy.port}/upload",
+    )  # fmt: skip
+    assert out.split() == [str(GIB).encode(), b"2", b"200"]
     assert big_proxy.peak_rss_bytes() < RSS_LIMIT, big_proxy.peak_rss_bytes()
