@@ -61,6 +61,7 @@ def build_context(
     """The core's shared context, wired to its sinks and to the HTTP/1.1 codec's origin
     side; and what every HTTP/1.1 client connection shares (`DownstreamProtocol`)."""
     diagnostics = config.diagnostics
+    client_proto = b"https" if config.tls.cert else b"http"  # the listen port's scheme
     headers = HeaderPolicy(
         proxy_name=config.proxy_name,
         instance_id=instance_id,
@@ -69,6 +70,7 @@ def build_context(
         server_timing=config.headers.server_timing and diagnostics,
         forwarded=config.headers.forwarded,
         via=config.headers.via,
+        client_proto=client_proto,
     )
     outbox = Outbox(loop)
     scheme = config.upstream_scheme
@@ -81,6 +83,9 @@ def build_context(
             config.headers.proxy_status and diagnostics,
             instance_id,
             scheme=b"https" if scheme == "https" else b"http",
+            forwarded=config.headers.forwarded,
+            via=config.headers.via,
+            client_proto=client_proto,
         )
     origins: OriginFactory
     if scheme == "h2c" and h2_origins is not None:

@@ -365,3 +365,26 @@ async def test_an_origin_that_takes_no_upload_holds_it_bounded_then_times_out(
     assert (line["source"], line["layer"]) == ("proxy", "upstream")
     # Of 64 MiB offered: the proxy's buffer, plus what the sockets to the origin hold.
     assert line["bytes_in"] < 24 * 1024 * 1024, line["bytes_in"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "present", "absent"),
+    [
+        ({}, [b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"via"], []),
+        ({"headers.forwarded": False}, [b"via"], [b"x-forwarded-for", b"x-forwarded-host"]),
+        ({"headers.via": False}, [b"x-forwarded-for"], [b"via"]),
+    ],
+)
+async def test_the_header_switches_hold_towards_an_h2_origin(
+    overrides, present, absent, h2_server, proxy_factory
+):
+    """headers.forwarded and headers.via apply to an HTTP/2 origin as to an HTTP/1.1 one
+    (before, the HTTP/2 origin always got X-Forwarded-For and Via, and no -Host)."""
+    origin = await h2_server(hold_then_answer)
+    proxy = await proxy_factory(origin.url, **overrides)
+    assert (await fetch(proxy.port, "/h/0")).status == 200
+    (seen,) = origin.requests
+    assert all(name in seen for name in present), seen
+    assert not any(name in seen for name in absent), seen
+    if b"x-forwarded-host" in seen:
+        assert (seen[b"x-forwarded-host"], seen[b"x-forwarded-proto"]) == (b"app", b"http")

@@ -56,6 +56,8 @@ async def test_alpn_picks_the_protocol_on_one_tls_port(
     assert proxy.stats.counts == {(200, "origin", None): 1}
     (line,) = proxy.access_log()
     assert line["protocol"] == ("h2" if flag == "--http2" else "http/1.1")
+    # The origin learns the client's scheme (it was http whatever the listen port spoke).
+    assert b"\r\nX-Forwarded-Proto: https\r\n" in recording.received_bytes()
 
 
 def test_a_certificate_without_its_key_is_refused_in_one_line(certificate):

@@ -162,8 +162,10 @@ class HeaderPolicy:
         server_timing: bool,
         forwarded: bool,
         via: bool,
+        client_proto: bytes = b"http",
     ) -> None:
         self.proxy_name = proxy_name
+        self.client_proto = client_proto  # X-Forwarded-Proto: https on a TLS listen port
         self.instance_id = instance_id.encode()
         self.upstream_authority = upstream_authority.encode()
         self.proxy_status = proxy_status
@@ -175,7 +177,7 @@ class HeaderPolicy:
         self.via_request = b"1.1 " + name + b" (faultline " + self.instance_id + b")"
         self.via_response = b"1.1 " + name
         self._via_request_line = _line(b"Via", self.via_request)
-        self._xfp_xfh = b"\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: "
+        self._xfp_xfh = b"\r\nX-Forwarded-Proto: " + client_proto + b"\r\nX-Forwarded-Host: "
         self._via_response_line = _line(b"Via", self.via_response)
         self._ps_prefix, self._ps_suffix = proxy_status_received(proxy_name, upstream_authority)
         self._received_lines: dict[int, bytes] = {}
@@ -231,15 +233,14 @@ class HeaderPolicy:
             parts += (b"Connection: upgrade\r\nUpgrade: ", head.upgrade, b"\r\n")
         return b"".join(parts)
 
-    @staticmethod
-    def _trusted_forwarded(head: RequestHead, client_ip: bytes, host: bytes) -> list[bytes]:
+    def _trusted_forwarded(self, head: RequestHead, client_ip: bytes, host: bytes) -> list[bytes]:
         """From a trusted proxy: append to its X-Forwarded-For, keep its proto and host."""
         xff = head.xff + b", " + client_ip if head.xff else client_ip
         return [
             b"X-Forwarded-For: ",
             xff,
             b"\r\nX-Forwarded-Proto: ",
-            head.xfp or b"http",
+            head.xfp or self.client_proto,
             b"\r\nX-Forwarded-Host: ",
             head.xfh or host,
             b"\r\n",

@@ -74,9 +74,15 @@ class H2OriginSide:
         proxy_status: bool,
         instance: str,
         scheme: bytes = b"http",
+        forwarded: bool = True,
+        via: bool = True,
+        client_proto: bytes = b"http",
     ) -> None:
         self.outbox = outbox
         self.scheme = scheme  # :scheme towards the origin: https over TLS
+        self.forwarded = forwarded  # headers.forwarded: X-Forwarded-For/-Proto/-Host
+        self.add_via = via  # headers.via
+        self.client_proto = client_proto  # X-Forwarded-Proto: https on a TLS listen port
         self.proxy_status = proxy_status
         self.ps_prefix, self.ps_suffix = proxy_status_received(proxy_name, authority)
         self.via = b"2 " + proxy_name.encode()
@@ -90,10 +96,11 @@ class H2OriginSide:
         self, head: RequestHead, handler: Forwarder, host: str
     ) -> list[tuple[bytes, bytes]]:
         """The request's HEADERS: pseudo-fields first, then the end-to-end fields."""
+        authority = head.host or host.encode()
         fields = [
             (b":method", head.method),
             (b":scheme", self.scheme),
-            (b":authority", head.host or host.encode()),
+            (b":authority", authority),
             (b":path", head.target),
         ]
         for line in head.lines:
@@ -101,18 +108,26 @@ class H2OriginSide:
             name = name.strip().lower()
             if name not in _CONNECTION_SPECIFIC and name != b"host":
                 fields.append((name, value.strip()))
-        down = handler.down
-        xff = head.xff + b", " + down.client_ip_b if head.xff and down.trusted else down.client_ip_b
-        fields.append((b"x-forwarded-for", xff))
-        fields.append((b"x-forwarded-proto", b"http"))
+        if self.forwarded:
+            down = handler.down
+            ip = down.client_ip_b
+            if down.trusted:  # a trusted proxy's X-Forwarded-* are kept, its list extended
+                fields.append((b"x-forwarded-for", head.xff + b", " + ip if head.xff else ip))
+                fields.append((b"x-forwarded-proto", head.xfp or self.client_proto))
+                fields.append((b"x-forwarded-host", head.xfh or authority))
+            else:
+                fields.append((b"x-forwarded-for", ip))
+                fields.append((b"x-forwarded-proto", self.client_proto))
+                fields.append((b"x-forwarded-host", authority))
         request_id = handler.request_id_line.partition(b":")[2].strip()
         fields.append((b"x-request-id", request_id))
         if head.content_length is not None:
             fields.append((b"content-length", b"%d" % head.content_length))
         if head.grpc:
             fields.append((b"te", b"trailers"))  # gRPC servers require it (PROTOCOL-HTTP2.md)
-        via = self.via_request
-        fields.append((b"via", head.via + b", " + via if head.via else via))
+        if self.add_via:
+            via = self.via_request
+            fields.append((b"via", head.via + b", " + via if head.via else via))
         return fields
 
     def head(self, headers: list[tuple[bytes, bytes]]) -> OriginHead:
