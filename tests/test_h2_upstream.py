@@ -46,6 +46,21 @@ async def test_fifty_exchanges_share_one_origin_connection(h2_server, proxy_fact
     await proxy.settle()
     assert proxy.stats.counts == {(200, "origin", None): 50}
     assert proxy.pool.counts() == (1, 0)  # kept, idle, for the next exchanges
+    assert proxy.pool.busy == 0 and proxy.pool.open == 1
+
+
+async def test_a_shared_connection_counts_once_as_busy(h2_server, proxy_factory):
+    origin = await h2_server(hold_then_answer)
+    proxy = await proxy_factory(origin.url)
+    calls = [asyncio.create_task(fetch(proxy.port, "/hold/0.5")) for _ in range(5)]
+    for _ in range(100):
+        await asyncio.sleep(0.02)
+        if proxy.pool.busy == 5:
+            break
+    assert proxy.pool.counts() == (0, 1)  # one connection carrying five streams
+    await asyncio.gather(*calls)
+    await proxy.settle()
+    assert proxy.pool.counts() == (1, 0)
 
 
 async def test_the_origins_stream_limit_is_honoured(h2_server, proxy_factory):

@@ -13,9 +13,9 @@ Rules:
    failure on the way (`proxy.forward.connecting`), so `classify` knows neither.
 4. Over TLS with an `h2_factory`, ALPN offers h2 then http/1.1, and the codec connection is
    made after the handshake, by the factory of the protocol the origin chose (bytes that
-   arrive before it exists are kept for it: `Handshaking`). The pool follows the last choice: streams on
-   shared connections after h2, a connection per exchange after http/1.1 (`trailers`
-   tells the core whether a gRPC call can be carried).
+   arrive before it exists are kept for it: `Handshaking`). The pool follows the last
+   choice: streams on shared connections after h2, a connection per exchange after
+   http/1.1 (`trailers` tells the core whether a gRPC call can be carried).
 """
 
 from __future__ import annotations
@@ -203,11 +203,18 @@ class UpstreamPool:
             shared.close()  # its connection_lost takes it off the list
 
     def counts(self) -> tuple[int, int]:
-        """Idle (kept for reuse) connections, and busy ones (exchanges holding one: streams,
-        for a multiplexed connection)."""
+        """Idle (kept for reuse) and busy (serving an exchange; a multiplexed one: at least
+        one) connections."""
         idle = sum(1 for conn in self.idle if not conn.closed)
-        idle += sum(1 for shared in self.shared if not shared.active and not shared.closed)
-        return idle, self.busy
+        busy = self.busy  # exchanges holding a connection or a stream
+        for shared in self.shared:
+            busy -= shared.active
+            if not shared.closed:
+                if shared.active:
+                    busy += 1
+                else:
+                    idle += 1
+        return idle, busy
 
     def close_idle(self) -> None:
         idle, self.idle = self.idle, []
