@@ -22,7 +22,7 @@ from proxy import __version__
 from proxy.diagnosis.faults import Fault, Source
 from proxy.telemetry.stats import PHASES, layer_of
 
-from support import LOOPBACK, free_port, raw_request
+from support import LOOPBACK, curl, free_port, raw_request
 
 TOKEN = "metrics-token"
 FAMILIES = {
@@ -82,8 +82,9 @@ async def test_exposition_matches_stats(origin_factory, proxy_factory):
     responses: Counter[tuple[str, str, str, str]] = Counter()
     for s in by_name["faultline_responses"]:
         assert s.name == "faultline_responses_total"
-        assert set(s.labels) == {"code", "source", "layer", "error"}
+        assert set(s.labels) == {"code", "source", "layer", "error", "protocol"}
         assert s.labels["layer"] == layer_of(s.labels["error"] or None)
+        assert s.labels["protocol"] == "http/1.1"  # all of this traffic spoke HTTP/1.1
         responses[s.labels["code"], s.labels["source"], s.labels["layer"], s.labels["error"]] += (
             int(s.value)
         )
@@ -101,7 +102,10 @@ async def test_exposition_matches_stats(origin_factory, proxy_factory):
     # Bounded label values: never a path or an id.
     for family in by_name.values():
         for s in family:
-            for value in s.labels.values():
+            for label, value in s.labels.items():
+                if label == "protocol":
+                    assert value in ("http/1.1", "h2"), s
+                    continue
                 assert "/" not in value and "12345" not in value, s
 
     histograms = {"faultline_request_duration_seconds": "source"}
@@ -109,6 +113,9 @@ async def test_exposition_matches_stats(origin_factory, proxy_factory):
     for name, label in histograms.items():
         series: dict[str, dict[str, float]] = {}
         for s in by_name[name]:
+            if s.labels.get("protocol") == "h2":  # no HTTP/2 traffic here: all zero
+                assert s.value == 0, s
+                continue
             series.setdefault(s.labels[label], {})[
                 s.name.removeprefix(name) + s.labels.get("le", "")
             ] = s.value
@@ -268,7 +275,10 @@ async def test_real_prometheus_scrapes_the_counts(origin_factory, proxy_factory,
             )
             assert per_code == {"200": 5.0, "404": 1.0, "500": 1.0}
             durations = by_label(
-                await query(session, base, "faultline_request_duration_seconds_count"), "source"
+                await query(
+                    session, base, "sum by (source) (faultline_request_duration_seconds_count)"
+                ),
+                "source",
             )
             assert durations == {"origin": 7.0, "proxy": 3.0, "client": 0.0}
             build = await query(session, base, "faultline_build_info")
@@ -283,3 +293,67 @@ async def test_real_prometheus_scrapes_the_counts(origin_factory, proxy_factory,
             proc.kill()
             proc.wait(5)
         log.close()
+
+
+# -- the protocol the client spoke -------------------------------------------------------------
+
+
+async def test_request_metrics_say_which_protocol_the_client_spoke(origin_factory, proxy_factory):
+    """`protocol` on faultline_responses_total and faultline_request_duration_seconds: real
+    HTTP/1.1 requests (aiohttp) and real h2c ones (curl --http2-prior-knowledge) through one
+    proxy; each series counts its own, the two add up to /stats, and promtool takes it."""
+    require_tool("/usr/bin/curl")
+    origin = await origin_factory(routed_origin)
+    proxy = await proxy_factory(origin.url)
+    async with aiohttp.ClientSession() as session:
+        for path in ("/ok", "/boom", "/hangup"):
+            await fetch(session, proxy.url + path)
+    for path in ("/ok", "/ok", "/hangup"):
+        # One connection each (curl 7.88 fails a second request on a reused h2c connection).
+        code, out, err = await curl(
+            "--http2-prior-knowledge", "-o", "/dev/null", "-w", "%{http_version}", proxy.url + path
+        )
+        assert (code, out) == (0, b"2"), err
+    await proxy.settle()
+    async with aiohttp.ClientSession() as session:
+        _, _, stats = await admin_get(session, proxy.admin_url + "/stats")
+        async with session.get(proxy.admin_url + "/metrics") as resp:
+            text = await resp.text()
+    assert stats["responses"]["by_protocol"] == {"http/1.1": 3, "h2": 3}
+
+    by_name = samples(text)
+    responses = {
+        tuple(s.labels[k] for k in ("code", "source", "error", "protocol")): s.value
+        for s in by_name["faultline_responses"]
+    }
+    terminated = Fault.CONNECTION_TERMINATED.value
+    assert responses == {
+        ("200", "origin", "", "http/1.1"): 1,
+        ("200", "origin", "", "h2"): 2,
+        ("500", "origin", "", "http/1.1"): 1,
+        ("502", "proxy", terminated, "http/1.1"): 1,
+        ("502", "proxy", terminated, "h2"): 1,
+    }
+    counts = {
+        (s.labels["source"], s.labels["protocol"]): s.value
+        for s in by_name["faultline_request_duration_seconds"]
+        if s.name.endswith("_count")
+    }
+    assert counts == {
+        ("origin", "http/1.1"): 2,
+        ("origin", "h2"): 2,
+        ("proxy", "http/1.1"): 1,
+        ("proxy", "h2"): 1,
+        ("client", "http/1.1"): 0,
+        ("client", "h2"): 0,
+    }
+    for s in by_name["faultline_request_duration_seconds"]:
+        if s.name.endswith("_sum"):
+            assert s.value >= 0, s
+            assert (s.value > 0) == (counts[s.labels["source"], s.labels["protocol"]] > 0), s
+
+    promtool = require_tool("/usr/bin/promtool")
+    checked = subprocess.run(
+        [promtool, "check", "metrics"], input=text.encode(), capture_output=True, timeout=30
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr

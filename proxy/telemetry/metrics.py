@@ -9,7 +9,11 @@ Rules:
    Never a path, a request id or a client address. `error` is "" when there is none.
 3. One private `CollectorRegistry` per server: two proxies in one process (tests) never see
    each other's numbers, and the process-wide default registry stays untouched.
-4. `faultline_origin_hop_responses_total{hop,code}` counts origin responses made by an
+4. `protocol` (`http/1.1` | `h2`) on the request families: `ProtocolSplit`, an observer of
+   finished exchanges, counts the HTTP/2 ones only (an HTTP/1.1 exchange costs it one
+   comparison); the HTTP/1.1 series are the stats' totals less those. Nothing on the data
+   plane changes, and the two can never disagree on a total.
+5. `faultline_origin_hop_responses_total{hop,code}` counts origin responses made by an
    intermediary behind the origin (diagnosis.py). Its `hop` is a product from the fixed
    signature table, or a Proxy-Status member name: at most `HOP_NAMES_MAX` of those get
    their own label value, the rest are counted as "other". The family appears once there
@@ -19,7 +23,7 @@ Rules:
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
@@ -33,11 +37,16 @@ from prometheus_client.metrics_core import (
 from prometheus_client.utils import floatToGoString
 
 from .. import __version__
+from ..diagnosis.faults import Source
 from .histogram import BUCKETS_S, Histogram
-from .stats import layer_of
+from .stats import CounterKey, layer_of
 
 if TYPE_CHECKING:
+    from ..diagnosis.record import Exchange
     from .sink import Telemetry
+
+HTTP11: Final = "http/1.1"  # the values of the `protocol` label: Exchange.protocol
+H2: Final = "h2"
 
 
 # The `le` label of every finite bucket, formatted once.
@@ -55,12 +64,53 @@ def _buckets(h: Histogram) -> list[tuple[str, float]]:
     return out
 
 
+def _less(whole: Histogram, part: Histogram) -> Histogram:
+    """The observations of `whole` that are not in `part` (a subset of them)."""
+    rest = Histogram()
+    rest.counts = [max(a - b, 0) for a, b in zip(whole.counts, part.counts, strict=True)]
+    rest.sum_ns = max(whole.sum_ns - part.sum_ns, 0)
+    return rest
+
+
+class ProtocolSplit:
+    """The HTTP/2 share of what `Stats` counts: exchanges by (status, source, error) and
+    their durations by source, the same keys and values `Stats` records."""
+
+    __slots__ = ("counts", "durations")
+
+    def __init__(self) -> None:
+        self.counts: dict[CounterKey, int] = {}
+        self.durations: dict[str, Histogram] = {s.value: Histogram() for s in Source}
+
+    def observe(self, ex: Exchange) -> None:
+        if ex.protocol == HTTP11:
+            return
+        fault = ex.fault
+        source = ex.source._value_
+        key = (ex.status, source, None if fault is None else fault._value_)
+        self.counts[key] = self.counts.get(key, 0) + 1
+        self.durations[source].observe_ns(ex.t_end - ex.t_start)
+
+    @classmethod
+    def of(cls, telemetry: Telemetry) -> ProtocolSplit:
+        """The split observing `telemetry`, made and registered on first use (a second
+        registry over the same telemetry must not count twice)."""
+        for observer in telemetry.observers:
+            split = getattr(observer, "__self__", None)
+            if isinstance(split, cls):
+                return split
+        split = cls()
+        telemetry.observers.append(split.observe)
+        return split
+
+
 class FaultlineCollector:
     """Builds every `faultline_*` family from the live `Stats` and the upstream pool."""
 
     def __init__(self, telemetry: Telemetry, pool_counts: Callable[[], tuple[int, int]]) -> None:
         self.telemetry = telemetry
         self.pool_counts = pool_counts
+        self.split = ProtocolSplit.of(telemetry)
 
     def collect(self) -> Iterator[Metric]:
         self.telemetry.settle()
@@ -70,24 +120,36 @@ class FaultlineCollector:
         build.add_metric([], {"version": __version__})
         yield build
 
+        split = self.split
         responses = CounterMetricFamily(
             "faultline_responses_total",
             "Finished exchanges by status sent (499: the client left), who produced it "
-            "(origin, proxy, client), the layer at fault and the RFC 9209 error token "
-            '("" when none).',
-            labels=("code", "source", "layer", "error"),
+            "(origin, proxy, client), the layer at fault, the RFC 9209 error token "
+            '("" when none) and the protocol the client spoke (http/1.1, h2).',
+            labels=("code", "source", "layer", "error", "protocol"),
         )
-        for (status, source, error), n in list(stats.counts.items()):
-            responses.add_metric([str(status), source, layer_of(error), error or ""], n)
+        h2_counts = split.counts
+        for key, n in list(stats.counts.items()):
+            status, source, error = key
+            labels = [str(status), source, layer_of(error), error or ""]
+            h2 = h2_counts.get(key, 0)
+            if n > h2 or not h2:
+                responses.add_metric([*labels, HTTP11], max(n - h2, 0))
+            if h2:
+                responses.add_metric([*labels, H2], h2)
         yield responses
 
         duration = HistogramMetricFamily(
             "faultline_request_duration_seconds",
-            "Time from the first request byte to the last response byte, by source.",
-            labels=("source",),
+            "Time from the first request byte to the last response byte, by source and the "
+            "protocol the client spoke.",
+            labels=("source", "protocol"),
         )
         for source, h in stats.duration_by_source.items():
-            duration.add_metric([source], _buckets(h), sum_value=h.sum_s)
+            h2_part = split.durations[source]
+            h1_part = _less(h, h2_part)
+            duration.add_metric([source, HTTP11], _buckets(h1_part), sum_value=h1_part.sum_s)
+            duration.add_metric([source, H2], _buckets(h2_part), sum_value=h2_part.sum_s)
         yield duration
 
         phases = HistogramMetricFamily(
