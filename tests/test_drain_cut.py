@@ -98,7 +98,13 @@ async def test_a_request_waiting_for_its_response_gets_a_503_that_names_the_drai
     ctx = proxy.server
     assert (
         _metric(
-            ctx, "faultline_responses_total", code="503", source="proxy", layer="proxy", error=CUT
+            ctx,
+            "faultline_responses_total",
+            code="503",
+            source="proxy",
+            layer="proxy",
+            error=CUT,
+            protocol="http/1.1",
         )
         == 1
     )
@@ -110,6 +116,7 @@ async def test_a_request_waiting_for_its_response_gets_a_503_that_names_the_drai
             source="client",
             layer="client",
             error=Fault.CLIENT_CLOSED_REQUEST.value,
+            protocol="http/1.1",
         )
         == 0
     )
