@@ -264,3 +264,28 @@ def test_terminal_lines_and_the_summary_after_the_burst():
     (summary,) = [line for line in lines if line.startswith("── last ")]
     assert "3 responses" in summary and f"3 from the proxy (connection_refused {TIMES}3)" in summary
     assert lines.index(summary) > lines.index(requests[-1])
+
+
+def test_a_grpc_call_shows_its_status_and_the_origins_message():
+    """A gRPC error is HTTP 200: the line must show the gRPC outcome, or it reads as fine."""
+    app_error = plain(
+        pretty_line(
+            record(path="/echo.Echo/Missing", grpc_status=5, grpc_message="no such greeting"),
+            False,
+        )
+    )
+    assert app_error.endswith("origin grpc 5 NOT_FOUND (no such greeting)"), app_error
+    ok = plain(pretty_line(record(grpc_status=0, grpc_message=None), False))
+    assert ok.endswith("origin grpc 0 OK")
+    by_proxy = plain(
+        pretty_line(
+            record(
+                source="proxy",
+                error="connection_refused",
+                grpc_status=14,
+                grpc_message="faultline (proxy) answered: connection_refused",
+            ),
+            False,
+        )
+    )
+    assert "grpc 14 UNAVAILABLE" in by_proxy and "(proxy) answered" not in by_proxy

@@ -138,6 +138,7 @@ async def test_an_application_error_is_the_origins_with_its_message(grpc_server,
     assert proxy.stats.snapshot(proxy={})["responses"]["by_grpc_status"] == {"5": {"origin": 1}}
     (recent,) = proxy.stats.snapshot(proxy={})["recent_errors"]  # an error, though HTTP 200
     assert recent["status"] == 200
+    assert (recent["grpc_status"], recent["grpc_message"]) == (5, "no such greeting: ünïcode")
 
 
 async def test_a_refused_grpc_upstream_is_unavailable_made_by_the_proxy(proxy_factory):

@@ -22,6 +22,33 @@ UNAVAILABLE: Final = 14
 UNAUTHENTICATED: Final = 16
 PERMISSION_DENIED: Final = 7
 
+# gRPC's status codes by number (doc/statuscodes.md), for people reading a log.
+NAMES: Final = (
+    "OK",
+    "CANCELLED",
+    "UNKNOWN",
+    "INVALID_ARGUMENT",
+    "DEADLINE_EXCEEDED",
+    "NOT_FOUND",
+    "ALREADY_EXISTS",
+    "PERMISSION_DENIED",
+    "RESOURCE_EXHAUSTED",
+    "FAILED_PRECONDITION",
+    "ABORTED",
+    "OUT_OF_RANGE",
+    "UNIMPLEMENTED",
+    "INTERNAL",
+    "UNAVAILABLE",
+    "DATA_LOSS",
+    "UNAUTHENTICATED",
+)
+
+
+def name_of(status: int) -> str:
+    """`NOT_FOUND` for 5; the number itself for a code gRPC does not define."""
+    return NAMES[status] if 0 <= status < len(NAMES) else str(status)
+
+
 # The gRPC status of each answer the proxy makes itself (faults without a row cannot be
 # answered: the response had started, or the client is gone).
 _BY_FAULT: Final = {

@@ -22,6 +22,7 @@ from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 from ..config import Config
+from ..diagnosis import grpc
 from ..diagnosis.faults import REQUEST_PROBLEMS, Fault, FaultInfo, Source, info
 from ..diagnosis.hops import HINT_TEXT, ORIGIN_5XX_FOR_CLIENT_ERROR, hop_product
 from .accesslog import AccessLog, Clock, json_line_of, log_record
@@ -131,6 +132,13 @@ def pretty_line(record: dict[str, Any], colour: bool | None = None) -> bytes:
         line += f" {c(CYAN)}[held {_duration(waited)}{outcome}]{c(RESET)}"
     if record.get("retried"):
         line += f" {c(DIM)}[retried]{c(RESET)}"
+    grpc_status = record.get("grpc_status")
+    if grpc_status is not None:  # a gRPC call: its outcome, whoever made it
+        name = grpc.name_of(grpc_status)
+        line += f" {c(DIM if grpc_status == 0 else RED)}grpc {grpc_status} {name}{c(RESET)}"
+        message = record.get("grpc_message")
+        if message and not error:  # a proxy-made message repeats the fault above
+            line += f" {c(DIM)}({_clean(message, DETAILS_MAX)}){c(RESET)}"
     return (line + "\n").encode()
 
 

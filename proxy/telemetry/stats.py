@@ -230,7 +230,7 @@ class Stats:
 
     @staticmethod
     def _error_entry(ex: Exchange, error: str | None) -> dict[str, Any]:
-        return {
+        entry = {
             "time": time.time(),
             "request_id": ex.request_id,
             "method": ex.method,
@@ -244,6 +244,10 @@ class Stats:
             "hints": list(ex.hints),
             "phases_ms": ex.phases_ms(),
         }
+        if ex.grpc_status is not None:  # a gRPC call's outcome (an error, though HTTP 200)
+            entry["grpc_status"] = ex.grpc_status
+            entry["grpc_message"] = ex.grpc_message
+        return entry
 
     # -- reading -------------------------------------------------------------------------------
 
