@@ -244,3 +244,12 @@ def header_of(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
         if k.lower() == name:
             return v
     return None
+
+
+def vm_rss(pid: int) -> int:
+    """A process's resident set (VmRSS in /proc/PID/status), in bytes."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0

@@ -5,27 +5,33 @@ calls and the core's to its sends (a `ServedConnection` of `proxy.forward.codec`
 stream is the core's `ClientConnection`, `http2.stream.Stream`).
 
 Rules:
-1. Every stream starts at once: there is no queue, streams are independent exchanges.
+1. Every stream starts at once, at the end of the read that opened it: there is no queue,
+   streams are independent exchanges. A stream reset (or found malformed) in the read
+   that opened it never reaches the upstream (the rapid reset's HEADERS + RST_STREAM).
 2. What h2 wants to send goes out once per read (`flush`, through the outbox), as on
    HTTP/1.1.
 3. A connection error (h2 raised `ProtocolError`) ends the connection with GOAWAY; the
    streams it carried end as the client's (the client broke the protocol).
-4. Draining (RFC 9113 §6.8): an idle connection gets GOAWAY and closes. A busy one gets
-   GOAWAY with last stream id 2^31-1 and a PING; a round trip later (the PING's ack, or
-   `DRAIN_ROUND_TRIP_NS`) GOAWAY with the real last stream id. Streams up to it finish;
-   a stream above it is refused (RST_STREAM REFUSED_STREAM: never forwarded, no
-   exchange, the client may retry it elsewhere); the connection closes when its streams
-   are done, or is cut by `timeouts.drain` (`cut_by_drain`, the proxy's). These GOAWAYs
-   are hyperframe's frames written after h2's output: h2's own `close_connection` would
-   also stop the streams in flight (its state machine closes on any GOAWAY,
-   python-hyper/h2#1181).
+4. Draining (RFC 9113 §6.8): an idle connection gets GOAWAY and closes; a busy one GOAWAY
+   with last stream id 2^31-1 and a PING, then (the PING's ack, or `DRAIN_ROUND_TRIP_NS`)
+   GOAWAY with the real last stream id. Streams up to it finish; one above it is refused
+   (REFUSED_STREAM: not forwarded, no exchange); the connection closes when its streams
+   are done, or is cut by `timeouts.drain` (`cut_by_drain`, the proxy's). The GOAWAYs are
+   hyperframe's, written after h2's output: h2's `close_connection` would stop the
+   streams in flight too (it closes on any GOAWAY, python-hyper/h2#1181).
 5. h2 itself bounds a header block (64 CONTINUATION frames; the decoded size, set here to
    `limits.max_request_header_bytes`) and the open streams (`MAX_CONCURRENT_STREAMS`): past
    them it ends the connection with GOAWAY, as for any protocol error.
 6. Frames a client may send without asking for work (RST_STREAM after opening a stream,
    PING, SETTINGS) have a budget per connection and window (`FLOOD_BUDGET`): beyond it the
    connection ends with GOAWAY ENHANCE_YOUR_CALM (rapid reset, CVE-2023-44487; PING and
-   SETTINGS floods), and the streams it carried end as the client's.
+   SETTINGS floods), and the streams it carried end as the client's (http2.stream).
+7. A connection ended by rules 3, 5 or 6 is recorded once, as the client's
+   `http_request_error` (like an HTTP/1.1 request that cannot be parsed), besides the
+   streams it carried: each defence shows in `/stats` and the log.
+8. Response bytes held for the client's windows are bounded per stream (http2.respond)
+   and per connection (http2.stream.hold_back); a stream whose window stays shut for
+   `timeouts.client_body` is cut (RST_STREAM CANCEL), charged to the client (timeout).
 """
 
 from __future__ import annotations
@@ -53,6 +59,7 @@ from h2.exceptions import H2Error, ProtocolError
 from h2.settings import SettingCodes, Settings
 from hyperframe.frame import GoAwayFrame
 
+from ..base.text import duration_text
 from ..diagnosis.faults import RequestProblem
 from ..diagnosis.record import perf_ns
 from ..forward.context import ForwardContext
@@ -60,15 +67,21 @@ from ..forward.deadlines import check_deadline
 from ..forward.forwarder import Forwarder
 from .request import read_head
 from .respond import StreamSink
-from .stream import CONNECTION_WINDOW, H2ServerConnection, Stream
+from .stream import (
+    CONNECTION_WINDOW,
+    FloodBudget,
+    H2ServerConnection,
+    Stream,
+    Unanswered,
+    connection_error,
+    hold_back,
+    stalled,
+)
 
 log: Final = logging.getLogger("faultline")
 
 PREFACE: Final = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 MAX_CONCURRENT_STREAMS: Final = 100
-FLOOD_WINDOW_NS: Final = 10_000_000_000
-# Per kind and connection within FLOOD_WINDOW_NS; a browser or a gRPC client stays far below.
-FLOOD_BUDGET: Final = {"reset": 200, "ping": 100, "settings": 100}
 MAX_STREAM_ID: Final = 2**31 - 1
 DRAIN_PING: Final = b"draining"  # the PING between the two GOAWAYs of a drain
 DRAIN_ROUND_TRIP_NS: Final = 1_000_000_000  # the second GOAWAY without the PING's ack
@@ -112,8 +125,7 @@ class H2ClientConnection(asyncio.Protocol):
         self.trusted = False
         self.streams: dict[int, Forwarder] = {}  # the exchanges in flight, by stream
         self.clients: dict[int, Stream] = {}  # their client side (per-stream reading)
-        # Streams whose response waits for the client's window (it may outlive its
-        # exchange: the last DATA and END_STREAM are queued when the exchange finishes).
+        # Responses waiting for the client's window (they may outlive their exchange).
         self.waiting: dict[int, StreamSink] = {}
         self.write_paused = False
         self.in_feed = False
@@ -122,8 +134,12 @@ class H2ClientConnection(asyncio.Protocol):
         self.drain_started_ns = 0  # the drain's first GOAWAY went out (0: not draining)
         self.last_stream_id = MAX_STREAM_ID  # streams above it are refused (drain)
         self.idle_since_ns = perf_ns()
-        self.floods: dict[str, tuple[int, int]] = {}  # kind -> (window start, count)
+        self.starting: list[Forwarder] = []  # streams opened in this read, to start
+        self.floods = FloodBudget()
         self.calmed = False  # the connection was ended for a flood
+        self.capped = False  # over HELD_HIGH_BYTES: streams holding bytes pause their origin
+        self.holding = False  # some stream's origin reading is paused by this connection
+        self.stalls: dict[int, int] = {}  # stream -> since when its window is shut
 
     # -- connection life cycle ----------------------------------------------------------------
 
@@ -147,9 +163,11 @@ class H2ClientConnection(asyncio.Protocol):
         self.streams.clear()
         for fw in streams:
             fw.client_gone()
-
-    def eof_received(self) -> bool:
-        return False
+        for sink in self.waiting.values():  # no cycle keeps what they held
+            sink.chunks.clear()
+        self.waiting.clear()
+        self.clients.clear()
+        self.h2.release()  # type: ignore[attr-defined]
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -158,10 +176,11 @@ class H2ClientConnection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.write_paused = False
-        for fw in list(self.streams.values()):
-            fw.client_write_paused(False)
+        self._hold_back()
 
     def flush(self) -> None:
+        if self.waiting or self.holding:
+            self._hold_back()
         data = self.h2.data_to_send()
         if data and not self.closed:
             self.ctx.outbox.send(self.transport, [data], len(data))
@@ -195,6 +214,9 @@ class H2ClientConnection(asyncio.Protocol):
         drain_started = self.drain_started_ns
         if drain_started and not self.goaway and now - drain_started > DRAIN_ROUND_TRIP_NS:
             self._last_goaway()  # the client never acknowledged the drain's PING
+        if self.stalls or self.waiting:
+            for stream_id in stalled(self.stalls, self.waiting, now, self.ctx.client_body_ns):
+                self._stalled(stream_id)
         for fw in list(self.streams.values()):
             check_deadline(fw, now)
         if not self.streams and now - self.idle_since_ns > self.ctx.keepalive_ns:
@@ -240,6 +262,7 @@ class H2ClientConnection(asyncio.Protocol):
         except ProtocolError as exc:
             # h2 has queued the GOAWAY itself (PROTOCOL_ERROR, FLOW_CONTROL_ERROR, ...).
             log.debug("HTTP/2 connection error from %s: %s", self.client_ip, exc)
+            self._refused(*connection_error(exc))
             self.goaway = True
             self.flush()
             self.close()  # connection_lost ends the streams it carried
@@ -251,6 +274,10 @@ class H2ClientConnection(asyncio.Protocol):
                 if self.calmed:
                     break  # ended for a flood: nothing more from this client is served
                 self._event(event, touched)
+            starting, self.starting = self.starting, []
+            for fw in starting:
+                if not fw.done and not self.calmed:
+                    fw.start()
         except Exception:  # a defect: the connection ends, the exchanges are recorded
             log.exception("internal error on an HTTP/2 connection")
             self._goaway(ErrorCodes.INTERNAL_ERROR)
@@ -311,6 +338,10 @@ class H2ClientConnection(asyncio.Protocol):
             if event.ping_data == DRAIN_PING and self.drain_started_ns and not self.goaway:
                 self._last_goaway()
         elif isinstance(event, WindowUpdated):
+            if event.stream_id:
+                self.stalls.pop(event.stream_id, None)
+            else:
+                self.stalls.clear()
             self._pump_all()
         elif isinstance(event, RemoteSettingsChanged):
             self._pump_all()
@@ -345,7 +376,7 @@ class H2ClientConnection(asyncio.Protocol):
                 fw.reject = (RequestProblem.BODY_TOO_LARGE, f"content-length {length} over {limit}")
         if head.content_length is not None:
             stream.expected = head.content_length
-        fw.start()
+        self.starting.append(fw)  # once this read's events are in (rule 1)
         if ended:
             fw.on_request_complete()
 
@@ -364,21 +395,41 @@ class H2ClientConnection(asyncio.Protocol):
 
     def _budget(self, kind: str) -> None:
         """Count one unasked-for frame; over its budget, the connection ends."""
-        now = perf_ns()
-        start, count = self.floods.get(kind, (now, 0))
-        if now - start > FLOOD_WINDOW_NS:
-            start, count = now, 0
-        self.floods[kind] = (start, count + 1)
-        if count + 1 > FLOOD_BUDGET[kind] and not self.calmed:
+        flood = self.floods.spend(kind, perf_ns())
+        if flood is not None and not self.calmed:
             self.calmed = True
-            log.warning(
-                "HTTP/2 %s flood from %s: over %d in %ds, GOAWAY ENHANCE_YOUR_CALM",
-                kind,
-                self.client_ip,
-                FLOOD_BUDGET[kind],
-                FLOOD_WINDOW_NS // 1_000_000_000,
-            )
+            log.warning("%s from %s, GOAWAY ENHANCE_YOUR_CALM", flood, self.client_ip)
+            self._refused(RequestProblem.MALFORMED, f"{flood}, GOAWAY ENHANCE_YOUR_CALM")
             self._goaway(ErrorCodes.ENHANCE_YOUR_CALM)
+
+    def _refused(self, problem: RequestProblem, detail: str) -> None:
+        """The connection ends for a defence: recorded once, as the client's (rule 7)."""
+        ctx = self.ctx
+        fw = Forwarder(ctx, Stream(self, 0), Unanswered(), perf_ns())
+        ctx.gauges.in_flight += 1
+        fw.protocol = "h2"
+        fw.request_id = ctx.new_request_id().decode()
+        fw.attach(None, (problem, detail))
+        fw.start()
+
+    def _hold_back(self) -> None:  # which streams may read their origin (rule 8)
+        paused = self.write_paused
+        self.capped, self.holding = hold_back(self.streams, self.waiting, paused, self.capped)
+
+    def _stalled(self, stream_id: int) -> None:
+        """The client kept this stream's window shut for timeouts.client_body (rule 8)."""
+        self.stalls.pop(stream_id, None)
+        with contextlib.suppress(H2Error):
+            self.h2.reset_stream(stream_id, ErrorCodes.CANCEL)
+        fw = self.streams.get(stream_id)
+        waiting = self.waiting.get(stream_id)
+        if fw is not None:
+            limit = duration_text(self.ctx.client_body_ns)
+            detail = f"the client kept its flow-control window shut for {limit}"
+            fw.on_request_error(RequestProblem.TIMEOUT, detail + " (timeouts.client_body)")
+        elif waiting is not None:
+            waiting.abort()  # the exchange was recorded when the origin's response ended
+        self.flush()
 
     def _pump_all(self) -> None:
         for sink in list(self.waiting.values()):

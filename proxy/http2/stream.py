@@ -9,23 +9,40 @@ Rules:
 2. A request body that disagrees with its content-length (RFC 9113 §8.1.1) is a stream
    error, judged here (`Stream.body_problem`): h2 would make it a connection error and
    end every stream of the connection, so its own check is off (`H2ServerConnection`).
+3. What a connection's streams may hold and send unasked is bounded here: response bytes
+   held for the client's windows (`hold_back`: past `HELD_HIGH_BYTES` every stream that
+   holds some stops reading its origin, until the connection holds under
+   `HELD_LOW_BYTES`), and frames that ask for no work (`FloodBudget`).
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Final, Protocol
 
 from h2.connection import AllowedStreamIDs, H2Connection
-from h2.exceptions import H2Error
+from h2.errors import ErrorCodes
+from h2.exceptions import DenialOfServiceError, H2Error, ProtocolError
+from h2.frame_buffer import FrameBuffer
 from h2.stream import H2Stream
 
+from ..diagnosis.faults import RequestProblem
+from ..forward.codec import ResponseSink
+
 if TYPE_CHECKING:
+    from ..diagnosis.faults import FaultInfo
     from ..forward.forwarder import Forwarder
 
 # The connection's receive window (the streams' stays at the default 65,535): 100 paused
 # streams hold at most 6.4 MiB of it.
 CONNECTION_WINDOW: Final = 16 * 1024 * 1024
+# Response bytes a connection holds for its client's windows (rule 3): 8 streams' worth.
+HELD_HIGH_BYTES: Final = 2 * 1024 * 1024
+HELD_LOW_BYTES: Final = 1024 * 1024
+FLOOD_WINDOW_NS: Final = 10_000_000_000
+# Per kind and connection within FLOOD_WINDOW_NS; a browser or a gRPC client stays far below.
+FLOOD_BUDGET: Final = {"reset": 200, "ping": 100, "settings": 100}
 
 
 def _unchecked(length: int, end_stream: bool) -> None:
@@ -40,6 +57,16 @@ class H2ServerConnection(H2Connection):
         stream = super()._begin_new_stream(stream_id, allowed_ids)
         stream._track_content_length = _unchecked  # type: ignore[method-assign]
         return stream
+
+    def release(self) -> None:
+        """The connection is gone: what h2 holds for it goes now. Its frame dispatch table
+        (bound methods) makes an h2 connection a reference cycle, freed only by the cyclic
+        GC, which the proxy runs seldom (server.tune_gc): dead connections, and the 1 MiB
+        of a CONTINUATION flood each, would pile up until it did."""
+        self.incoming_buffer = FrameBuffer(server=True)
+        self.data_to_send()
+        self.streams.clear()
+        self._frame_dispatch_table = {}  # the cycle
 
 
 class Connection(Protocol):
@@ -134,3 +161,110 @@ class Stream:
 
     def close(self) -> None:
         self.conn.close()
+
+
+class Unanswered(ResponseSink):
+    """The sink of an exchange that stands for a whole connection the proxy ended (a
+    defence, a protocol error): GOAWAY was its answer, nothing more is sent."""
+
+    def send_interim(self, ex: Forwarder, status: int, head: object) -> None:
+        pass
+
+    def send_head(self, ex: Forwarder, status: int, head: object, now: int) -> None:
+        pass
+
+    def send_data(self, data: bytes) -> None:
+        pass
+
+    def send_end(self) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def send_reply(
+        self, ex: Forwarder, row: FaultInfo, detail: str | None, params: dict[str, str] | None
+    ) -> None:
+        pass
+
+    def send_raw(self, data: bytes) -> None:
+        pass
+
+    def abort(self) -> None:
+        pass
+
+
+class Held(Protocol):
+    """What `hold_back` reads of a stream's response sink (`http2.respond.StreamSink`)."""
+
+    buffered: int  # bytes waiting for the client's window
+    holding: Forwarder | None  # set while the sink itself paused its origin
+    ended: bool  # the response is all in: its end waits to go out
+
+
+def hold_back(
+    streams: Mapping[int, Forwarder], waiting: Mapping[int, Held], paused: bool, capped: bool
+) -> tuple[bool, bool]:
+    """Pause or resume each stream's origin reading (rule 3): paused while its sink holds
+    bytes and the connection is over its cap, or while its sink holds too much on its
+    own; while the client's socket is not taken (`paused`: the connection paused them
+    all) none is resumed. A stream whose response is all in always reads: its origin
+    connection goes back to the pool. Returns whether the connection is (still) over its
+    cap, and whether any stream is held."""
+    held = 0
+    for held_back in waiting.values():
+        held += held_back.buffered
+    if held > HELD_HIGH_BYTES:
+        capped = True
+    elif held < HELD_LOW_BYTES:
+        capped = False
+    holding = paused
+    for stream_id, fw in list(streams.items()):
+        sink = waiting.get(stream_id)
+        if sink is not None and sink.ended:
+            hold = False
+        elif paused:
+            continue
+        else:
+            hold = sink is not None and (capped or sink.holding is not None)
+        holding = holding or hold
+        if hold != fw.client_held:
+            fw.client_write_paused(hold)
+    return capped, holding
+
+
+class FloodBudget:
+    """Frames a client sent without asking for work, per kind, in windows of
+    `FLOOD_WINDOW_NS` (rule 3)."""
+
+    __slots__ = ("counts",)
+
+    def __init__(self) -> None:
+        self.counts: dict[str, tuple[int, int]] = {}  # kind -> (window start, count)
+
+    def spend(self, kind: str, now: int) -> str | None:
+        """Count one; past the budget, what the flood was (else None)."""
+        start, count = self.counts.get(kind, (now, 0))
+        if now - start > FLOOD_WINDOW_NS:
+            start, count = now, 0
+        self.counts[kind] = (start, count + 1)
+        if count + 1 <= FLOOD_BUDGET[kind]:
+            return None
+        return f"HTTP/2 {kind} flood: over {FLOOD_BUDGET[kind]} in {FLOOD_WINDOW_NS // 10**9}s"
+
+
+def stalled(stalls: dict[int, int], waiting: Mapping[int, Held], now: int, limit: int) -> list[int]:
+    """The streams whose response has waited for the client's window longer than `limit`
+    (`stalls`: since when each has waited; a WINDOW_UPDATE takes a stream out of it)."""
+    for stream_id in [sid for sid in stalls if sid not in waiting]:
+        del stalls[stream_id]
+    return [sid for sid in waiting if now - stalls.setdefault(sid, now) > limit]
+
+
+def connection_error(exc: ProtocolError) -> tuple[RequestProblem, str]:
+    """What a connection error of the client's is, as a record says it."""
+    code = ErrorCodes(exc.error_code).name if exc.error_code is not None else "?"
+    problem = RequestProblem.MALFORMED
+    if isinstance(exc, DenialOfServiceError):  # the decoded header list's limit
+        problem = RequestProblem.HEADERS_TOO_LARGE
+    return problem, f"HTTP/2 connection error, GOAWAY {code}: {str(exc)[:120]}"
