@@ -50,6 +50,7 @@ class H2Client:
         self.reset: dict[int, int] = {}
         self.goaway: int | None = None
         self.outgoing: dict[int, bytes] = {}  # request bodies still to send, by stream
+        self.ending: set[int] = set()  # streams whose body ends with what is in `outgoing`
 
     @classmethod
     async def connect(cls, port: int, lax: bool = False) -> H2Client:
@@ -104,7 +105,8 @@ class H2Client:
         await asyncio.wait_for(loop(), timeout)
 
     def push(self) -> None:
-        """Send what the proxy's windows allow of each body in `outgoing`."""
+        """Send what the proxy's windows allow of each body in `outgoing` (and END_STREAM
+        after the last of it, for the streams in `ending`)."""
         for sid, rest in list(self.outgoing.items()):
             size = min(self.h2.local_flow_control_window(sid), self.h2.max_outbound_frame_size)
             while rest and size > 0:
@@ -112,6 +114,10 @@ class H2Client:
                 rest = rest[size:]
                 size = min(self.h2.local_flow_control_window(sid), self.h2.max_outbound_frame_size)
             self.outgoing[sid] = rest
+            if not rest and sid in self.ending:
+                self.ending.discard(sid)
+                del self.outgoing[sid]
+                self.h2.end_stream(sid)
 
     def _event(self, event) -> None:
         if isinstance(event, ResponseReceived):
@@ -355,6 +361,182 @@ async def test_a_held_upload_holds_its_own_stream_only(proxy_factory):
     assert client.heads[bad][b":status"] == b"400"
     assert loop.time() - started < 1.0  # not after A's 3 s hold
     client.close()
+
+
+# -- accounting: every stream exactly once, under a mixed load with resets -----------------------
+
+MIXED_KINDS = (
+    "get",  # 200 from the origin
+    "post",  # a body echoed: 200
+    "reset-at-once",  # HEADERS and RST_STREAM in one write: 499
+    "reset-later",  # reset while the origin thinks: 499
+    "reset-in-body",  # reset at the first DATA of a 512 KiB answer: 499
+    "reset-upload",  # reset halfway through a 200 KiB upload: 499
+    "origin-500",  # the origin's own 500
+    "origin-cut",  # the origin closes halfway through its body: http_response_incomplete
+    "origin-drop",  # the origin closes without answering: a proxy-made 502
+)
+MIXED_PATHS = {
+    "get": "/ok",
+    "post": "/echo",
+    "reset-at-once": "/slow",
+    "reset-later": "/slow",
+    "reset-in-body": "/big",
+    "reset-upload": "/echo",
+    "origin-500": "/500",
+    "origin-cut": "/cut",
+    "origin-drop": "/drop",
+}
+
+
+async def _mixed_origin(conn: OriginConnection) -> None:
+    while (request := await conn.read_request(timeout=10)) is not None:
+        path = request.split(b" ", 2)[1]
+        if path == b"/slow":
+            await conn.hold(10)
+            return
+        if path == b"/drop":
+            return
+        if path == b"/cut":
+            conn.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\npartial")
+            await conn.drain()
+            return
+        if path == b"/big":
+            conn.write(b"HTTP/1.1 200 OK\r\nContent-Length: 524288\r\n\r\n")
+            for _ in range(8):
+                conn.write(b"b" * 65536)
+                await conn.drain()
+        elif path == b"/500":
+            await conn.respond(500, b"origin says no")
+        elif path == b"/echo":
+            await conn.respond(200, request.partition(b"\r\n\r\n")[2])
+        else:
+            await conn.respond(200, b"ok")
+
+
+class MixedClient(H2Client):
+    """An h2 client that resets the streams in `reset_on_data` at their first DATA."""
+
+    def __init__(self, reader, writer) -> None:
+        super().__init__(reader, writer)
+        self.reset_on_data: set[int] = set()
+        self.resets_sent: set[int] = set()
+
+    def _event(self, event) -> None:
+        super()._event(event)  # (DATA is acknowledged: the connection's window stays open)
+        if isinstance(event, DataReceived) and event.stream_id in self.reset_on_data:
+            self.reset_on_data.discard(event.stream_id)
+            self.reset_now(event.stream_id)
+
+    def reset_now(self, stream_id: int) -> None:
+        self.outgoing.pop(stream_id, None)
+        self.ending.discard(stream_id)
+        with contextlib.suppress(Exception):  # the stream may have closed meanwhile
+            self.h2.reset_stream(stream_id, ErrorCodes.CANCEL)
+            self.resets_sent.add(stream_id)
+
+
+async def _mixed_connection(port: int, kinds: list[str], rng) -> dict[int, str]:
+    """One connection: `kinds` as streams, ten at a time; each stream's kind, by id."""
+    client = await MixedClient.connect(port)
+    opened: dict[int, str] = {}
+    try:
+        for at in range(0, len(kinds), 10):
+            batch: dict[int, str] = {}
+            later: list[int] = []
+            for kind in kinds[at : at + 10]:
+                path = MIXED_PATHS[kind]
+                if kind in ("post", "reset-upload"):  # sent as the windows allow
+                    sid = client.h2.get_next_available_stream_id()
+                    fields = [(b":method", b"POST"), (b":scheme", b"http")]
+                    fields += [(b":authority", b"a"), (b":path", path.encode())]
+                    client.h2.send_headers(sid, fields)
+                    client.bodies[sid] = bytearray()
+                    size = rng.randrange(1, 20000) if kind == "post" else 200_000
+                    client.outgoing[sid] = bytes(size)
+                    client.ending.add(sid)
+                    client.push()
+                    if kind == "reset-upload":
+                        later.append(sid)
+                else:
+                    sid = client.request(path)
+                batch[sid] = kind
+                if kind == "reset-at-once":
+                    client.reset_now(sid)
+                elif kind == "reset-later":
+                    later.append(sid)
+                elif kind == "reset-in-body":
+                    client.reset_on_data.add(sid)
+            await client.send()
+            opened.update(batch)
+            await asyncio.sleep(rng.uniform(0.01, 0.1))
+            for sid in later:
+                client.reset_now(sid)
+            await client.send()
+
+            def done(batch=batch) -> bool:
+                return all(
+                    sid in client.ended or sid in client.reset or sid in client.resets_sent
+                    for sid in batch
+                )
+
+            await client.until(done, timeout=10)
+    finally:
+        client.close()
+    return opened
+
+
+async def test_every_stream_is_counted_exactly_once_under_a_mixed_load(
+    origin_factory, proxy_factory
+):
+    """20 connections x 50 streams: GETs, POSTs with bodies, client resets at random points
+    (with the HEADERS, while the origin thinks, in the response body, in the upload) and
+    origin faults (a 500, a cut body, a dropped connection). /stats counts
+    exactly the streams opened, by_protocol h2 too, and the log has one line per stream,
+    each with the outcome its kind must have."""
+    import random
+
+    rng = random.Random(19)
+    origin = await origin_factory(_mixed_origin)
+    proxy = await proxy_factory(origin.url)
+    plans = [[rng.choice(MIXED_KINDS) for _ in range(50)] for _ in range(20)]
+    results = await asyncio.gather(
+        *(_mixed_connection(proxy.port, plan, random.Random(i)) for i, plan in enumerate(plans))
+    )
+    opened = sum(len(streams) for streams in results)
+    assert opened == 1000
+    await proxy.settle(timeout=10)
+    snapshot = proxy.stats.snapshot(proxy={})
+    assert snapshot["requests"] == {"total": opened, "in_flight": 0}
+    assert snapshot["responses"]["by_protocol"] == {"http/1.1": 0, "h2": opened}
+    assert sum(proxy.stats.counts.values()) == opened
+    lines = proxy.access_log()
+    assert len(lines) == opened
+    assert len({line["request_id"] for line in lines}) == opened
+    expected = {
+        "/ok": {(200, "origin", None)},
+        "/echo": {(200, "origin", None), (499, "client", Fault.CLIENT_CLOSED_REQUEST.value)},
+        "/slow": {(499, "client", Fault.CLIENT_CLOSED_REQUEST.value)},
+        # The origin's 512 KiB may all be read before the reset comes: the exchange ended
+        # then, its tail held for the client's window, as bytes in a socket's buffer are.
+        "/big": {(499, "client", Fault.CLIENT_CLOSED_REQUEST.value), (200, "origin", None)},
+        "/500": {(500, "origin", None)},
+        "/cut": {(200, "origin", Fault.HTTP_RESPONSE_INCOMPLETE.value)},
+        "/drop": {(502, "proxy", Fault.CONNECTION_TERMINATED.value)},
+    }
+    seen: dict[str, int] = {}
+    for line in lines:
+        outcome = (line["status"], line["source"], line["error"])
+        assert line["protocol"] == "h2"
+        assert outcome in expected[line["path"]], line
+        seen[line["path"]] = seen.get(line["path"], 0) + 1
+    kinds = [kind for streams in results for kind in streams.values()]
+    for path in expected:
+        assert seen.get(path, 0) == sum(MIXED_PATHS[k] == path for k in kinds), path
+    resets = sum(k.startswith("reset") for k in kinds)
+    ended_first = sum(line["path"] == "/big" and line["status"] == 200 for line in lines)
+    client_closed = (499, "client", Fault.CLIENT_CLOSED_REQUEST.value)
+    assert proxy.stats.counts[client_closed] + ended_first == resets
 
 
 # -- towards an HTTP/2 origin (h2c://) --------------------------------------------------------

@@ -296,7 +296,7 @@ class H2ClientConnection(asyncio.Protocol):
                 problem = stream.body_problem(len(event.data), ended)
                 if problem is not None:
                     self._malformed(event.stream_id, fw, problem, ended)
-                else:
+                elif event.data:  # an empty DATA (END_STREAM alone) is no body chunk
                     fw.on_request_body(event.data)
                     touched[event.stream_id] = fw
             size = event.flow_controlled_length
