@@ -1042,9 +1042,10 @@ def report(
         f"machine: {v['cpu']}, {v['cores']} cores; kernel {v['kernel']}; proxy on CPU "
         f"{a.proxy_cpu}, origin + wrk/h2load on CPU {a.load_cpu}"
     )
+    ran = "" if FAULTLINE in names or FAULTLINE_OFF in names else " -- not run, candidates only"
     vers = (
         f"versions: faultline {v['faultline'] or '(not installed)'} "
-        f"({v.get('faultline_build') or 'build unknown'}, git {v['git']}), "
+        f"({v.get('faultline_build') or 'build unknown'}, git {v['git']}{ran}), "
         f"python {v['python']}, "
         f"uvloop {v['uvloop']}, httptools {v['httptools']}; nginx {v['nginx']}, "
         f"haproxy {v['haproxy']}, wrk {v['wrk']}, h2load {v.get('h2load')}, h2 {v.get('h2')}"
@@ -1183,6 +1184,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="print the report as Markdown (for bench/RESULTS.md)",
     )
     ap.add_argument("--strict", action="store_true", help="exit 1 if a target FAILs")
+    ap.add_argument(
+        "--target",
+        default=FAULTLINE,
+        metavar="NAME",
+        help=f"the variant the targets are checked for (default {FAULTLINE}; e.g. a candidate)",
+    )
     a = ap.parse_args(argv)
     a.duration = a.duration or (2 if a.quick else 8)
     a.reps = a.reps or (1 if a.quick else 3)
@@ -1503,7 +1510,7 @@ def main(argv: list[str] | None = None) -> int:
 
     meta["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     summary = summarize(results, names)
-    checks = check_targets(summary, idle, rss_after, FAULTLINE, FAULTLINE_OFF)
+    checks = check_targets(summary, idle, rss_after, a.target, FAULTLINE_OFF)
     text = report(meta, summary, idle, rss_after, hwm, checks, names, a, md=False)
     markdown = report(meta, summary, idle, rss_after, hwm, checks, names, a, md=True)
     text += f"\nrun dir (logs, configs, results.json): {rundir}"
