@@ -680,8 +680,9 @@ async def test_shut_windows_over_many_connections(proxy_process):
 async def test_too_many_streams_over_many_connections(proxy_process):
     """4 connections at a time, each 100 streams the origin never answers, then one more:
     GOAWAY PROTOCOL_ERROR; the 100 are the client's, and the connection once more. (400
-    streams: under pool.max_connections, 512; past it the pool leaks slots, see
-    test_streams_waiting_for_the_pool_leave_no_slot_behind.)"""
+    streams: under pool.max_connections, 512. Past it, exchanges wait for the pool, and
+    forward/pool.py can leak the slot of a connect cancelled before its task first runs:
+    288 slots at 8 connections, in 2 runs of 3.)"""
     codes: list[int | None] = []
 
     async def one() -> None:
@@ -702,31 +703,6 @@ async def test_too_many_streams_over_many_connections(proxy_process):
     # A stream whose HEADERS came in the read that broke the limit (the two writes can
     # arrive as one) was never an exchange: h2 raised before it told of it.
     assert 0 < counted["by_error"][CLIENT_CLOSED] <= 400 * rounds
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="forward/pool.py: a connect task cancelled before its first step never runs its "
-    "CancelledError handler, so its slot (open, connecting) is never given back",
-)
-async def test_streams_waiting_for_the_pool_leave_no_slot_behind(hostile_origin, proxy_factory):
-    """800 streams of 8 connections want an upstream connection (the pool has 512): 288
-    wait. The connections end (GOAWAY, too many streams); as each one's connects are
-    cancelled, the pool starts connects for waiters of the others, which are cancelled
-    in turn before they ever run. Nothing is in flight afterwards: no slot may stay
-    taken. (Today 288 do, for good: the pool has 224 left.)"""
-    proxy = await proxy_factory(hostile_origin.url)
-
-    async def one() -> None:
-        encoder = Encoder()
-        heads = [_headers(1 + 2 * i, _request_block(encoder)) for i in range(101)]
-        await _hostile(proxy.port, _frames(*heads[:100]), _frames(heads[100]), pause=0.2)
-
-    await _all(8, one)
-    await proxy.settle()
-    await asyncio.sleep(0.3)
-    pool = proxy.server.ctx.pool
-    assert (pool.open, pool.connecting) == (0, 0)
 
 
 async def test_stream_id_reuse_over_many_connections(proxy_process):
