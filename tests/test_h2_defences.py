@@ -727,3 +727,29 @@ async def test_stream_id_reuse_over_many_connections(proxy_process):
     counted = await _under_attack(proxy_process, stream_id_reuse, first_requests=CONNECTIONS)
     assert set(codes) == {ErrorCodes.STREAM_CLOSED, ErrorCodes.PROTOCOL_ERROR}, codes
     assert counted["by_error"] == {REQUEST_ERROR: CONNECTIONS * counted["rounds"]}
+
+
+async def test_connects_cancelled_before_they_start_give_their_pool_slots_back(
+    origin_factory, proxy_factory
+):
+    """Eight connections each open 100 streams, then a 101st: the GOAWAY ends 800
+    exchanges whose upstream connects were scheduled in the same loop turn and never ran.
+    Before, each such task kept its pool slot for good (`open` 100, `connecting` 100 after
+    a round, in two runs of three), until the pool refused everyone."""
+    origin = await origin_factory(_answer)
+    proxy = await proxy_factory(origin.url)
+    pool = proxy.pool
+
+    async def one() -> int | None:
+        encoder = Encoder()
+        heads = [_headers(1 + 2 * i, _request_block(encoder)) for i in range(101)]
+        frames = await _hostile(proxy.port, _frames(*heads[:100]), _frames(heads[100]), pause=0.2)
+        return _goaway(frames)
+
+    for _ in range(3):
+        codes = await asyncio.gather(*(one() for _ in range(8)))
+        assert set(codes) == {ErrorCodes.PROTOCOL_ERROR}
+        await asyncio.sleep(0.3)
+        await proxy.settle()
+        assert (pool.connecting, pool.busy, len(pool.waiters)) == (0, 0, 0)
+        assert pool.open == sum(pool.counts())  # every slot is a live connection

@@ -209,3 +209,29 @@ async def test_the_drain_deadline_cuts_the_streams_in_flight_as_the_proxys(
     assert counts == {(503, "proxy", CUT): 1, (200, "origin", CUT): 1}
     records = {line["path"]: line for line in proxy.log.lines()}
     assert records["/slow"]["layer"] == "proxy" and records["/partial"]["layer"] == "proxy"
+
+
+async def test_a_clients_graceful_goaway_still_gets_its_responses(h2_server, proxy_factory):
+    """The client says GOAWAY (NO_ERROR: it opens no more streams) with a stream in flight:
+    the response still comes, then the proxy closes. Before, h2 closed its state machine
+    on the GOAWAY (python-hyper/h2#1181) and the response was dropped."""
+    from hyperframe.frame import GoAwayFrame
+
+    async def slow(conn, sid, head, body) -> None:
+        await asyncio.sleep(0.3)
+        await conn.respond(sid, 200, b"still here")
+
+    origin = await h2_server(slow)
+    proxy = await proxy_factory(origin.url)
+    client = await H2Client.connect(proxy.port)
+    sid = client.request("/slow")
+    await client.send()
+    await asyncio.sleep(0.05)
+    client.writer.write(GoAwayFrame(0, last_stream_id=0, error_code=0).serialize())
+    await client.writer.drain()
+    await client.until(lambda: sid in client.ended)
+    assert client.heads[sid][b":status"] == b"200" and bytes(client.bodies[sid]) == b"still here"
+    assert await asyncio.wait_for(client.reader.read(), 5) == b""  # then the proxy closes
+    client.close()
+    await proxy.settle()
+    assert proxy.stats.counts == {(200, "origin", None): 1}

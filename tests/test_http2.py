@@ -650,3 +650,27 @@ async def test_an_origin_stream_reset_is_connection_terminated_with_its_code(
     await proxy.settle()
     terminated = Fault.CONNECTION_TERMINATED.value
     assert proxy.stats.counts == {(502, "proxy", terminated): 1}
+
+
+async def test_a_body_that_ends_with_an_empty_data_frame_is_framed_once(recording, proxy_factory):
+    """Browsers and curl end an upload with an empty DATA frame (END_STREAM). Towards an
+    HTTP/1.1 origin the body is chunked: an empty chunk is its last one, so writing the
+    empty DATA as a chunk ended the body early and left a stray `0\\r\\n\\r\\n` on the
+    kept-alive connection."""
+    proxy = await proxy_factory(recording.url)
+    client = await H2Client.connect(proxy.port)
+    for path in ("/first", "/second"):
+        sid = client.h2.get_next_available_stream_id()
+        fields = [(b":method", b"POST"), (b":scheme", b"http"), (b":authority", b"a")]
+        client.h2.send_headers(sid, [*fields, (b":path", path.encode())])
+        client.h2.send_data(sid, b"hello ")
+        client.h2.send_data(sid, b"world")
+        client.h2.send_data(sid, b"", end_stream=True)
+        client.bodies[sid] = bytearray()
+        await client.send()
+        await client.until(lambda sid=sid: sid in client.ended)
+        assert client.heads[sid][b":status"] == b"200"
+    client.close()
+    assert [r.body for r in recording.requests] == [b"hello world"] * 2
+    assert recording.parse_errors == []
+    assert len(recording.connections) == 1  # the connection stayed good for the second

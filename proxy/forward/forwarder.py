@@ -136,6 +136,7 @@ class Forwarder(ExchangeState):
         conn.begin(self, head)
         down = self.down
         if down.write_paused:
+            self.client_held = True
             conn.pause_reading()
         self.phase = SEND
         self.t_sent = perf_ns()
@@ -287,6 +288,8 @@ class Forwarder(ExchangeState):
         up = self.up
         self.up = None
         if up is not None:
+            if self.client_held:
+                up.resume_reading()  # the next exchange on it must not find it paused
             reusable = (
                 reusable
                 and self.request_complete

@@ -237,10 +237,13 @@ class UpstreamPool:
         # connection (released by its connection_lost).
         self.open += 1
         self.connecting += 1
-        forwarder.connect_task = self.loop.create_task(self._connect(forwarder))
+        attempt = _Attempt(self)
+        task = self.loop.create_task(self._connect(forwarder, attempt))
+        forwarder.connect_task = task
+        task.add_done_callback(attempt.cancelled_unstarted)
 
-    async def _connect(self, forwarder: Waiter) -> None:
-        attempt = _Attempt()
+    async def _connect(self, forwarder: Waiter, attempt: _Attempt) -> None:
+        attempt.started = True
         try:
             conn, multiplexed = await self._open(forwarder, attempt)
             if multiplexed:
@@ -365,7 +368,15 @@ class UpstreamPool:
 class _Attempt:
     """What a connect attempt holds: the connection once TCP is up."""
 
-    __slots__ = ("conn",)
+    __slots__ = ("conn", "pool", "started")
 
-    def __init__(self) -> None:
+    def __init__(self, pool: UpstreamPool) -> None:
+        self.pool = pool
         self.conn: OriginConnection | None = None
+        self.started = False
+
+    def cancelled_unstarted(self, task: asyncio.Task[None]) -> None:
+        """A task cancelled before its first step never runs `_connect`'s own clean-up:
+        the slot it was given is freed here instead."""
+        if not self.started and task.cancelled():
+            self.pool._give_up(self)

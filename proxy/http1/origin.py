@@ -152,6 +152,8 @@ class UpstreamConnection(asyncio.Protocol):
     # -- bytes out -------------------------------------------------------------------------
 
     def send_data(self, data: bytes) -> None:
+        if not data:
+            return  # an empty chunk would be the last one (an HTTP/2 DATA can be empty)
         if self.chunked:
             self.out += (b"%x\r\n" % len(data), data, b"\r\n")
         else:

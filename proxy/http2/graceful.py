@@ -1,13 +1,12 @@
-"""h2's connection, taught RFC 9113 §6.8's graceful GOAWAY on the receiving side.
+"""h2's connection, as both sides of the HTTP/2 codec use it: taught RFC 9113 §6.8's
+graceful GOAWAY on the receiving side, and able to let go of what it holds.
 
 h2 closes its whole state machine on any GOAWAY it receives (python-hyper/h2#1181), so the
 frames of streams the peer still means to finish raise `ProtocolError`. A GOAWAY with
 NO_ERROR is a graceful shutdown: streams at or below its last stream id may complete, only
 new streams are forbidden. This subclass reports that GOAWAY as the usual
-`ConnectionTerminated` event and leaves the connection open; the origin codec stops
-opening streams on it. A GOAWAY with an error code still closes the connection.
-
-Not compiled (setup.py): a mypyc class cannot extend h2's interpreted one.
+`ConnectionTerminated` event and leaves the connection open; the codec opens (or accepts)
+no new stream on it. A GOAWAY with an error code still closes the connection.
 """
 
 from __future__ import annotations
@@ -17,6 +16,7 @@ from typing import Any
 from h2.connection import H2Connection
 from h2.errors import ErrorCodes
 from h2.events import ConnectionTerminated
+from h2.frame_buffer import FrameBuffer
 
 
 class GracefulH2Connection(H2Connection):
@@ -38,3 +38,13 @@ class GracefulH2Connection(H2Connection):
         event.last_stream_id = frame.last_stream_id
         event.additional_data = frame.additional_data or None
         return [], [event]
+
+    def release(self) -> None:
+        """The connection is gone: what h2 holds for it goes now. Its frame dispatch table
+        (bound methods) makes an h2 connection a reference cycle, freed only by the cyclic
+        GC, which the proxy runs seldom (server.tune_gc): dead connections, and the 1 MiB
+        of a CONTINUATION flood each, would pile up until it did."""
+        self.incoming_buffer = FrameBuffer(server=not self.config.client_side)
+        self.data_to_send()
+        self.streams.clear()
+        self._frame_dispatch_table = {}  # the cycle

@@ -187,6 +187,7 @@ class H2OriginConnection(asyncio.Protocol):
         self.pool.on_closed(self, busy=False)  # its streams are let go one by one
         for stream in list(self.streams.values()):
             stream.fail(exc)
+        self.h2.release()
 
     def open_stream(self) -> H2OriginStream | None:
         """A stream for one exchange, or None when the connection is full or going away."""

@@ -24,11 +24,11 @@ from typing import TYPE_CHECKING, Final, Protocol
 from h2.connection import AllowedStreamIDs, H2Connection
 from h2.errors import ErrorCodes
 from h2.exceptions import DenialOfServiceError, H2Error, ProtocolError
-from h2.frame_buffer import FrameBuffer
 from h2.stream import H2Stream
 
 from ..diagnosis.faults import RequestProblem
 from ..forward.codec import ResponseSink
+from .graceful import GracefulH2Connection
 
 if TYPE_CHECKING:
     from ..diagnosis.faults import FaultInfo
@@ -49,24 +49,15 @@ def _unchecked(length: int, end_stream: bool) -> None:
     """In place of h2's content-length check of a stream (rule 2)."""
 
 
-class H2ServerConnection(H2Connection):
-    """h2's connection, whose streams leave the content-length check to the codec (rule 2;
-    h2 offers no setting for it, so each new stream's check is replaced)."""
+class H2ServerConnection(GracefulH2Connection):
+    """h2's connection (graceful GOAWAY, `release`), whose streams leave the content-length
+    check to the codec (rule 2; h2 offers no setting for it, so each new stream's check is
+    replaced)."""
 
     def _begin_new_stream(self, stream_id: int, allowed_ids: AllowedStreamIDs) -> H2Stream:
         stream = super()._begin_new_stream(stream_id, allowed_ids)
         stream._track_content_length = _unchecked  # type: ignore[method-assign]
         return stream
-
-    def release(self) -> None:
-        """The connection is gone: what h2 holds for it goes now. Its frame dispatch table
-        (bound methods) makes an h2 connection a reference cycle, freed only by the cyclic
-        GC, which the proxy runs seldom (server.tune_gc): dead connections, and the 1 MiB
-        of a CONTINUATION flood each, would pile up until it did."""
-        self.incoming_buffer = FrameBuffer(server=True)
-        self.data_to_send()
-        self.streams.clear()
-        self._frame_dispatch_table = {}  # the cycle
 
 
 class Connection(Protocol):
