@@ -98,7 +98,9 @@ class LimitsConfig(_Section, frozen=True):
 
 class PoolConfig(_Section, frozen=True):
     max_connections: PositiveInt = 512
-    max_idle: NonNegativeInt = 128
+    # As many as may be busy: HTTP/2 clients fan hundreds of streams out to an HTTP/1.1
+    # origin, and at 128 a third of them reconnected (bench/RESULTS.md, issue 19).
+    max_idle: NonNegativeInt = 512
     idle_timeout: Duration = 30.0
 
 

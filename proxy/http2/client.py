@@ -41,7 +41,6 @@ import contextlib
 import logging
 from typing import Any, Final
 
-from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.errors import ErrorCodes
 from h2.events import (
@@ -69,6 +68,7 @@ from .request import read_head
 from .respond import StreamSink
 from .stream import (
     CONNECTION_WINDOW,
+    SERVER_CONFIG,
     FloodBudget,
     H2ServerConnection,
     Stream,
@@ -103,11 +103,7 @@ class H2ClientConnection(asyncio.Protocol):
     def __init__(self, shared: H2Shared) -> None:
         self.shared = shared
         self.ctx = shared.ctx
-        # Header checks are this codec's (http2.request): h2's would end the connection.
-        config = H2Configuration(
-            client_side=False, header_encoding=None, validate_inbound_headers=False
-        )
-        self.h2: H2Connection = H2ServerConnection(config)
+        self.h2: H2Connection = H2ServerConnection(SERVER_CONFIG)
         header_limit = shared.ctx.max_request_header_bytes
         self.h2.local_settings = Settings(
             client=False,

@@ -17,6 +17,16 @@ from h2.connection import H2Connection
 from h2.errors import ErrorCodes
 from h2.events import ConnectionTerminated
 from h2.frame_buffer import FrameBuffer
+from hpack import Encoder
+
+
+class PlainEncoder(Encoder):
+    """HPACK without Huffman coding: pure-Python Huffman was 7-9% of the proxy's CPU under
+    h2load (bench/RESULTS.md, issue 19), for ~30% fewer header bytes; a proxy next to its
+    peers spends CPU, not bandwidth."""
+
+    def encode(self, headers: Any, huffman: bool = False) -> bytes:
+        return super().encode(headers, huffman=False)
 
 
 class GracefulH2Connection(H2Connection):
@@ -25,6 +35,10 @@ class GracefulH2Connection(H2Connection):
     one read, h2 raises before it reports the event."""
 
     goaway: ConnectionTerminated | None = None
+
+    def __init__(self, config: Any = None) -> None:
+        super().__init__(config)
+        self.encoder = PlainEncoder()
 
     def _receive_goaway_frame(self, frame: Any) -> tuple[list[Any], list[Any]]:
         if frame.error_code != ErrorCodes.NO_ERROR:

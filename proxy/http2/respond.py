@@ -32,6 +32,9 @@ if TYPE_CHECKING:
 
 BUFFER_HIGH_BYTES: Final = 256 * 1024  # response bytes held for one stream's window
 BUFFER_LOW_BYTES: Final = 64 * 1024
+# Response bytes a stream takes in before it sends them without waiting for the end of the
+# origin's read (below it, the body and its end leave together).
+EAGER_BYTES: Final = 64 * 1024
 
 
 class Flags(Protocol):
@@ -100,7 +103,10 @@ class StreamSink(ResponseSink):
         if data:
             self.chunks.append(data)
             self.buffered += len(data)
-            self.pump()
+            if self.buffered > EAGER_BYTES:
+                self.pump()
+            # else it goes at the end of this origin read (`flush`), or with the end: a body
+            # that ends in the same read carries END_STREAM on its last DATA frame
 
     def send_end(self) -> None:
         self.ended = True
@@ -108,7 +114,7 @@ class StreamSink(ResponseSink):
         self.conn.flush()
 
     def flush(self) -> None:
-        if self.head is not None:
+        if self.head is not None or self.chunks:
             self.pump()  # the head goes out now (a slow body must not hold it back)
         self.conn.flush()
 
@@ -221,7 +227,10 @@ class StreamSink(ResponseSink):
                 else:
                     chunks.pop(0)
                 self.buffered -= len(chunk)
-                h2.send_data(stream_id, chunk)
+                last = self.ended and not chunks and self.trailers is None
+                if last:
+                    self.ended = False  # END_STREAM on the last DATA, not an empty frame
+                h2.send_data(stream_id, chunk, end_stream=last)
             if self.ended and not chunks:
                 self.ended = False
                 if self.trailers is not None:
