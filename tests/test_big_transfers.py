@@ -112,3 +112,39 @@ async def test_one_gib_upload_over_http2_streams_in_bounded_memory(big_proxy, tm
     )  # fmt: skip
     assert out.split() == [str(GIB).encode(), b"2", b"200"]
     assert big_proxy.peak_rss_bytes() < RSS_LIMIT, big_proxy.peak_rss_bytes()
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+async def test_one_gib_download_h2_to_h2_streams_in_bounded_memory(h2_server):
+    """HTTP/2 on both sides (an h2c:// origin on the h2 library): each side's window holds
+    the other back, and the proxy's memory stays flat."""
+
+    async def stream_gib(conn, sid, head, body) -> None:
+        h2 = conn.h2
+        h2.send_headers(sid, [(b":status", b"200"), (b"content-length", b"%d" % GIB)])
+        sent = 0
+        while sent < GIB:
+            size = min(h2.local_flow_control_window(sid), h2.max_outbound_frame_size, GIB - sent)
+            if size <= 0:
+                conn.flush()
+                conn.window.clear()
+                await conn.window.wait()
+                continue
+            h2.send_data(sid, BLOCK[:size], end_stream=sent + size == GIB)
+            sent += size
+            if sent % (1 << 20) == 0:  # a MiB at a time into the socket
+                conn.flush()
+                await conn.writer.drain()
+        conn.flush()
+
+    origin = await h2_server(stream_gib)
+    proxy = spawn_proxy(origin.url, env={"FAULTLINE_LOG_ACCESS": "false"})
+    try:
+        out = await _curl(
+            "-o", "/dev/null", "-w", "%{http_version} %{http_code} %{size_download}",
+            f"http://{LOOPBACK}:{proxy.port}/download",
+        )  # fmt: skip
+        assert out.split() == [b"2", b"200", str(GIB).encode()]
+        assert proxy.peak_rss_bytes() < RSS_LIMIT, proxy.peak_rss_bytes()
+    finally:
+        proxy.stop()

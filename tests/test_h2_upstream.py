@@ -403,3 +403,31 @@ async def test_the_header_switches_hold_towards_an_h2_origin(
     assert not any(name in seen for name in absent), seen
     if b"x-forwarded-host" in seen:
         assert (seen[b"x-forwarded-host"], seen[b"x-forwarded-proto"]) == (b"app", b"http")
+
+
+async def test_an_origin_reset_after_the_head_cuts_the_response_and_names_the_code(
+    h2_server, proxy_factory
+):
+    """RST_STREAM after the head and part of the body: the client's response is cut (a
+    reset, never a clean end), and the record names the upstream and the frame's code."""
+
+    async def cut(conn: OriginConn, sid: int, head, body: bytes) -> None:
+        conn.h2.send_headers(sid, [(b":status", b"200"), (b"content-length", b"100")])
+        conn.h2.send_data(sid, b"x" * 40)
+        conn.flush()
+        await asyncio.sleep(0.1)
+        conn.h2.reset_stream(sid, ErrorCodes.INTERNAL_ERROR)
+        conn.flush()
+
+    origin = await h2_server(cut)
+    proxy = await proxy_factory(origin.url)
+    data = await raw_request(proxy.port, get("/cut"))
+    assert data.startswith(b"HTTP/1.1 200") and data.endswith(b"x" * 40)  # 40 of 100
+    line = await proxy.last_log()
+    assert (line["source"], line["layer"], line["error"]) == (
+        "origin",
+        "upstream",
+        "http_response_incomplete",
+    )
+    assert "RST_STREAM INTERNAL_ERROR" in line["details"]
+    assert proxy.pool.counts() == (1, 0)  # the connection outlives its stream
