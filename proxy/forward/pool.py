@@ -122,10 +122,17 @@ class UpstreamPool:
         if self.open < self.max_connections:
             self._start_connect(forwarder)
         else:
-            forwarder.phase = Phase.POOL_WAIT
-            forwarder.t_pool = perf_ns()
-            self.waiters.append(forwarder)
+            self._wait(forwarder)
         return None
+
+    def _wait(self, forwarder: Waiter, first: bool = False) -> None:
+        """`forwarder` waits for a connection (or a stream) to free."""
+        forwarder.phase = Phase.POOL_WAIT
+        forwarder.t_pool = perf_ns()
+        if first:
+            self.waiters.appendleft(forwarder)
+        else:
+            self.waiters.append(forwarder)
 
     def release(self, conn: OriginConnection, reusable: bool) -> None:
         """The exchange is done with `conn`; keep it for the next one or close it."""
@@ -156,9 +163,7 @@ class UpstreamPool:
         ):
             self._start_connect(forwarder)
         else:
-            forwarder.phase = Phase.POOL_WAIT
-            forwarder.t_pool = perf_ns()
-            self.waiters.append(forwarder)
+            self._wait(forwarder)
         return None
 
     def offer(self, shared: SharedConnection) -> None:
@@ -264,9 +269,7 @@ class UpstreamPool:
             self.shared.append(shared)
             stream = shared.open_stream()
             if stream is None:  # full (or going away) already: first in line for a stream
-                forwarder.phase = Phase.POOL_WAIT
-                forwarder.t_pool = perf_ns()
-                self.waiters.appendleft(forwarder)
+                self._wait(forwarder, first=True)
                 return
             self.busy += 1
             forwarder.on_upstream_connected(stream, reused=False)

@@ -11,13 +11,22 @@ no new stream on it. A GOAWAY with an error code still closes the connection.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from h2.connection import H2Connection
 from h2.errors import ErrorCodes
 from h2.events import ConnectionTerminated
+from h2.exceptions import H2Error
 from h2.frame_buffer import FrameBuffer
 from hpack import Encoder
+
+
+def acknowledge(h2: H2Connection, stream_id: int, size: int) -> None:
+    """`size` received bytes of a stream were taken: the peer may send them again (h2 sends
+    the WINDOW_UPDATE when it decides to); a stream that closed meanwhile needs none."""
+    with contextlib.suppress(H2Error):
+        h2.acknowledge_received_data(size, stream_id)
 
 
 class PlainEncoder(Encoder):

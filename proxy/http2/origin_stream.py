@@ -32,6 +32,7 @@ from ..diagnosis.classify import UpstreamProtocolError
 from ..forward.codec import RequestHead
 from ..forward.forwarder import PENDING_HIGH_BYTES, Forwarder
 from ..forward.heads import OriginHead
+from .graceful import acknowledge
 
 
 class Side(Protocol):
@@ -175,8 +176,7 @@ class H2OriginStream:
             self.conn.flush()
 
     def _ack(self, size: int) -> None:
-        with contextlib.suppress(H2Error):  # the stream closed meanwhile
-            self.conn.h2.acknowledge_received_data(size, self.stream_id)
+        acknowledge(self.conn.h2, self.stream_id, size)
 
     # -- response (called by the connection for this stream's events) --------------------
 

@@ -17,19 +17,18 @@ Rules:
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Final, Protocol
 
 from h2.config import H2Configuration
 from h2.connection import AllowedStreamIDs, H2Connection
 from h2.errors import ErrorCodes
-from h2.exceptions import DenialOfServiceError, H2Error, ProtocolError
+from h2.exceptions import DenialOfServiceError, ProtocolError
 from h2.stream import H2Stream
 
 from ..diagnosis.faults import RequestProblem
 from ..forward.codec import ResponseSink
-from .graceful import GracefulH2Connection
+from .graceful import GracefulH2Connection, acknowledge
 
 if TYPE_CHECKING:
     from ..diagnosis.faults import FaultInfo
@@ -154,8 +153,7 @@ class Stream:
                 self.conn.flush()
 
     def _ack(self, size: int) -> None:
-        with contextlib.suppress(H2Error):  # the stream closed meanwhile
-            self.conn.h2.acknowledge_received_data(size, self.stream_id)
+        acknowledge(self.conn.h2, self.stream_id, size)
 
     def exchange_finished(self, ex: Forwarder) -> None:
         self.conn.exchange_finished(ex)
