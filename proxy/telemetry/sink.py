@@ -2,9 +2,13 @@
 `Telemetry.record`, then in batches to the stats, the access log and any observers.
 
 Rules:
-1. `record` only queues the exchange; `settle` hands the queue to the sinks in one batch,
-   and whoever reads the stats settles first.
-2. A defect in one sink never stops the others, the sweep, or the exchange.
+1. `record` only queues the exchange; `settle` hands the queue to the sinks, and whoever
+   reads the stats settles first.
+2. The sinks take at most `SLICE_MAX` exchanges at a time: bookkeeping never holds the
+   loop long in front of a request (a slice of 32 costs about 70 µs interpreted, ~2 µs an
+   exchange; the old batch of 512 held it for up to 1.3 ms). A slice is settled as soon as
+   it is full, the rest by the server's sweep (or a reader of the stats).
+3. A defect in one sink never stops the others, the sweep, or the exchange.
 """
 
 from __future__ import annotations
@@ -20,8 +24,8 @@ from .stats import Stats
 
 log: Final = logging.getLogger("faultline")
 
-# Finished exchanges held before the sinks take them (the sweep settles sooner when idle).
-BATCH_MAX: Final = 512
+# Finished exchanges the sinks take at once (rule 2).
+SLICE_MAX: Final = 32
 
 
 class Telemetry:
@@ -37,18 +41,25 @@ class Telemetry:
         self.access_log = access_log
         self.observers = observers or []
         self.pending: list[Exchange] = []
+        self.largest_slice = 0  # the most exchanges ever handed to the sinks at once
 
     def record(self, ex: Exchange) -> None:
         pending = self.pending
         pending.append(ex)
-        if len(pending) >= BATCH_MAX:
+        if len(pending) >= SLICE_MAX:
             self.settle()
 
     def settle(self) -> None:
-        batch = self.pending
-        if not batch:
+        pending = self.pending
+        if not pending:
             return
         self.pending = []
+        for start in range(0, len(pending), SLICE_MAX):
+            self._settle_slice(pending[start : start + SLICE_MAX])
+
+    def _settle_slice(self, batch: list[Exchange]) -> None:
+        if len(batch) > self.largest_slice:
+            self.largest_slice = len(batch)
         sinks: list[Callable[[list[Exchange]], None]] = [self.stats.record_batch]
         if self.access_log is not None:
             sinks.append(self.access_log.write)
