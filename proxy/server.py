@@ -37,6 +37,7 @@ from .http1.request import RequestHead
 from .http2.client import H2ClientConnection, H2Shared
 from .http2.origin import H2OriginSide
 from .telemetry.console import make_access_log
+from .telemetry.looplag import LoopWatch
 from .telemetry.sink import Telemetry
 from .telemetry.stats import Stats
 
@@ -158,6 +159,7 @@ class ProxyServer:
         self._admin: Any = None
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping: asyncio.Event | None = None
+        self._watch: LoopWatch | None = None  # the event loop's lag, sampled
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -192,6 +194,8 @@ class ProxyServer:
             raise StartupError(_bind_error("admin.listen", config.admin.listen, exc)) from None
         self._stopping = asyncio.Event()
         self._tasks.append(loop.create_task(self._sweep()))
+        self._watch = LoopWatch(loop, stats.loop_lag)
+        self._watch.start()
         self.ready = True
 
     async def _sweep(self) -> None:
@@ -262,6 +266,7 @@ class ProxyServer:
             conn.abort()
         await asyncio.sleep(0)
         # 7. Flush what is left and stop the admin server.
+        self._stop_watch()
         for task in self._tasks:
             task.cancel()
         self.settle()
@@ -269,8 +274,14 @@ class ProxyServer:
             await self._admin.cleanup()
         ctx.pool.close_idle()
 
+    def _stop_watch(self) -> None:
+        if self._watch is not None:
+            self._watch.stop()
+            self._watch = None
+
     async def close(self) -> None:
         """Stop at once (tests, errors): no drain."""
+        self._stop_watch()
         for task in self._tasks:
             task.cancel()
         if self._server is not None:

@@ -25,6 +25,7 @@ STATS_KEYS = {
     "latency_ms",
     "upstream_wait",
     "windows",
+    "loop_lag_ms",
     "recent_errors",
 }
 BREAKDOWNS = {

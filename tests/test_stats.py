@@ -346,6 +346,7 @@ def test_the_stats_document_has_the_contracts_shape():
         "latency_ms",
         "upstream_wait",
         "windows",
+        "loop_lag_ms",
         "recent_errors",
     ]
     assert (

@@ -152,6 +152,15 @@ class FaultlineCollector:
             duration.add_metric([source, H2], _buckets(h2_part), sum_value=h2_part.sum_s)
         yield duration
 
+        lag = HistogramMetricFamily(
+            "faultline_event_loop_lag_seconds",
+            "How late the event loop got to an I/O event that was due, sampled every 20 ms: "
+            "what every request waits for besides its own work.",
+        )
+        lag_total = stats.loop_lag.total
+        lag.add_metric([], _buckets(lag_total), sum_value=lag_total.sum_s)
+        yield lag
+
         phases = HistogramMetricFamily(
             "faultline_upstream_phase_seconds",
             "Duration of each upstream phase: wait (held by upstream_wait while the upstream "

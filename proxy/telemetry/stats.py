@@ -21,6 +21,7 @@ from ..base.gauges import Gauges
 from ..diagnosis.faults import TAXONOMY, Fault, Layer, Source
 from ..diagnosis.hops import HOP_NAMES_MAX, HOP_OTHER, HOPS
 from .histogram import BUCKETS_NS, Histogram
+from .looplag import LoopLag
 
 if TYPE_CHECKING:
     from ..diagnosis.record import Exchange
@@ -51,6 +52,7 @@ class Stats:
         # What the forwarding core counts live (in flight; connections refused unread over
         # limits.max_connections), shared with it by the server.
         self.gauges = gauges or Gauges()
+        self.loop_lag = LoopLag()  # sampled by the server's LoopWatch
         self.total = 0
         self.retries = 0
         self.held = 0  # requests held by upstream_wait while the upstream refused
@@ -384,5 +386,6 @@ class Stats:
             },
             "upstream_wait": {"held": self.held, "expired": self.held_expired},
             "windows": {f"{s}s": self.window(s, now_ns) for s in WINDOWS_S},
+            "loop_lag_ms": self.loop_lag.summary(now_ns),
             "recent_errors": self.recent_errors(source, error, limit),
         }
