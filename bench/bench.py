@@ -117,6 +117,14 @@ LUA = {
         'wrk.headers["Content-Type"] = "application/octet-stream"\n'
     ),
 }
+# Appended to every wrk script: the tail that --latency leaves out (wrk counts in µs).
+LUA_TAIL = (
+    "-- bench.py: p99.9 and max, which wrk --latency does not print\n"
+    "done = function(summary, latency, requests)\n"
+    '  io.write(string.format("TAIL p99.9 %d max %d\\n", latency:percentile(99.9), '
+    "latency.max))\n"
+    "end\n"
+)
 PEERS = ("direct", "nginx", "haproxy")
 FAULTLINE = "faultline"  # diagnostics and access log on (the defaults)
 FAULTLINE_OFF = "faultline-nodiag"
@@ -431,6 +439,8 @@ def parse_wrk(out: str) -> dict:
     for pct in ("50", "75", "90", "99"):
         m = re.search(rf"^\s+{pct}%\s+(\S+)", out, re.M)
         r[f"p{pct}"] = to_ms(m.group(1)) if m else None
+    m = re.search(r"^TAIL p99\.9 (\d+) max (\d+)", out, re.M)
+    r["p999"], r["max"] = (int(m.group(1)) / 1000, int(m.group(2)) / 1000) if m else (None, None)
     errors = 0
     m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     if m:
@@ -462,10 +472,11 @@ def parse_h2load(out: str, log_path: str) -> dict:
             if len(parts) >= 3:
                 times.append(int(parts[2]))
     times.sort()
-    for pct in ("50", "75", "90", "99"):
-        r[f"p{pct}"] = (
-            times[min(len(times) - 1, len(times) * int(pct) // 100)] / 1000 if times else None
-        )
+    for pct in ("50", "75", "90", "99", "99.9"):
+        key = "p999" if pct == "99.9" else f"p{pct}"
+        at = int(len(times) * float(pct) / 100)
+        r[key] = times[min(len(times) - 1, at)] / 1000 if times else None
+    r["max"] = times[-1] / 1000 if times else None
     return r
 
 
@@ -495,12 +506,11 @@ def run_wrk(v: Variant, scen: Scenario, duration: int, a: argparse.Namespace, ru
         "--timeout",
         "5s",
     ]
-    if scen.lua:
-        path = os.path.join(rundir, f"{scen.lua}.lua")
-        if not os.path.exists(path):
-            with open(path, "w") as f:
-                f.write(LUA[scen.lua])
-        argv += ["-s", path]
+    path = os.path.join(rundir, f"{scen.lua or 'get'}-tail.lua")
+    if not os.path.exists(path):
+        with open(path, "w") as f:
+            f.write((LUA[scen.lua] if scen.lua else "") + LUA_TAIL)
+    argv += ["-s", path]
     argv.append(f"http://127.0.0.1:{v.port}{scen.path}")
     return run_load(v, scen, argv, duration, a, parse_wrk)
 
@@ -830,6 +840,7 @@ def summarize(results: dict, names: list[str]) -> dict:
         "mib_s",
         "p50",
         "p99",
+        "p999",
         "us_per_req",
         "cpu_pct",
         "rss_mb",
@@ -844,6 +855,8 @@ def summarize(results: dict, names: list[str]) -> dict:
             if not runs:
                 continue
             m = {k: med([r.get(k) for r in runs]) for k in keys}
+            maxima = [r["max"] for r in runs if r.get("max") is not None]
+            m["max"] = max(maxima) if maxima else None  # the worst rep's, not a median
             m["errors"] = sum(r["errors"] for r in runs)
             logged = [r["access_log_bytes"] for r in runs if "access_log_bytes" in r]
             requests = sum(r["requests"] for r in runs if "access_log_bytes" in r)
@@ -862,12 +875,15 @@ def scenario_lines(
     headers += [
         "p50 ms",
         "p99 ms",
+        "p99.9 ms",
+        "max ms",
         "CPU us/req",
         "cpu%",
         "RSS MB",
         "x nginx",
         "x direct",
         "p50 x nginx",
+        "p99 x nginx",
         "CPU x nginx",
         "core%",
         "load%",
@@ -886,12 +902,15 @@ def scenario_lines(
             + [
                 num(m["p50"], ".3f"),
                 num(m["p99"], ".3f"),
+                num(m["p999"], ".3f"),
+                num(m["max"], ".3f"),
                 num(m["us_per_req"], ".1f"),
                 num(m["cpu_pct"], ".0f"),
                 num(m["rss_mb"], ".1f"),
                 num(ratio(m["rps"], ngx.get("rps")), ".2f"),
                 num(ratio(m["rps"], direct.get("rps")), ".2f"),
                 num(ratio(m["p50"], ngx.get("p50")), ".2f"),
+                num(ratio(m["p99"], ngx.get("p99")), ".2f"),
                 num(ratio(m["us_per_req"], ngx.get("us_per_req")), ".2f"),
                 num(m["core_pct"], ".0f"),
                 num(m["load_pct"], ".0f"),
