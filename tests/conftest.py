@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 import uvloop
 from h2_origin import Answer, H2Server
+from hostile_support import RecordingOrigin
 
 from support import RunningProxy, Script, ScriptedOrigin, start_proxy
 
@@ -59,3 +60,11 @@ async def h2_server() -> AsyncIterator[Callable[..., Awaitable[H2Server]]]:
     yield factory
     for server in started:
         await server.close()
+
+
+@pytest.fixture
+async def recording() -> AsyncIterator[RecordingOrigin]:
+    """An origin that records every byte and answers 200 `from-app!` (hostile_support)."""
+    origin = await RecordingOrigin().start()
+    yield origin
+    await origin.close()

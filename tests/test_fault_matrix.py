@@ -401,18 +401,22 @@ def check_proxy_status(value: str | None, row: Row, status: int) -> None:
         assert f"error={row.error}" in ours
 
 
+async def upstream_of(row: Row, origin_factory, stack: contextlib.ExitStack, script=None) -> str:
+    """The upstream a row scripts (`script`: its origin script, as the caller wraps it)."""
+    if row.upstream == "refused":
+        return f"http://{LOOPBACK}:{free_port()}"
+    if row.upstream == "full-backlog":
+        return stack.enter_context(full_backlog_listener())
+    if row.upstream is not None:
+        return row.upstream
+    assert row.script is not None
+    return (await origin_factory(script or row.script)).url
+
+
 @pytest.mark.parametrize("row", ROWS, ids=[r.id for r in ROWS])
 async def test_fault_matrix(row: Row, origin_factory):
     stack = contextlib.ExitStack()
-    if row.upstream == "refused":
-        upstream = f"http://{LOOPBACK}:{free_port()}"
-    elif row.upstream == "full-backlog":
-        upstream = stack.enter_context(full_backlog_listener())
-    elif row.upstream is not None:
-        upstream = row.upstream
-    else:
-        assert row.script is not None
-        upstream = (await origin_factory(row.script)).url
+    upstream = await upstream_of(row, origin_factory, stack)
     with stack:
         proxy = await start_proxy(upstream, **row.overrides)
         try:

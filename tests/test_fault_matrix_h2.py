@@ -39,15 +39,13 @@ import httptools
 import orjson
 import pytest
 from h2.errors import ErrorCodes
-from test_fault_matrix import ROWS, Row, check_proxy_status, full_backlog_listener
+from test_fault_matrix import ROWS, Row, check_proxy_status, upstream_of
 from test_http2 import H2Client
 
 from support import (
-    LOOPBACK,
     TIMEOUT_SETTINGS,
     OriginConnection,
     check_detail,
-    free_port,
     start_proxy,
 )
 
@@ -134,15 +132,8 @@ def second_connection_answers(script):
 @pytest.mark.parametrize("row", twinned_rows())
 async def test_fault_matrix_h2(row: Row, origin_factory):
     stack = contextlib.ExitStack()
-    if row.upstream == "refused":
-        upstream = f"http://{LOOPBACK}:{free_port()}"
-    elif row.upstream == "full-backlog":
-        upstream = stack.enter_context(full_backlog_listener())
-    elif row.upstream is not None:
-        upstream = row.upstream
-    else:
-        assert row.script is not None
-        upstream = (await origin_factory(second_connection_answers(row.script))).url
+    script = second_connection_answers(row.script) if row.script is not None else None
+    upstream = await upstream_of(row, origin_factory, stack, script)
     method, path, body, fields = as_h2(row.request)
     with stack:
         proxy = await start_proxy(upstream, **row.overrides)

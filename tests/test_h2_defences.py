@@ -25,7 +25,7 @@ from h2.connection import H2Connection
 from h2.errors import ErrorCodes
 from h2.events import ResponseReceived, StreamReset
 from h2.settings import SettingCodes
-from hostile_support import RecordingOrigin, raise_fd_limit, vm_rss
+from hostile_support import raise_fd_limit, vm_rss
 from hpack import Encoder
 from hyperframe.frame import ContinuationFrame, HeadersFrame, RstStreamFrame
 from test_http2 import H2Client
@@ -43,13 +43,6 @@ from support import (
 )
 
 REQUEST_ERROR = Fault.HTTP_REQUEST_ERROR.value
-
-
-@pytest.fixture
-async def recording():
-    origin = await RecordingOrigin().start()
-    yield origin
-    await origin.close()
 
 
 # -- RFC 9113 §8.1.1: content-length against the DATA sent --------------------------------------

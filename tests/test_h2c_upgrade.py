@@ -8,7 +8,7 @@ tests/test_forwarding.py).
 from __future__ import annotations
 
 import pytest
-from hostile_support import RecordingOrigin, send_raw
+from hostile_support import send_raw
 
 from support import parse_responses
 
@@ -16,13 +16,6 @@ H2C_REQUEST = (
     b"GET /api HTTP/1.1\r\nHost: a\r\nConnection: Upgrade, HTTP2-Settings\r\n"
     b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\nAccept: */*\r\n\r\n"
 )
-
-
-@pytest.fixture
-async def recording():
-    origin = await RecordingOrigin().start()
-    yield origin
-    await origin.close()
 
 
 @pytest.mark.parametrize("upgrade", [b"h2c", b"H2C", b"websocket, h2c"])

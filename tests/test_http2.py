@@ -22,20 +22,12 @@ from h2.events import (
     StreamEnded,
     StreamReset,
 )
-from hostile_support import RecordingOrigin
 
 from proxy.diagnosis.faults import Fault
 
 from support import LOOPBACK, OriginConnection, curl, free_port, parse_responses, raw_request
 
 pytestmark = pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
-
-
-@pytest.fixture
-async def recording():
-    origin = await RecordingOrigin().start()
-    yield origin
-    await origin.close()
 
 
 class H2Client:

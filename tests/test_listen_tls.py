@@ -9,7 +9,6 @@ import shutil
 
 import pytest
 import trustme
-from hostile_support import RecordingOrigin
 
 from proxy.config import ConfigError, load_config
 from proxy.server import ProxyServer, StartupError
@@ -17,13 +16,6 @@ from proxy.server import ProxyServer, StartupError
 from support import LOOPBACK, curl
 
 pytestmark = pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
-
-
-@pytest.fixture
-async def recording():
-    origin = await RecordingOrigin().start()
-    yield origin
-    await origin.close()
 
 
 @pytest.fixture

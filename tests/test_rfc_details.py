@@ -26,13 +26,6 @@ from support import OriginConnection, parse_responses
 REQUEST_ERROR = Fault.HTTP_REQUEST_ERROR.value
 
 
-@pytest.fixture
-async def recording():
-    origin = await RecordingOrigin().start()
-    yield origin
-    await origin.close()
-
-
 # -- Date -------------------------------------------------------------------------------------
 
 
