@@ -431,3 +431,20 @@ async def test_an_origin_reset_after_the_head_cuts_the_response_and_names_the_co
     )
     assert "RST_STREAM INTERNAL_ERROR" in line["details"]
     assert proxy.pool.counts() == (1, 0)  # the connection outlives its stream
+
+
+async def test_exchanges_waiting_for_a_connect_that_fails_each_learn_why(proxy_factory):
+    """Ten exchanges, one connect in flight to an h2c origin whose connects hang: when it
+    times out, the nine that waited for it must not wait their turn one by one until the
+    pool's own deadline names the wrong fault; each gets its connect and its fault."""
+    from test_fault_matrix import full_backlog_listener
+
+    with full_backlog_listener() as url:
+        upstream = url.replace("http://", "h2c://")
+        proxy = await proxy_factory(
+            upstream, **{"timeouts.connect": "300ms", "timeouts.pool_wait": "1s"}
+        )
+        responses = await asyncio.gather(*(fetch(proxy.port, f"/{i}") for i in range(10)))
+    assert [r.status for r in responses] == [504] * 10
+    await proxy.settle()
+    assert proxy.stats.counts == {(504, "proxy", "connection_timeout"): 10}

@@ -282,11 +282,17 @@ class UpstreamPool:
         self.connecting -= 1
         if attempt.conn is not None:
             attempt.conn.abort()  # its connection_lost frees the slot
-            return
-        self.open -= 1
-        waiter = self._next_waiter()
-        if waiter is not None:
+        else:
+            self.open -= 1
+        # A multiplexed pool's waiters may all have waited for this connect: each tries its
+        # own now and learns its own fault (not, one by one, the pool's deadline).
+        while self.waiters and self.open < self.max_connections:
+            waiter = self._next_waiter()
+            if waiter is None:
+                break
             self._start_connect(waiter)
+            if not self.multiplexed:
+                break
 
     async def _open(self, forwarder: Waiter, attempt: _Attempt) -> tuple[OriginConnection, bool]:
         """DNS, TCP connect (every address in turn), then TLS; marks and phases on the way.
