@@ -488,6 +488,7 @@ class Variant:
     access_log: str | None = None  # the server's stdout file, emptied after each run
     unsupported: dict[str, str] = field(default_factory=dict)  # scenario needs -> reason
     twin: bool = False  # a Faultline with an h2c upstream, for the h2c -> h2c scenarios
+    admin_port: int | None = None  # a Faultline's: its event-loop lag is read from /metrics
 
     def pids(self) -> list[int]:
         return self.server.pids() if self.server else []
@@ -539,6 +540,41 @@ def run_h2load(
             os.unlink(log_path)
 
 
+LAG_FAMILY = "faultline_event_loop_lag_seconds_bucket"
+
+
+def lag_buckets(admin_port: int | None) -> dict[float, float] | None:
+    """A Faultline's event-loop lag histogram (cumulative counts by upper bound, s)."""
+    if admin_port is None:
+        return None
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", admin_port, timeout=5)
+        conn.request("GET", "/metrics")
+        text = conn.getresponse().read().decode()
+        conn.close()
+    except (OSError, http.client.HTTPException):
+        return None
+    out: dict[float, float] = {}
+    for m in re.finditer(rf'^{LAG_FAMILY}{{le="([^"]+)"}} (\S+)$', text, re.M):
+        out[float(m.group(1))] = float(m.group(2))
+    return out or None
+
+
+def lag_during(before: dict[float, float] | None, after: dict[float, float] | None) -> dict:
+    """p99 and max of the loop-lag samples taken during one run, as the upper bound of the
+    histogram bucket they fall in (ms): the samples of this run alone, not a window's."""
+    if not before or not after:
+        return {}
+    bounds = sorted(after)
+    diff = [after[b] - before.get(b, 0.0) for b in bounds]  # cumulative
+    total = diff[-1]
+    if total <= 0:
+        return {}
+    p99 = next(b for b, n in zip(bounds, diff, strict=True) if n >= 0.99 * total)
+    top = next(b for b, n in zip(bounds, diff, strict=True) if n >= total)
+    return {"lag_p99": p99 * 1e3, "lag_max": top * 1e3, "lag_samples": int(total)}
+
+
 def run_load(
     v: Variant,
     scen: Scenario,
@@ -559,6 +595,7 @@ def run_load(
 
     sampler = threading.Thread(target=sample_rss, daemon=True)
     sampler.start()
+    lag0 = lag_buckets(v.admin_port)
     ticks0, jiffies0, t0 = cpu_ticks(pids), cpu_jiffies(), time.monotonic()
     try:
         out = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 30).stdout
@@ -566,9 +603,11 @@ def run_load(
         out = ""
     elapsed = time.monotonic() - t0
     ticks1, jiffies1 = cpu_ticks(pids), cpu_jiffies()
+    lag = lag_during(lag0, lag_buckets(v.admin_port))
     stop.set()
     sampler.join()
     r = parse(out)
+    r.update(lag)
     r["raw"] = out
     r["loadavg"] = round(os.getloadavg()[0], 2)
     cpu_s = (ticks1 - ticks0) / CLK_TCK
@@ -803,6 +842,13 @@ def med(vals: list) -> float | None:
     return statistics.median(vals) if vals else None
 
 
+def lag_cell(m: dict) -> str:
+    """'≤0.2/≤0.7': a Faultline's loop lag during the reps (bucket bounds; the worst rep)."""
+    if m.get("lag_max") is None:
+        return "-"
+    return f"≤{m['lag_p99']:.2g}/≤{m['lag_max']:.2g}"
+
+
 def ratio(x: float | None, base: float | None) -> float | None:
     return x / base if x is not None and base else None
 
@@ -857,6 +903,10 @@ def summarize(results: dict, names: list[str]) -> dict:
             m = {k: med([r.get(k) for r in runs]) for k in keys}
             maxima = [r["max"] for r in runs if r.get("max") is not None]
             m["max"] = max(maxima) if maxima else None  # the worst rep's, not a median
+            lag_p99 = [r["lag_p99"] for r in runs if r.get("lag_p99") is not None]
+            lag_max = [r["lag_max"] for r in runs if r.get("lag_max") is not None]
+            m["lag_p99"] = max(lag_p99) if lag_p99 else None
+            m["lag_max"] = max(lag_max) if lag_max else None
             m["errors"] = sum(r["errors"] for r in runs)
             logged = [r["access_log_bytes"] for r in runs if "access_log_bytes" in r]
             requests = sum(r["requests"] for r in runs if "access_log_bytes" in r)
@@ -877,6 +927,7 @@ def scenario_lines(
         "p99 ms",
         "p99.9 ms",
         "max ms",
+        "loop lag p99/max ms",
         "CPU us/req",
         "cpu%",
         "RSS MB",
@@ -904,6 +955,7 @@ def scenario_lines(
                 num(m["p99"], ".3f"),
                 num(m["p999"], ".3f"),
                 num(m["max"], ".3f"),
+                lag_cell(m),
                 num(m["us_per_req"], ".1f"),
                 num(m["cpu_pct"], ".0f"),
                 num(m["rss_mb"], ".1f"),
@@ -1419,10 +1471,10 @@ def main(argv: list[str] | None = None) -> int:
             )
             alog = alog if alog and alog != "/dev/null" else None
             if route == "h1":  # one port for HTTP/1.1 and h2c clients
-                by_route["h1"].append(Variant(name, port, srv, access_log=alog))
-                by_route["h2"].append(Variant(name, port, srv, access_log=alog))
+                by_route["h1"].append(Variant(name, port, srv, access_log=alog, admin_port=admin))
+                by_route["h2"].append(Variant(name, port, srv, access_log=alog, admin_port=admin))
             else:
-                twins.append(Variant(name, port, srv, access_log=alog, twin=True))
+                twins.append(Variant(name, port, srv, access_log=alog, twin=True, admin_port=admin))
                 by_route["h2h2"].append(twins[-1])
 
         ready = []
