@@ -440,15 +440,24 @@ async def test_fault_matrix(row: Row, origin_factory):
         assert response.header("X-Request-Id") == record["request_id"]
         status = row.status
         if row.source == "proxy":
-            problem = response.json()
-            assert problem["error"] == row.error
-            assert problem["layer"] == row.layer
-            assert problem["status"] == row.status
-            assert problem["request_id"] == record["request_id"]
-            assert problem["check_first"]
             assert response.header("Content-Type") == "application/problem+json"
-            check_detail(problem["detail"], problem["check_first"])
-            assert problem["detail"][0].isupper() and problem["detail"].endswith(".")
+            check_problem(row, response.json(), record)
+    check_record(row, record, status)
+
+
+def check_problem(row: Row, problem: dict[str, Any], record: dict[str, Any]) -> None:
+    """A proxy-made answer's problem+json body, for a row (both protocols)."""
+    assert problem["error"] == row.error
+    assert problem["layer"] == row.layer
+    assert problem["status"] == row.status
+    assert problem["request_id"] == record["request_id"]
+    assert problem["check_first"]
+    check_detail(problem["detail"], problem["check_first"])
+    assert problem["detail"][0].isupper() and problem["detail"].endswith(".")
+
+
+def check_record(row: Row, record: dict[str, Any], status: int) -> None:
+    """A row's access-log record: status, fault, who and where (both protocols)."""
     if record["details"]:
         check_detail(record["details"])
     setting = TIMEOUT_SETTINGS.get(row.error or "")
