@@ -68,6 +68,8 @@ class Scenario:
     throughput: bool = False  # print MiB/s
     route: str = "h1"  # ROUTES: which listener of each proxy, towards which origin
     streams: int = 1  # h2load -m: concurrent streams per connection
+    threads: int = 1  # wrk -t
+    probe: bool = False  # a 1-connection latency series beside the load (latprobe.py)
 
 
 # What a scenario's client speaks to the proxy, and what the proxy speaks to the origin.
@@ -75,14 +77,19 @@ ROUTES = {
     "h1": "HTTP/1.1 -> HTTP/1.1",
     "h2": "h2c -> HTTP/1.1",  # the same origin, HTTP/2 on the client side only
     "h2h2": "h2c -> h2c",  # the origin's h2c listener (nginx: grpc_pass)
+    # 1 and 2 workers of nginx and Faultline, everything (origin with 2 workers, wrk with 2
+    # threads, the proxies) on both CPUs: the --workers scaling row
+    "w": "HTTP/1.1 -> HTTP/1.1, both CPUs",
 }
+WORKER_COUNTS = (1, 2)  # the rows of a "w" scenario: PROXY-w1, PROXY-w2
 
 
 SCENARIOS = {
     s.name: s
     for s in (
         Scenario(name="small-c50", kind="wrk", path="/", conns=50, payload=len(HELLO),
-                 needs="small", desc="GET / (12-byte body), 50 connections, saturating"),
+                 needs="small", probe=True,
+                 desc="GET / (12-byte body), 50 connections, saturating"),
         Scenario(name="small-c1", kind="wrk", path="/", conns=1, payload=len(HELLO),
                  needs="small", desc="GET / (12-byte body), 1 connection: latency"),
         Scenario(name="16k-c50", kind="wrk", path="/16k.bin", conns=50, payload=len(BODY_16K),
@@ -104,6 +111,10 @@ SCENARIOS = {
         Scenario(name="h2h2-c1", kind="h2load", route="h2h2", path="/", conns=1,
                  payload=len(HELLO), needs="h2",
                  desc="h2c -> h2c: GET /, 1 connection, 1 stream: latency"),
+        Scenario(name="small-c50-w2", kind="wrk", route="w", path="/", conns=50, threads=2,
+                 payload=len(HELLO), needs="small", probe=True,
+                 desc="GET / (12-byte body), 50 connections, wrk 2 threads; 1 and 2 workers, "
+                 "everything on both CPUs"),
         Scenario(name="idle10k", kind="idle", path="/", conns=0, payload=len(HELLO),
                  needs="small",
                  desc="idle keep-alive connections (one GET each, then held): memory"),
@@ -143,6 +154,11 @@ TARGET_RSS_AFTER_MB = 40.0
 TARGET_RSS_IDLE_MB = 100.0
 # Issue 19's: h2load -c 50 -m 10, h2c -> HTTP/1.1 and h2c -> h2c, diagnostics + log on.
 TARGET_H2_RPS_X_NGINX = 0.5
+# Issue 20's: the event loop's lag under small-c50 (from /metrics; the probe cross-checks it),
+# and the gain from 1 to 2 workers on both CPUs as a fraction of nginx's.
+TARGET_LAG_MAX_MS = 1.0
+TARGET_LAG_P99_MS = 0.2
+TARGET_WORKERS_GAIN_X_NGINX = 0.9
 
 
 def log(*parts: object) -> None:
@@ -494,13 +510,25 @@ class Variant:
         return self.server.pids() if self.server else []
 
 
-def run_wrk(v: Variant, scen: Scenario, duration: int, a: argparse.Namespace, rundir: str) -> dict:
+def load_cpus(scen: Scenario, a: argparse.Namespace) -> str:
+    """Where the load (and the probe) runs: the load CPU, or both CPUs in a "w" scenario."""
+    return a.both_cpus if scen.route == "w" else a.load_cpu
+
+
+def run_wrk(
+    v: Variant,
+    scen: Scenario,
+    duration: int,
+    a: argparse.Namespace,
+    rundir: str,
+    probe: bool = False,
+) -> dict:
     argv = [
         "taskset",
         "-c",
-        a.load_cpu,
+        load_cpus(scen, a),
         "wrk",
-        "-t1",
+        f"-t{scen.threads}",
         f"-c{scen.conns}",
         f"-d{duration}s",
         "--latency",
@@ -513,20 +541,25 @@ def run_wrk(v: Variant, scen: Scenario, duration: int, a: argparse.Namespace, ru
             f.write((LUA[scen.lua] if scen.lua else "") + LUA_TAIL)
     argv += ["-s", path]
     argv.append(f"http://127.0.0.1:{v.port}{scen.path}")
-    return run_load(v, scen, argv, duration, a, parse_wrk)
+    return run_load(v, scen, argv, duration, a, parse_wrk, probe)
 
 
 def run_h2load(
-    v: Variant, scen: Scenario, duration: int, a: argparse.Namespace, rundir: str
+    v: Variant,
+    scen: Scenario,
+    duration: int,
+    a: argparse.Namespace,
+    rundir: str,
+    probe: bool = False,
 ) -> dict:
     """h2load on the load CPU, 1 thread, h2c with prior knowledge, for `duration` seconds."""
     log_path = os.path.join(rundir, "h2load-requests.tsv")
     argv = [
         "taskset",
         "-c",
-        a.load_cpu,
+        load_cpus(scen, a),
         "h2load",
-        "-t1",
+        f"-t{scen.threads}",
         f"-c{scen.conns}",
         f"-m{scen.streams}",
         f"-D{duration}",
@@ -534,7 +567,8 @@ def run_h2load(
         f"http://127.0.0.1:{v.port}{scen.path}",
     ]
     try:
-        return run_load(v, scen, argv, duration, a, lambda out: parse_h2load(out, log_path))
+        parse = lambda out: parse_h2load(out, log_path)  # noqa: E731
+        return run_load(v, scen, argv, duration, a, parse, probe)
     finally:  # about 30 bytes a request: do not keep them
         with contextlib.suppress(OSError):
             os.unlink(log_path)
@@ -575,6 +609,63 @@ def lag_during(before: dict[float, float] | None, after: dict[float, float] | No
     return {"lag_p99": p99 * 1e3, "lag_max": top * 1e3, "lag_samples": int(total)}
 
 
+def start_probe(
+    v: Variant, scen: Scenario, duration: int, a: argparse.Namespace
+) -> subprocess.Popen | None:
+    """latprobe.py on the load CPU(s) for the length of one run: one keep-alive connection,
+    one GET every --probe-interval ms, under SCHED_FIFO if --probe-sched fifo."""
+    if a.probe_sched == "off":
+        return None
+    argv = ["taskset", "-c", load_cpus(scen, a)]
+    argv += ["chrt", "-f", "1"] if a.probe_sched == "fifo" else []
+    argv += [sys.executable, os.path.join(HERE, "latprobe.py"), "--port", str(v.port)]
+    argv += ["--path", scen.path, "--interval-ms", str(a.probe_interval)]
+    argv += ["--delay", "0.25", "--duration", str(max(0.5, duration - 0.25))]
+    try:
+        return subprocess.Popen(
+            argv,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            preexec_fn=_die_with_parent,
+        )
+    except OSError as exc:
+        log(f"  probe did not start: {exc!r}")
+        return None
+
+
+def finish_probe(proc: subprocess.Popen | None, timeout: float) -> dict:
+    """The probe's run as {"probe": {...}}: its latencies (us) and [ms since start, us] series,
+    answers, errors and CPU time; {} if there was no probe."""
+    if proc is None:
+        return {}
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        return {"probe": {"error": "timed out", "stderr": err[-300:]}}
+    try:
+        res = json.loads(out.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return {"probe": {"error": f"exit {proc.returncode}", "stderr": err[-300:]}}
+    lat = sorted(x[1] for x in res["series"])
+    res["lat_us"] = {k: pct(lat, q) for k, q in PROBE_PCTS}
+    return {"probe": res}
+
+
+PROBE_PCTS = (("p50", 50.0), ("p99", 99.0), ("p999", 99.9), ("max", 100.0))
+
+
+def pct(sorted_vals: list[float], q: float) -> float | None:
+    """The q-th percentile (nearest rank) of sorted values; None if there are none."""
+    if not sorted_vals:
+        return None
+    at = min(len(sorted_vals) - 1, max(0, int(len(sorted_vals) * q / 100 + 0.999999) - 1))
+    return sorted_vals[at]
+
+
 def run_load(
     v: Variant,
     scen: Scenario,
@@ -582,9 +673,11 @@ def run_load(
     duration: int,
     a: argparse.Namespace,
     parse: Callable[[str], dict],
+    probe: bool = False,
 ) -> dict:
     """Run the load command `argv` against `v` and measure the proxy's side meanwhile: CPU
-    time of its process tree, its peak RSS, how busy each CPU was, the machine's load."""
+    time of its process tree, its peak RSS, how busy each CPU was, the machine's load; and,
+    with `probe`, a 1-connection latency series beside the load (latprobe.py)."""
     pids = v.pids()
     peak = [rss_bytes(pids)]
     stop = threading.Event()
@@ -597,6 +690,7 @@ def run_load(
     sampler.start()
     lag0 = lag_buckets(v.admin_port)
     ticks0, jiffies0, t0 = cpu_ticks(pids), cpu_jiffies(), time.monotonic()
+    prober = start_probe(v, scen, duration, a) if probe else None
     try:
         out = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 30).stdout
     except subprocess.TimeoutExpired:
@@ -604,12 +698,14 @@ def run_load(
     elapsed = time.monotonic() - t0
     ticks1, jiffies1 = cpu_ticks(pids), cpu_jiffies()
     lag = lag_during(lag0, lag_buckets(v.admin_port))
+    lag.update(finish_probe(prober, timeout=30))
     stop.set()
     sampler.join()
     r = parse(out)
     r.update(lag)
     r["raw"] = out
     r["loadavg"] = round(os.getloadavg()[0], 2)
+    r["procs"] = len(pids)  # the proxy's process tree (its workers)
     cpu_s = (ticks1 - ticks0) / CLK_TCK
     r["mib_s"] = r["rps"] * scen.payload / MIB
     r["rss_mb"] = peak[0] / MIB if pids else None
@@ -683,6 +779,31 @@ def run_idle(v: Variant, a: argparse.Namespace) -> dict:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def ready_variants(variants: list[Variant], a: argparse.Namespace, meta: dict) -> list[Variant]:
+    """The variants whose server answers and passes `validate` (each response kind once), their
+    process trees noted in `meta`; the others are stopped and said so."""
+    ready = []
+    for v in variants:
+        if v.server and not wait_ready(v.server, a.ready_timeout):
+            log(
+                f"SKIP {v.name}: not ready on 127.0.0.1:{v.port} "
+                f"(exit {v.server.proc.poll()}; log: {v.server.log_path})"
+            )
+            v.server.stop()
+            continue
+        v.unsupported, fatal = validate(v.port)
+        if fatal:
+            log(f"SKIP {v.name}: {fatal}")
+            continue
+        for needs, why in v.unsupported.items():
+            log(f"note: {v.name} skips scenarios needing {needs!r}: {why}")
+        if v.access_log:
+            os.truncate(v.access_log, 0)
+        meta.setdefault("process_trees", {})[v.name] = [f"{p} {proc_name(p)}" for p in v.pids()]
+        ready.append(v)
+    return ready
 
 
 # ---------------------------------------------------------------- environment
@@ -912,16 +1033,40 @@ def summarize(results: dict, names: list[str]) -> dict:
             requests = sum(r["requests"] for r in runs if "access_log_bytes" in r)
             m["log_bytes_per_req"] = sum(logged) / requests if logged and requests else None
             m["rps_runs"] = [round(r["rps"]) for r in runs]
+            probes = [r["probe"] for r in runs if "series" in r.get("probe", {})]
+            if probes:  # the reps' series pooled: ~100 samples a second of load
+                lat = sorted(x[1] for p in probes for x in p["series"])
+                elapsed = sum(p["elapsed_s"] for p in probes)
+                m["probe"] = {
+                    **{k: None if x is None else x / 1000 for k, q in PROBE_PCTS
+                       for x in [pct(lat, q)]},
+                    "answers": len(lat),
+                    "errors": sum(p["errors"] for p in probes),
+                    "cpu_pct": 100 * sum(p["cpu_s"] for p in probes) / elapsed if elapsed else None,
+                    "max_runs": [p["lat_us"]["max"] / 1000 for p in probes if p["series"]],
+                }  # fmt: skip
             summary[s][n] = m
     return summary
+
+
+def nginx_row(scen: Scenario, summ: dict, n: str) -> dict:
+    """The row a variant's "x nginx" ratios are taken against: nginx, or in a "w" scenario
+    nginx with as many workers as the variant (nginx-w1 for direct)."""
+    if scen.route != "w":
+        return summ.get("nginx", {})
+    m = re.search(r"-w(\d+)$", n)
+    return summ.get(f"nginx-w{m.group(1) if m else WORKER_COUNTS[0]}", {})
 
 
 def scenario_lines(
     s: str, summ: dict, names: list[str], a: argparse.Namespace, md: bool
 ) -> list[str]:
     scen = SCENARIOS[s]
-    ngx, direct = summ.get("nginx", {}), summ.get("direct", {})
+    direct = summ.get("direct", {})
     headers = ["variant", "req/s", *(["MiB/s"] if scen.throughput else [])]
+    busy = ["core%", "load%"]
+    if scen.route == "w":  # everything on both CPUs: each CPU's busy
+        busy = [f"cpu{a.proxy_cpu}%", f"cpu{a.load_cpu}%"]
     headers += [
         "p50 ms",
         "p99 ms",
@@ -936,8 +1081,7 @@ def scenario_lines(
         "p50 x nginx",
         "p99 x nginx",
         "CPU x nginx",
-        "core%",
-        "load%",
+        *busy,
         "loadavg",
         "errors",
         "req/s per rep",
@@ -947,6 +1091,7 @@ def scenario_lines(
         m = summ.get(n)
         if not m:
             continue
+        ngx = nginx_row(scen, summ, n)
         rows.append(
             [n, num(m["rps"], ".0f")]
             + ([num(m["mib_s"], ".0f")] if scen.throughput else [])
@@ -973,6 +1118,125 @@ def scenario_lines(
         )
     title = f"{s}: {scen.desc}; median of {a.reps} x {a.duration} s"
     head = [f"### {title}", ""] if md else [f"[{title}]"]
+    out = head + table(headers, rows, md) + [""]
+    if any("probe" in summ.get(n, {}) for n in names):
+        out += probe_lines(s, summ, names, a, md)
+    if scen.route == "w":
+        out += workers_lines(s, summ, md)
+    return out
+
+
+def probe_lines(s: str, summ: dict, names: list[str], a: argparse.Namespace, md: bool) -> list[str]:
+    """The 1-connection latency series beside the load (latprobe.py), every variant, next to
+    the loop lag the Faultline variants report themselves and wrk's own tail."""
+    scen = SCENARIOS[s]
+    headers = [
+        "variant",
+        "probe answers",
+        "probe p50 ms",
+        "probe p99 ms",
+        "probe p99.9 ms",
+        "probe max ms",
+        "p50 x nginx",
+        "p99 x nginx",
+        "max x nginx",
+        "loop lag p99/max ms",
+        "wrk p99 ms",
+        "wrk max ms",
+        "probe max per rep",
+        "probe cpu%",
+        "probe errors",
+    ]
+    rows = []
+    for n in names:
+        m = summ.get(n, {})
+        p = m.get("probe")
+        if not p:
+            continue
+        base = nginx_row(scen, summ, n).get("probe", {})
+        rows.append(
+            [
+                n,
+                str(p["answers"]),
+                num(p["p50"], ".3f"),
+                num(p["p99"], ".3f"),
+                num(p["p999"], ".3f"),
+                num(p["max"], ".3f"),
+                num(ratio(p["p50"], base.get("p50")), ".2f"),
+                num(ratio(p["p99"], base.get("p99")), ".2f"),
+                num(ratio(p["max"], base.get("max")), ".2f"),
+                lag_cell(m),
+                num(m["p99"], ".3f"),
+                num(m["max"], ".3f"),
+                " ".join(f"{x:.2f}" for x in p["max_runs"]),
+                num(p["cpu_pct"], ".1f"),
+                str(p["errors"]),
+            ]
+        )
+    title = (
+        f"{s} probe: one more keep-alive connection, one GET every {a.probe_interval:g} ms "
+        f"beside the load (sched {a.probe_sched}); latencies pooled over the reps"
+    )
+    head = [f"#### {title}", ""] if md else [f"[{title}]"]
+    return head + table(headers, rows, md) + [""]
+
+
+def worker_gains(summ: dict) -> dict[str, dict]:
+    """Per proxy with a -w1 and a -w2 row: its gain from 1 to 2 workers (req/s ratio, the
+    median reps' and each round's) and how its CPU per request moved."""
+    lo, hi = WORKER_COUNTS
+    out: dict[str, dict] = {}
+    for n in summ:
+        if not n.endswith(f"-w{lo}") or n[: -len(f"-w{lo}")] + f"-w{hi}" not in summ:
+            continue
+        proxy = n[: -len(f"-w{lo}")]
+        one, two = summ[n], summ[f"{proxy}-w{hi}"]
+        per_round = [
+            b / x for x, b in zip(one["rps_runs"], two["rps_runs"], strict=False) if x
+        ]  # the same round of the interleaved reps: w1 and w2 ran seconds apart
+        out[proxy] = {
+            "w1": one["rps"],
+            "w2": two["rps"],
+            "gain": ratio(two["rps"], one["rps"]),
+            "gain_runs": per_round,
+            "cpu_w1": one["us_per_req"],
+            "cpu_w2": two["us_per_req"],
+            "cpu_growth": ratio(two["us_per_req"], one["us_per_req"]),
+        }
+    return out
+
+
+def workers_lines(s: str, summ: dict, md: bool) -> list[str]:
+    lo, hi = WORKER_COUNTS
+    gains = worker_gains(summ)
+    ngx = gains.get("nginx", {})
+    headers = [
+        "proxy",
+        f"w{lo} req/s",
+        f"w{hi} req/s",
+        "gain",
+        "gain x nginx's",
+        "gain per round",
+        f"CPU us/req w{lo}",
+        f"CPU us/req w{hi}",
+        f"CPU w{hi}/w{lo}",
+    ]
+    rows = [
+        [
+            p,
+            num(g["w1"], ".0f"),
+            num(g["w2"], ".0f"),
+            num(g["gain"], ".2f"),
+            num(ratio(g["gain"], ngx.get("gain")), ".2f"),
+            " ".join(f"{x:.2f}" for x in g["gain_runs"]),
+            num(g["cpu_w1"], ".1f"),
+            num(g["cpu_w2"], ".1f"),
+            num(g["cpu_growth"], ".2f"),
+        ]
+        for p, g in gains.items()
+    ]
+    title = f"{s}: the gain from {lo} to {hi} workers (w{hi} req/s / w{lo} req/s)"
+    head = [f"#### {title}", ""] if md else [f"[{title}]"]
     return head + table(headers, rows, md) + [""]
 
 
@@ -1066,6 +1330,37 @@ def check_targets(summary: dict, idle: dict, rss_after: dict, fl: str, off: str)
             extra = f"; CPU/req {cpu_on / cpu_off - 1:+.0%}"
         verdict(cost <= TARGET_DIAG_COST, f"{text}: {cost:+.1%} ({on:.0f} vs {offv:.0f}{extra})")
 
+    lag = summary.get("small-c50", {}).get(fl, {})
+    probe = lag.get("probe") or {}
+    outside = (
+        f"; probe p99 {probe['p99']:.3f} ms, max {probe['max']:.3f} ms"
+        if probe.get("max") is not None
+        else ""
+    )
+    for key, limit in (("lag_max", TARGET_LAG_MAX_MS), ("lag_p99", TARGET_LAG_P99_MS)):
+        text = f"small-c50: {fl} event-loop lag {key[4:]} <= {limit} ms"
+        x = lag.get(key)
+        if x is None:
+            verdict(None, text + " (no data)")
+        else:  # the histogram gives a bucket's upper bound: the lag is at most this
+            verdict(x <= limit, f"{text}: <= {x:.2g} ms (histogram bucket){outside}")
+
+    gains = worker_gains(summary.get("small-c50-w2", {}))
+    lo, hi = WORKER_COUNTS
+    fl_w = FAULTLINE  # the w rows run the default command (--workers-cmd)
+    text = (
+        f"small-c50-w2: {fl_w}'s gain from {lo} to {hi} workers >= "
+        f"{TARGET_WORKERS_GAIN_X_NGINX}x nginx's"
+    )
+    g, gn = gains.get(fl_w, {}).get("gain"), gains.get("nginx", {}).get("gain")
+    if g is None or not gn:
+        verdict(None, text + " (no data)")
+    else:
+        verdict(
+            g / gn >= TARGET_WORKERS_GAIN_X_NGINX,
+            f"{text}: {g / gn:.2f}x ({g:.2f} vs {gn:.2f})",
+        )
+
     rss = rss_after.get(fl)
     text = f"{fl} RSS after the load scenarios <= {TARGET_RSS_AFTER_MB:.0f} MB"
     verdict(
@@ -1141,9 +1436,9 @@ def report(
     if rss_after:
         lines += memory_lines(rss_after, hwm, md)
     if md:
-        lines += ["### Targets (issues 6 and 19)", "", "```", *checks, "```", ""]
+        lines += ["### Targets (issues 6, 19 and 20)", "", "```", *checks, "```", ""]
     else:
-        lines += ["[targets (issues 6 and 19)]", *checks, ""]
+        lines += ["[targets (issues 6, 19 and 20)]", *checks, ""]
     notes = [
         "CPU us/req and cpu% = utime+stime of the proxy's process tree during the run / requests;",
         "softirq work for loopback TCP is not charged to it. core% / load% = whole-CPU busy",
@@ -1233,13 +1528,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="an extra proxy to measure (repeatable), a command template as above",
     )
     ap.add_argument(
+        "--workers-cmd",
+        help="command template for the Faultline rows of the --workers scenarios, with "
+        "{WORKERS} (1 or 2) besides the others (default: the Faultline command "
+        "followed by `--workers {WORKERS}`)",
+    )
+    ap.add_argument(
+        "--probe-sched",
+        choices=("fifo", "normal", "off"),
+        default="fifo",
+        help="the 1-connection latency probe beside the load of small-c50 and small-c50-w2: "
+        "under SCHED_FIFO priority 1 (chrt; default: its own wake-ups then do not queue "
+        "behind wrk and the origin), under the normal scheduler, or not at all",
+    )
+    ap.add_argument(
+        "--probe-interval",
+        type=float,
+        default=10.0,
+        metavar="MS",
+        help="the probe's period: one GET every MS milliseconds (default 10)",
+    )
+    ap.add_argument(
         "--base-port",
         type=int,
         default=39500,
-        help="first of the ports used on 127.0.0.1 (default 39500; uses up to +59)",
+        help="first of the ports used on 127.0.0.1 (default 39500; uses up to +71)",
     )
     ap.add_argument("--proxy-cpu", default="1")
     ap.add_argument("--load-cpu", default="0")
+    ap.add_argument(
+        "--both-cpus",
+        help="the CPUs of everything in the --workers scenarios (default LOAD_CPU,PROXY_CPU)",
+    )
     ap.add_argument("--idle-conns", type=int, default=10000)
     ap.add_argument(
         "--idle-concurrency",
@@ -1265,6 +1585,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a.duration = a.duration or (2 if a.quick else 8)
     a.reps = a.reps or (1 if a.quick else 3)
     a.warmup = 1 if a.warmup is None else a.warmup
+    a.both_cpus = a.both_cpus or f"{a.load_cpu},{a.proxy_cpu}"
     return a
 
 
@@ -1276,8 +1597,10 @@ def main(argv: list[str] | None = None) -> int:
         log(f"unknown scenario(s) {unknown}; choose from {list(SCENARIOS)}")
         return 2
     routes = {SCENARIOS[s].route for s in scens}
+    pinned = bool(routes - {"w"})  # scenarios with the proxy alone on the proxy CPU
     tools = ["nginx", "haproxy", "wrk", "taskset", "prlimit", "bash"]
-    tools += ["h2load"] if routes - {"h1"} else []
+    tools += ["h2load"] if routes & {"h2", "h2h2"} else []
+    tools += ["chrt"] if a.probe_sched == "fifo" else []
     for tool in tools:
         if not shutil.which(tool):
             log(
@@ -1286,6 +1609,10 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 2
     fl_cmd = a.faultline_cmd or default_faultline_cmd()
+    a.workers_cmd = a.workers_cmd or f"{fl_cmd} --workers {{WORKERS}}"
+    if a.probe_sched == "fifo" and subprocess.run(["chrt", "-f", "1", "true"]).returncode:
+        log("note: chrt -f (SCHED_FIFO) not permitted here; the probe runs under the normal one")
+        a.probe_sched = "normal"
     nodiag_env = dict(kv.split("=", 1) for kv in (a.nodiag_env or DEFAULT_NODIAG_ENV))
     candidates = []
     for c in a.candidate:
@@ -1332,14 +1659,14 @@ def main(argv: list[str] | None = None) -> int:
         if a.access_log == "file"
         else (lambda n: "/dev/null")
     )
-    if FAULTLINE in wanted:
+    if FAULTLINE in wanted and pinned:
         fl_specs.append((FAULTLINE, fl_cmd, bp + 3, bp + 4, {}, access_log(FAULTLINE), "h1"))
-    if FAULTLINE_OFF in wanted:
+    if FAULTLINE_OFF in wanted and pinned:
         fl_specs.append(
             (FAULTLINE_OFF, fl_cmd, bp + 5, bp + 6, nodiag_env, access_log(FAULTLINE_OFF), "h1")
         )
     for i, (name, cmd) in enumerate(candidates):
-        if name in wanted:
+        if name in wanted and pinned:
             fl_specs.append((name, cmd, bp + 10 + 2 * i, bp + 11 + 2 * i, {}, None, "h1"))
     if "h2h2" in routes:
         twin_ports = {FAULTLINE: bp + 32, FAULTLINE_OFF: bp + 34}
@@ -1352,9 +1679,22 @@ def main(argv: list[str] | None = None) -> int:
             tp = twin_ports[name]
             talog = access_log(f"{name}-h2c") if alog else None
             fl_specs.append((name, twin, tp, tp + 1, env, talog, "h2h2"))
+    # The "w" scenarios' servers, all on both CPUs: an origin with 2 workers, nginx and
+    # Faultline with each worker count (PROXY-wN; `--variants nginx` takes them all).
+    w_ports = {"origin-w": bp + 60, "origin-w-h2c": bp + 61}
+    w_specs: list[tuple[str, str, int, int]] = []  # (name, proxy, workers, port)
+    if "w" in routes:
+        for i, k in enumerate(WORKER_COUNTS):
+            for proxy, port in (("nginx", bp + 62 + 3 * i), (FAULTLINE, bp + 68 + 2 * i)):
+                if proxy in wanted or f"{proxy}-w{k}" in wanted:
+                    w_specs.append((f"{proxy}-w{k}", proxy, k, port))
     used = [ports["origin"], ports["origin-h2c"]]
-    used += [p for k, p in ports.items() if k.split("-")[0] in wanted]
+    used += [p for k, p in ports.items() if k.split("-")[0] in wanted and pinned]
     used += [p for spec in fl_specs for p in spec[2:4]]
+    if "w" in routes:
+        used += list(w_ports.values())
+        for _name, proxy, _k, port in w_specs:
+            used += [port, port + 1, port + 2] if proxy == "nginx" else [port, port + 1]
     busy = wait_ports_free(used)
     if busy:
         log(f"ports busy on 127.0.0.1: {busy}; pick another --base-port")
@@ -1370,15 +1710,36 @@ def main(argv: list[str] | None = None) -> int:
         "NOFILE": nofile,
         "WORKER_CONNECTIONS": worker_conns,
         "MAXCONN": a.idle_conns + 1000,
+        "WORKERS": 1,
         **nginx_http2(versions["nginx"]),
     }
-    render(os.path.join(HERE, "nginx-origin.conf"), os.path.join(rundir, "nginx-origin.conf"), subs)
+    render(
+        os.path.join(HERE, "nginx-origin.conf"),
+        os.path.join(rundir, "nginx-origin.conf"),
+        {**subs, "NAME": "origin"},
+    )
     render(
         os.path.join(HERE, "nginx-proxy.conf"),
         os.path.join(rundir, "nginx-proxy.conf"),
         {**subs, "PORT": ports["nginx"], "H2_PORT": ports["nginx-h2"],
-         "H2H2_PORT": ports["nginx-h2h2"]},
+         "H2H2_PORT": ports["nginx-h2h2"], "NAME": "nginx-proxy"},
     )  # fmt: skip
+    if "w" in routes:
+        w_subs = {**subs, "ORIGIN_PORT": w_ports["origin-w"],
+                  "H2C_ORIGIN_PORT": w_ports["origin-w-h2c"]}  # fmt: skip
+        render(
+            os.path.join(HERE, "nginx-origin.conf"),
+            os.path.join(rundir, "nginx-origin-w.conf"),
+            {**w_subs, "NAME": "origin-w", "WORKERS": max(WORKER_COUNTS)},
+        )
+        for name, proxy, k, port in w_specs:
+            if proxy == "nginx":
+                render(
+                    os.path.join(HERE, "nginx-proxy.conf"),
+                    os.path.join(rundir, f"{name}.conf"),
+                    {**w_subs, "NAME": name, "WORKERS": k, "PORT": port, "H2_PORT": port + 1,
+                     "H2H2_PORT": port + 2},
+                )  # fmt: skip
     render(
         os.path.join(HERE, "haproxy.cfg"),
         os.path.join(rundir, "haproxy.cfg"),
@@ -1391,6 +1752,8 @@ def main(argv: list[str] | None = None) -> int:
         "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
         "rundir": rundir,
         "faultline_cmd": fl_cmd,
+        "workers_cmd": a.workers_cmd,
+        "probe": {"sched": a.probe_sched, "interval_ms": a.probe_interval},
         "nodiag_env": nodiag_env,
         "nofile": nofile,
         "versions": versions,
@@ -1440,7 +1803,7 @@ def main(argv: list[str] | None = None) -> int:
         # One list of variants per route (ROUTES); a proxy's variants share its server.
         by_route: dict[str, list[Variant]] = {r: [] for r in ROUTES}
         twins: list[Variant] = []  # Faultline processes with an h2c upstream (route h2h2)
-        if "direct" in wanted:
+        if "direct" in wanted and pinned:
             by_route["h1"].append(Variant("direct", ports["origin"], None))
             by_route["h2h2"].append(Variant("direct", ports["origin-h2c"], None))
         peers = {
@@ -1448,7 +1811,7 @@ def main(argv: list[str] | None = None) -> int:
             "haproxy": ["haproxy", "-db", "-f", os.path.join(rundir, "haproxy.cfg")],
         }
         for name, peer_argv in peers.items():
-            if name in wanted:
+            if name in wanted and pinned:
                 srv = Server(name, peer_argv, ports[name], a.proxy_cpu, rundir, nofile)
                 by_route["h1"].append(Variant(name, ports[name], srv))
                 by_route["h2"].append(Variant(name, ports[f"{name}-h2"], srv))
@@ -1477,26 +1840,44 @@ def main(argv: list[str] | None = None) -> int:
                 twins.append(Variant(name, port, srv, access_log=alog, twin=True, admin_port=admin))
                 by_route["h2h2"].append(twins[-1])
 
-        ready = []
-        for v in by_route["h1"]:
-            if v.server and not wait_ready(v.server, a.ready_timeout):
-                log(
-                    f"SKIP {v.name}: not ready on 127.0.0.1:{v.port} "
-                    f"(exit {v.server.proc.poll()}; log: {v.server.log_path})"
-                )
-                v.server.stop()
+        if "w" in routes:
+            origin_w = Server(
+                "origin-w",
+                ngx("nginx-origin-w.conf", "origin-w"),
+                w_ports["origin-w"],
+                a.both_cpus,
+                rundir,
+                nofile,
+            )
+            if not wait_ready(origin_w, a.ready_timeout):
+                log(f"origin-w did not start; see {rundir}/origin-w.log and origin-w-error.log")
+                return 1
+            if "direct" in wanted:
+                by_route["w"].append(Variant("direct", w_ports["origin-w"], None))
+        for name, proxy, k, port in w_specs:
+            if proxy == "nginx":
+                srv = Server(name, ngx(f"{name}.conf", name), port, a.both_cpus, rundir, nofile)
+                by_route["w"].append(Variant(name, port, srv))
                 continue
-            v.unsupported, fatal = validate(v.port)
-            if fatal:
-                log(f"SKIP {v.name}: {fatal}")
-                continue
-            for needs, why in v.unsupported.items():
-                log(f"note: {v.name} skips scenarios needing {needs!r}: {why}")
-            if v.access_log:
-                os.truncate(v.access_log, 0)
-            meta.setdefault("process_trees", {})[v.name] = [f"{p} {proc_name(p)}" for p in v.pids()]
-            ready.append(v)
-        by_route["h1"] = ready
+            cmd = substitute(a.workers_cmd.replace("{WORKERS}", str(k)), port, port + 1,
+                             w_ports["origin-w"])  # fmt: skip
+            meta.setdefault("commands", {})[name] = {"cmd": cmd, "env": {}}
+            wlog = access_log(name)
+            srv = Server(
+                name,
+                ["bash", "-c", cmd],
+                port,
+                a.both_cpus,
+                rundir,
+                nofile,
+                cwd=REPO,
+                stdout_path=wlog,
+            )
+            wlog = wlog if wlog != "/dev/null" else None
+            by_route["w"].append(Variant(name, port, srv, access_log=wlog, admin_port=port + 1))
+
+        for route in ("h1", "w"):
+            by_route[route] = ready_variants(by_route[route], a, meta)
         for route in ("h2", "h2h2"):
             ok = []
             for v in by_route[route] if route in routes else []:
@@ -1537,8 +1918,9 @@ def main(argv: list[str] | None = None) -> int:
                     if v.server and not v.server.alive():
                         log(f"  {v.name} died (log: {v.server.log_path}); skipping")
                         continue
-                    r = run(v, scen, a.duration, a, rundir)
+                    r = run(v, scen, a.duration, a, rundir, scen.probe)
                     results[s].setdefault(v.name, []).append(r)
+                    lat = r.get("probe", {}).get("lat_us") or {}
                     log(
                         f"  {s} rep{rep + 1} {v.name:>16}: {r['rps']:9.0f} req/s "
                         f"{r['mib_s']:7.0f} MiB/s p50 {num(r['p50'], '.3f')} ms "
@@ -1546,6 +1928,12 @@ def main(argv: list[str] | None = None) -> int:
                         f"{num(r['us_per_req'], '.1f')} us/req core {num(r['core_pct'], '.0f')}% "
                         f"load {num(r['load_pct'], '.0f')}% err {r['errors']} "
                         f"loadavg {r['loadavg']:.2f}"
+                        + (
+                            f" probe p99 {lat['p99'] / 1000:.3f} max {lat['max'] / 1000:.3f} ms"
+                            if lat.get("max") is not None
+                            else ""
+                        )
+                        + (f" lag p99/max {lag_cell(r)}" if r.get("lag_max") is not None else "")
                         + (
                             f" log {r['access_log_bytes'] / r['requests']:.0f} B/req"
                             if r.get("access_log_bytes") is not None and r["requests"]
