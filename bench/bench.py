@@ -1033,6 +1033,7 @@ def summarize(results: dict, names: list[str]) -> dict:
             requests = sum(r["requests"] for r in runs if "access_log_bytes" in r)
             m["log_bytes_per_req"] = sum(logged) / requests if logged and requests else None
             m["rps_runs"] = [round(r["rps"]) for r in runs]
+            m["procs"] = max(r.get("procs", 0) for r in runs)
             probes = [r["probe"] for r in runs if "series" in r.get("probe", {})]
             if probes:  # the reps' series pooled: ~100 samples a second of load
                 lat = sorted(x[1] for p in probes for x in p["series"])
@@ -1202,6 +1203,7 @@ def worker_gains(summ: dict) -> dict[str, dict]:
             "cpu_w1": one["us_per_req"],
             "cpu_w2": two["us_per_req"],
             "cpu_growth": ratio(two["us_per_req"], one["us_per_req"]),
+            "procs": f"{one['procs']}/{two['procs']}",
         }
     return out
 
@@ -1220,6 +1222,7 @@ def workers_lines(s: str, summ: dict, md: bool) -> list[str]:
         f"CPU us/req w{lo}",
         f"CPU us/req w{hi}",
         f"CPU w{hi}/w{lo}",
+        "processes",
     ]
     rows = [
         [
@@ -1232,6 +1235,7 @@ def workers_lines(s: str, summ: dict, md: bool) -> list[str]:
             num(g["cpu_w1"], ".1f"),
             num(g["cpu_w2"], ".1f"),
             num(g["cpu_growth"], ".2f"),
+            g["procs"],
         ]
         for p, g in gains.items()
     ]
@@ -1408,7 +1412,13 @@ def report(
         f"machine: {v['cpu']}, {v['cores']} cores; kernel {v['kernel']}; proxy on CPU "
         f"{a.proxy_cpu}, origin + wrk/h2load on CPU {a.load_cpu}"
     )
-    ran = "" if FAULTLINE in names or FAULTLINE_OFF in names else " -- not run, candidates only"
+    if any(SCENARIOS[s].route == "w" for s in summary):
+        machine += (
+            f"; workers scenarios: origin (2 workers), wrk (2 threads), probe and proxies "
+            f"all on CPUs {a.both_cpus}"
+        )
+    own = (FAULTLINE, FAULTLINE_OFF, *(f"{FAULTLINE}-w{k}" for k in WORKER_COUNTS))
+    ran = "" if set(own) & set(names) else " -- not run, candidates only"
     vers = (
         f"versions: faultline {v['faultline'] or '(not installed)'} "
         f"({v.get('faultline_build') or 'build unknown'}, git {v['git']}{ran}), "
@@ -1448,6 +1458,16 @@ def report(
         "loadavg = the 1-minute load average at the end of each run (median), the benchmark's",
         "own 2 or so included: above 3 someone else was busy on the box.",
         "h2c scenarios: h2load, 1 thread; p50/p99 from its per-request log.",
+        "probe = one more keep-alive connection beside the load, one GET every "
+        f"{a.probe_interval:g} ms (bench/latprobe.py, sched {a.probe_sched}), on the load CPU "
+        "(both CPUs in the workers scenarios); its latencies are pooled over the reps.",
+        "loop lag = the Faultline variant's own faultline_event_loop_lag_seconds samples taken "
+        "during the reps (/metrics before and after each), as the upper bound of the bucket "
+        "their p99 and max fall in, the worst rep's; in the workers scenarios it includes the "
+        "time a worker waited for a CPU (every process shares both).",
+        "workers scenarios: PROXY-wN runs N workers (nginx worker_processes, faultline "
+        "--workers); x nginx compares with nginx-wN; gain = w2 req/s / w1 req/s; CPU w2/w1 = "
+        "how much more CPU a request costs with 2 workers.",
     ]
     for n in names:  # show that the access log was really written (or not)
         per_req = [summary[s][n].get("log_bytes_per_req") for s in summary if n in summary[s]]
@@ -1463,7 +1483,7 @@ def report(
                 f"to stdout (median over scenarios).{warn}"
             )
     if md:
-        lines += ["> " + " ".join(notes[:8]), "", *(f"- {n}" for n in notes[8:])]
+        lines += ["> " + " ".join(notes[:8]), "", *(f"- {n}" for n in notes[8:])]  # 8: the prose
     else:
         lines += notes
     return "\n".join(lines)
