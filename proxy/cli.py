@@ -49,6 +49,12 @@ def _parser() -> argparse.ArgumentParser:
         "127.0.0.1, this machine only (FAULTLINE_ADMIN)",
     )
     serve.add_argument(
+        "--workers",
+        metavar="N",
+        help="serving processes sharing the listen port, default 1; one admin server merges "
+        "their counts (FAULTLINE_WORKERS)",
+    )
+    serve.add_argument(
         "--tls-cert", metavar="FILE", help="TLS on the listen port: certificate chain (PEM)"
     )
     serve.add_argument("--tls-key", metavar="FILE", help="its private key (PEM)")
@@ -98,6 +104,7 @@ def _add_common(sub: argparse.ArgumentParser) -> None:
 def _flags(args: argparse.Namespace) -> dict[tuple[str, ...], Any]:
     return {
         ("upstream",): getattr(args, "upstream", None),
+        ("workers",): getattr(args, "workers", None),
         ("tls", "cert"): getattr(args, "tls_cert", None),
         ("tls", "key"): getattr(args, "tls_key", None),
         ("listen",): args.listen,
@@ -153,6 +160,10 @@ def _run(config: Config, banner: Any) -> int:
 
     from .server import StartupError, run
 
+    if config.workers > 1:
+        from .supervisor import run as supervise
+
+        run = supervise  # type: ignore[assignment]
     try:
         uvloop.run(run(config, banner))
     except StartupError as exc:
@@ -174,8 +185,13 @@ DEMO_BASE: dict[tuple[str, ...], Any] = {
 def _serve_banner(server: Any) -> None:
     from .telemetry.console import install_summary
 
-    install_summary(server.telemetry)  # on a terminal: a summary line after each burst
     config = server.config
+    workers = ""
+    if config.workers > 1:
+        pids = ", ".join(str(slot.pid) for slot in server.slots)
+        workers = f" · {config.workers} workers (pids {pids})"
+    else:  # on a terminal: a summary line after each burst (one process's: not with workers)
+        install_summary(server.telemetry)
     build = "compiled" if compiled() else "interpreted"
     stale = stale_compiled()
     if stale:
@@ -188,7 +204,7 @@ def _serve_banner(server: Any) -> None:
     print(
         f"faultline {__version__} ({build}): "
         f"proxy listening on {_bound(server.listen_address)} -> {config.upstream} · "
-        f"admin on {_bound(server.admin_address)}: /stats, /metrics, /dashboard",
+        f"admin on {_bound(server.admin_address)}: /stats, /metrics, /dashboard{workers}",
         file=sys.stderr,
         flush=True,
     )

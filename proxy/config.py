@@ -146,6 +146,7 @@ class StatsConfig(_Section, frozen=True):
 class Config(_Section, frozen=True):
     listen: Address = (ALL_INTERFACES, 8080)
     upstream: UpstreamURL = "http://127.0.0.1:3000"
+    workers: PositiveInt = 1
     proxy_name: ProxyName = "faultline"
     upstream_wait: Duration = 0.0
     diagnostics: Flag = True

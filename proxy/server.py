@@ -19,6 +19,7 @@ import gc
 import logging
 import os
 import signal
+import socket
 import ssl
 from collections.abc import Callable
 from typing import Any
@@ -145,9 +146,21 @@ def listen_tls(config: Config) -> ssl.SSLContext | None:
 class ProxyServer:
     """The running proxy: data-plane listener, admin listener, sweep, drain."""
 
-    def __init__(self, config: Config, access_stream: Any = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        access_stream: Any = None,
+        *,
+        sock: socket.socket | None = None,
+        admin: bool = True,
+    ) -> None:
+        """`sock`: a listening socket to serve (a worker's, bound by the supervisor) instead
+        of binding `listen`; `admin`: whether this process serves the admin port (a worker
+        does not: the supervisor serves the merge of every worker's counts)."""
         self.config = config
         self.access_stream = access_stream
+        self.sock = sock
+        self.with_admin = admin
         self.ctx: ForwardContext | None = None
         self.telemetry: Telemetry | None = None
         self.headers: HeaderPolicy | None = None
@@ -171,27 +184,29 @@ class ProxyServer:
         self.ctx, self.headers, self.known_heads = ctx, headers, known_heads
         host, port = config.listen
         tls = listen_tls(config)
+        factory = client_factory(ctx, headers, known_heads)
         try:
-            self._server = await loop.create_server(
-                client_factory(ctx, headers, known_heads),
-                host,
-                port,
-                backlog=4096,
-                reuse_address=True,
-                ssl=tls,
-            )
+            if self.sock is not None:
+                self._server = await loop.create_server(
+                    factory, sock=self.sock, backlog=4096, ssl=tls
+                )
+            else:
+                self._server = await loop.create_server(
+                    factory, host, port, backlog=4096, reuse_address=True, ssl=tls
+                )
         except OSError as exc:
-            raise StartupError(_bind_error("listen", config.listen, exc)) from None
+            raise StartupError(bind_error("listen", config.listen, exc)) from None
         self.listen_address = self._server.sockets[0].getsockname()[:2]
-        from .admin import start_admin  # prometheus_client only when the proxy starts
+        if self.with_admin:
+            from .admin import start_admin  # prometheus_client only when the proxy starts
 
-        try:
-            self._admin, self.admin_address = await start_admin(
-                config, telemetry, lambda: self.ready, ctx.pool.counts
-            )
-        except OSError as exc:
-            self._server.close()
-            raise StartupError(_bind_error("admin.listen", config.admin.listen, exc)) from None
+            try:
+                self._admin, self.admin_address = await start_admin(
+                    config, telemetry, lambda: self.ready, ctx.pool.counts
+                )
+            except OSError as exc:
+                self._server.close()
+                raise StartupError(bind_error("admin.listen", config.admin.listen, exc)) from None
         self._stopping = asyncio.Event()
         self._tasks.append(loop.create_task(self._sweep()))
         self._watch = LoopWatch(loop, stats.loop_lag)
@@ -311,7 +326,7 @@ class ProxyServer:
         self.request_stop()
 
 
-def _bind_error(key: str, address: tuple[str, int], exc: OSError) -> str:
+def bind_error(key: str, address: tuple[str, int], exc: OSError) -> str:
     shown = format_address(address)
     reason = {
         errno.EADDRINUSE: "address already in use",

@@ -33,7 +33,7 @@ import html
 import re
 from collections.abc import Callable
 from importlib import resources
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import orjson
 
@@ -43,9 +43,11 @@ from ..replies import reason
 from ..telemetry.metrics import make_registry, render
 from ..telemetry.sink import Telemetry
 from ..telemetry.stats import WINDOWS_S
-from .listener import AdminListener, AdminRequest, AdminResponse, Handler, problem
+from .listener import AdminListener, AdminRequest, AdminResponse, Handler, Prepare, problem
 
 if TYPE_CHECKING:
+    from prometheus_client.registry import Collector
+
     from ..config import Config
 
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})
@@ -160,18 +162,33 @@ _DASHBOARD_LOGIN = (resources.files(__package__) / "dashboard" / "login.html").r
 # -- the application ----------------------------------------------------------------------------
 
 
+class Workers(NamedTuple):
+    """What the supervisor of several worker processes adds to its admin server: `refresh`
+    gathers every worker's counts into the telemetry before a reading endpoint answers,
+    `listing` is `/stats` `proxy.workers`, `collector` the workers' own metric families."""
+
+    refresh: Prepare
+    listing: Callable[[], list[dict[str, Any]]]
+    collector: Collector
+
+
+READING_PATHS = frozenset({"/stats", "/metrics", "/series", "/latency"})
+
+
 def build_app(
     config: Config,
     telemetry: Telemetry,
     ready: Callable[[], bool],
     pool_counts: Callable[[], tuple[int, int]],
+    workers: Workers | None = None,
 ) -> Handler:
     """The admin app: one synchronous function from a request to its response. `ready`
     says whether the proxy takes new traffic (/readyz); `pool_counts` gives the upstream
     pool's idle and busy connections (/metrics)."""
-    stats = telemetry.stats
     token = config.admin.token.encode() if config.admin.token else None
     registry = make_registry(telemetry, pool_counts)
+    if workers is not None:
+        registry.register(workers.collector)
     dashboard_page, dashboard_csp = load_dashboard()
     faults_body = orjson.dumps(faults_document())
     sources = [s.value for s in Source]
@@ -237,7 +254,9 @@ def build_app(
         error = _choice(request, "error", tokens)
         limit = _integer(request, "limit", 0, MAX_LIMIT)
         telemetry.settle()
-        return json(stats.snapshot(proxy=proxy_info, source=source, error=error, limit=limit))
+        info = proxy_info if workers is None else {**proxy_info, "workers": workers.listing()}
+        doc = telemetry.stats.snapshot(proxy=info, source=source, error=error, limit=limit)
+        return json(doc)
 
     def metrics_handler(request: AdminRequest) -> AdminResponse:
         body, content_type = render(registry, request.headers.get("accept"))
@@ -251,12 +270,12 @@ def build_app(
         _check_names(request, ("seconds",))
         seconds = _integer(request, "seconds", 1, WINDOWS_S[-1])
         telemetry.settle()
-        return json(stats.series(seconds or WINDOWS_S[-1]))
+        return json(telemetry.stats.series(seconds or WINDOWS_S[-1]))
 
     def latency_handler(request: AdminRequest) -> AdminResponse:
         _check_names(request, ())
         telemetry.settle()
-        return json(stats.latency())
+        return json(telemetry.stats.latency())
 
     def dashboard(request: AdminRequest) -> AdminResponse:
         _check_names(request, ("token",))
@@ -332,11 +351,20 @@ async def start_admin(
     telemetry: Telemetry,
     ready: Callable[[], bool],
     pool_counts: Callable[[], tuple[int, int]],
+    workers: Workers | None = None,
 ) -> tuple[AdminListener, tuple[str, int]]:
     """Listen on `admin.listen` (OSError when the address is busy or unusable): the
     listener, whose `cleanup()` closes it and every admin connection, and its address."""
     timeouts = config.timeouts
-    app = build_app(config, telemetry, ready, pool_counts)
-    listener = AdminListener(app, timeouts.client_headers, timeouts.keepalive)
+    app = build_app(config, telemetry, ready, pool_counts, workers)
+    prepare: Prepare | None = None
+    if workers is not None:
+        refresh = workers.refresh
+
+        async def prepare(request: AdminRequest) -> None:
+            if request.path in READING_PATHS:
+                await refresh(request)
+
+    listener = AdminListener(app, timeouts.client_headers, timeouts.keepalive, prepare=prepare)
     host, port = config.admin.listen
     return listener, await listener.listen(host, port)

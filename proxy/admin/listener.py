@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, NamedTuple
 from urllib.parse import parse_qs, unquote
 
@@ -69,6 +69,9 @@ class AdminResponse(NamedTuple):
 
 
 Handler = Callable[[AdminRequest], AdminResponse]
+# Run before a request's handler, on the loop (the supervisor of several workers fetches
+# their counts here); the handler itself stays synchronous.
+Prepare = Callable[[AdminRequest], Awaitable[None]]
 
 
 def problem(
@@ -154,6 +157,8 @@ class AdminConnection(asyncio.Protocol):
         self.hosts = 0
         self.head_bytes = 0  # of the head's completed parts, counted by the callbacks
         self.head_fed = -1  # bytes of the reads after the one the head began in
+        self.prepared: AdminRequest | None = None  # the next request, prepared (`Prepare`)
+        self.preparing = False
 
     # -- connection life cycle --------------------------------------------------------------
 
@@ -314,7 +319,11 @@ class AdminConnection(asyncio.Protocol):
             return
         write = self.transport.write
         while self.pending and not self.write_paused:
-            request = self.pending.popleft()
+            request = self.pending[0]
+            if self.listener.prepare is not None and self.prepared is not request:
+                self._prepare(request, self.listener.prepare)
+                return
+            self.pending.popleft()
             response = self._respond(request)
             last = self.stopped and not self.pending and self.last_answer is None
             close = last or not request.keep_alive
@@ -331,6 +340,22 @@ class AdminConnection(asyncio.Protocol):
         self._set_reading(not self.pending and not self.write_paused)
         if not self.in_head:
             self._arm(self.listener.keepalive_s)
+
+    def _prepare(self, request: AdminRequest, prepare: Prepare) -> None:
+        """Answer `request` (and what follows) once `prepare` has run for it."""
+        if self.preparing:
+            return
+        self.preparing = True
+        self._set_reading(False)
+
+        def done(task: asyncio.Future[None]) -> None:
+            self.preparing = False
+            self.prepared = request
+            if not task.cancelled() and task.exception() is not None:
+                log.error("internal error in the admin server", exc_info=task.exception())
+            self._answer()
+
+        asyncio.ensure_future(prepare(request)).add_done_callback(done)
 
     def _respond(self, request: AdminRequest) -> AdminResponse:
         try:
@@ -353,8 +378,10 @@ class AdminListener:
         client_headers_s: float,
         keepalive_s: float,
         max_connections: int = MAX_CONNECTIONS,
+        prepare: Prepare | None = None,
     ) -> None:
         self.handler = handler
+        self.prepare = prepare
         self.client_headers_s = client_headers_s
         self.keepalive_s = keepalive_s
         self.max_connections = max_connections
