@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import json
 import os
 import signal
 import subprocess
@@ -202,6 +203,26 @@ async def test_a_killed_worker_is_replaced_logged_and_counted(demo_url: str) -> 
         assert proxy.stop() == 0
     stderr = proxy.proc.stderr.read().decode()  # type: ignore[union-attr]
     assert f"worker 0 (pid {victim}) killed by SIGKILL" in stderr, stderr
+
+
+async def test_both_workers_log_every_exchange_as_whole_lines(demo_url: str) -> None:
+    """Both workers write JSON lines to one pipe (a container's stdout): each line whole,
+    one per exchange."""
+    proxy = await asyncio.to_thread(
+        spawn_proxy, demo_url, "--workers", "2", "--log-format", "json", stdout=subprocess.PIPE
+    )
+    assert proxy.proc.stdout is not None
+    reading = asyncio.ensure_future(asyncio.to_thread(proxy.proc.stdout.read))
+    try:
+        paths = [f"/hello?{'q' * (1 + i % 700)}" for i in range(1500)]
+        tally = await _load(proxy.url, paths)
+        assert tally == {200: len(paths)}
+    finally:
+        assert proxy.stop() == 0
+    lines = (await reading).decode().splitlines()
+    assert len(lines) == len(paths)
+    records = [json.loads(line) for line in lines]
+    assert sorted(r["path"] for r in records) == sorted(paths)
 
 
 async def test_workers_from_the_environment(demo_url: str) -> None:

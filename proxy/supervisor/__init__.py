@@ -2,13 +2,15 @@
 
 Why processes: one Python process runs Python on one core at a time (the GIL), so threads
 would share one core; nginx's `worker_processes` and HAProxy's `nbproc` made the same
-choice for the same kind of reason. Why one shared socket (bound here, inherited by every
-worker) rather than SO_REUSEPORT: connections waiting in the accept queue belong to the
-socket, which this process keeps open, so a worker that dies loses only the connections it
-had accepted, and its replacement serves the same queue.
+choice for the same kind of reason. The listen port is N sockets with SO_REUSEPORT, one
+per worker, all bound here: the kernel spreads new connections over them by their
+addresses (one socket shared by every worker was tried first: whichever worker woke first
+accepted a whole burst, 600 of 600 exchanges on one worker of two). This process keeps
+every socket open, so connections waiting in a dead worker's accept queue are not lost:
+its replacement inherits the same socket and serves them.
 
 The supervisor:
-1. binds the listen socket, starts the workers (`worker.py`) and waits for each to serve;
+1. binds the listen sockets, starts the workers (`worker.py`) and waits for each to serve;
 2. serves the admin port. A reading endpoint (`/stats`, `/metrics`, `/series`, `/latency`)
    first asks every worker for its counts and adds them up (`telemetry.merge`): exact
    totals, percentiles from merged histograms. It also polls every `POLL_S`, so a worker
@@ -84,7 +86,7 @@ class Supervisor:
         self.slots = [Slot(i) for i in range(config.workers)]
         self.telemetry = Telemetry(Stats(config.stats.recent_errors), None)
         self.retired: list[State] = []  # the last counts of workers that exited
-        self.sock: socket.socket | None = None
+        self.socks: list[socket.socket] = []  # one per slot: the listen port
         self.listen_address: tuple[str, int] | None = None
         self.admin_address: tuple[str, int] | None = None
         self._admin: Any = None
@@ -97,8 +99,8 @@ class Supervisor:
     async def start(self) -> None:
         config = self.config
         listen_tls(config)  # a bad certificate is one line now, not N workers failing
-        self.sock = _bind(config)
-        self.listen_address = self.sock.getsockname()[:2]
+        self.socks = _bind(config, len(self.slots))
+        self.listen_address = self.socks[0].getsockname()[:2]
         try:
             failures = await asyncio.gather(*(self._spawn(slot) for slot in self.slots))
             failed = next((f for f in failures if f), None)
@@ -119,9 +121,8 @@ class Supervisor:
 
     async def _spawn(self, slot: Slot) -> str | None:
         """Start a worker in `slot`; None once it serves, else why it could not start."""
-        assert self.sock is not None
         ours, theirs = socket.socketpair()
-        listen_fd = self.sock.fileno()
+        listen_fd = self.socks[slot.index].fileno()
         process = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
@@ -271,9 +272,7 @@ class Supervisor:
     async def shutdown(self) -> None:
         """Drain every worker (each runs the contract's sequence); return when all exited."""
         self.ready = False
-        if self.sock is not None:  # the workers' copies stay open until each stops accepting
-            self.sock.close()
-            self.sock = None
+        self._close_socks()  # the workers' copies stay open until each stops accepting
         self._signal_all(signal.SIGTERM)
         timeouts = self.config.timeouts
         limit = timeouts.shutdown_delay + timeouts.drain + STOP_MARGIN_S
@@ -307,9 +306,12 @@ class Supervisor:
         if self._admin is not None:
             await self._admin.cleanup()
             self._admin = None
-        if self.sock is not None:
-            self.sock.close()
-            self.sock = None
+        self._close_socks()
+
+    def _close_socks(self) -> None:
+        for sock in self.socks:
+            sock.close()
+        self.socks = []
 
     def _spawn_task(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)
@@ -350,26 +352,30 @@ def _signal_name(number: int) -> str:
     return f"signal {number}"
 
 
-def _bind(config: Config) -> socket.socket:
-    """The listen socket every worker serves (StartupError when it cannot be bound)."""
+def _bind(config: Config, count: int) -> list[socket.socket]:
+    """The listen port as `count` sockets with SO_REUSEPORT, one per worker (StartupError
+    when it cannot be bound). With port 0, the port the first one got."""
     host, port = config.listen
+    socks: list[socket.socket] = []
     try:
         family, kind, proto, _, address = socket.getaddrinfo(
             host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         )[0]
-        sock = socket.socket(family, kind, proto)
-        try:
+        for _ in range(count):
+            sock = socket.socket(family, kind, proto)
+            socks.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             sock.bind(address)
             sock.listen(4096)
-        except OSError:
-            sock.close()
-            raise
+            address = sock.getsockname()  # port 0: the others join the port it got
     except OSError as exc:
+        for sock in socks:
+            sock.close()
         raise StartupError(bind_error("listen", config.listen, exc)) from None
-    return sock
+    return socks
 
 
 async def run(config: Config, on_started: Callable[[Supervisor], None] | None = None) -> None:
