@@ -26,6 +26,7 @@ from proxy.diagnosis.hops import (
     HOP_OTHER,
     HOPS,
     ORIGIN_5XX_FOR_CLIENT_ERROR,
+    PROXY_LOOP_STALLED,
     SIGNATURES,
     Evidence,
     OriginResponse,
@@ -1094,13 +1095,15 @@ def test_each_hop_is_told_by_its_products_name():
 
 
 def test_hints_have_words():
-    assert set(HINT_TEXT) == {FAULT_BEHIND_ORIGIN, ORIGIN_5XX_FOR_CLIENT_ERROR}
+    assert set(HINT_TEXT) == {FAULT_BEHIND_ORIGIN, ORIGIN_5XX_FOR_CLIENT_ERROR, PROXY_LOOP_STALLED}
     assert all(text and "\n" not in text for text in HINT_TEXT.values())
     assert HINT_TEXT == {  # what the terminal and the dashboard say, word for word
         "fault_behind_origin": "the failure lies behind the origin \u2014 check what it forwards "
         "to or depends on",
         "origin_5xx_for_client_error": "the request body is not valid JSON \u2014 the origin "
         "should answer 400/422, not a 5xx",
+        "proxy_loop_stalled": "the proxy's event loop stalled over the deadline, not the peer "
+        "\u2014 check its CPU throttling, loop_lag_ms and gc_ms",
     }
 
 

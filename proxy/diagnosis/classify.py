@@ -44,6 +44,28 @@ class UploadStalled(DeadlineExpired):
     stayed shut), while the client had more to send."""
 
 
+class LoopStalled(DeadlineExpired):
+    """A timeout fired, but the proxy's event loop was stalled over its deadline for most
+    of the time `peer` had (`proxy.diagnosis.stalls`): the proxy held the exchange up.
+    `stall_ns` is how long the stall was; `instead` the fault charged otherwise."""
+
+    def __init__(
+        self, limit_ns: int, setting: str, stall_ns: int, instead: Fault, peer: str
+    ) -> None:
+        super().__init__(limit_ns, setting)
+        self.stall_ns = stall_ns
+        self.instead = instead
+        self.peer = peer
+
+    def detail(self) -> str:
+        return (
+            f"the proxy's event loop was stalled for {duration_text(self.stall_ns)} across "
+            f"the deadline of {self.setting} ({duration_text(self.limit_ns)}), over half the "
+            f"time {self.peer} had: the proxy held this exchange up, not {self.peer} (not "
+            f"charged to it as {self.instead.value})"
+        )
+
+
 class UpstreamProtocolError(UpstreamError):
     """The upstream sent bytes that are not valid HTTP/1.x."""
 
@@ -107,6 +129,8 @@ def classify(
     `error` None means the upstream closed the connection cleanly (EOF).
     `response_bytes_seen`: part of the response head had arrived before the failure.
     """
+    if isinstance(error, LoopStalled):
+        return Fault.PROXY_INTERNAL_ERROR, error.detail()
     if phase is Phase.POOL_WAIT:
         within = error.within() if isinstance(error, DeadlineExpired) else ""
         return (

@@ -18,7 +18,8 @@ Rules:
 5. A hint is a token for a verdict a human should read (`HINT_TEXT` says it in words):
    `fault_behind_origin` for an origin's own 502/504 or any 5xx made by a recognised hop,
    `origin_5xx_for_client_error` for a 5xx answered to a request body the proxy can tell is
-   not JSON although it says it is.
+   not JSON although it says it is; `proxy_loop_stalled` for a timeout the proxy charged to
+   itself because its event loop was stalled over the deadline (`proxy.diagnosis.stalls`).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ REQUEST_SAMPLE_BYTES = 65536  # how much of a JSON request body is kept to judge
 
 FAULT_BEHIND_ORIGIN = "fault_behind_origin"
 ORIGIN_5XX_FOR_CLIENT_ERROR = "origin_5xx_for_client_error"
+PROXY_LOOP_STALLED = "proxy_loop_stalled"
 
 # What each hint means, for the terminal and the dashboard.
 HINT_TEXT = {
@@ -43,6 +45,8 @@ HINT_TEXT = {
     "depends on",
     ORIGIN_5XX_FOR_CLIENT_ERROR: "the request body is not valid JSON — the origin should answer "
     "400/422, not a 5xx",
+    PROXY_LOOP_STALLED: "the proxy's event loop stalled over the deadline, not the peer — "
+    "check its CPU throttling, loop_lag_ms and gc_ms",
 }
 
 _DECOMPRESSED_MAX = 65536  # an error page is small; never inflate more than this

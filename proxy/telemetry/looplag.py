@@ -9,6 +9,13 @@ Measured with `perf_counter_ns` from the write: libuv's timers are millisecond-g
 (measured against their due time, an idle loop showed a p99 of 2.9 ms of pure timer
 rounding), so the timer only says when to sample.
 
+A stall between two samples delays the timer itself, and the byte written after it comes
+back at once: so the timer's own lateness beyond `TIMER_SLACK_NS` (libuv's rounding, as
+measured on an idle loop) is added to the sample it starts, and a stall of any length is
+seen. A stretch of at least `STALL_NS` without the loop running (a timer that late, or a
+byte read that late) is noted in `LoopLag.stalls` (`proxy.diagnosis.stalls`: the last few,
+bounded), which the deadline sweep consults when a timeout fires, and `/stats` shows.
+
 Rules: one sample per interval, one histogram per second for the windows (the last
 `WINDOW_MAX_S` of them) and one for the whole run; nothing per exchange.
 """
@@ -19,12 +26,15 @@ import asyncio
 import contextlib
 import socket
 from collections import deque
-from time import perf_counter_ns
+from time import perf_counter_ns, time
 from typing import Any, Final
 
+from ..diagnosis.stalls import STALL_NS, LoopStalls, unwatch_loop, watch_loop
 from .histogram import Histogram
 
 INTERVAL_S: Final = 0.02  # 50 samples a second: a stall of a few ms is seen within a second
+INTERVAL_NS: Final = int(INTERVAL_S * 1e9)
+TIMER_SLACK_NS: Final = 5_000_000  # an idle loop's timer fired up to ~4 ms late (rounding)
 WINDOWS_S: Final = (60, 300)
 WINDOW_MAX_S: Final = max(WINDOWS_S)
 
@@ -35,6 +45,7 @@ class LoopLag:
     def __init__(self) -> None:
         self.total = Histogram()
         self.seconds: deque[tuple[int, Histogram]] = deque()
+        self.stalls = LoopStalls(INTERVAL_NS)
 
     def observe(self, lag_ns: int, now_ns: int) -> None:
         self.total.observe_ns(lag_ns)
@@ -54,6 +65,7 @@ class LoopLag:
             parts = [h for s, h in self.seconds if s > second - span]
             out[f"{span}s"] = _summary(Histogram.merged(parts))
         out["total"] = _summary(self.total)
+        out["stalls"] = _stalls(self.stalls, now_ns)
         return out
 
 
@@ -67,6 +79,20 @@ def _summary(h: Histogram) -> dict[str, Any]:
     }
 
 
+def _stalls(stalls: LoopStalls, now_ns: int) -> dict[str, Any]:
+    """`loop_lag_ms.stalls`: how many stalls of at least 50 ms, the longest, and the last
+    few (newest first), each with its wall-clock start and length."""
+    wall = time() - now_ns / 1e9
+    return {
+        "count": stalls.count,
+        "longest": round(stalls.longest_ns / 1e6, 3) if stalls.count else None,
+        "recent": [
+            {"at": round(wall + start / 1e9, 3), "ms": round((end - start) / 1e6, 3)}
+            for start, end in reversed(stalls.recent)
+        ],
+    }
+
+
 class LoopWatch:
     """Samples the loop's lag into a `LoopLag` while it runs (`start`/`stop`)."""
 
@@ -77,15 +103,26 @@ class LoopWatch:
         self.writer: socket.socket | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.sent_ns = 0  # when the byte on its way was written
+        self.late_ns = 0  # how late the timer that wrote it fired, beyond the slack
+        self.due_ns = 0  # when the timer is due
+        self.stalls = lag.stalls
 
     def start(self) -> None:
         self.reader, self.writer = socket.socketpair()
         self.reader.setblocking(False)
         self.writer.setblocking(False)
         self.loop.add_reader(self.reader.fileno(), self._woken)
+        self._arm(perf_counter_ns())
+        watch_loop(self.loop, self.stalls)
+
+    def _arm(self, now: int) -> None:
+        self.due_ns = now + INTERVAL_NS
+        self.stalls.alive_ns = now
         self.timer = self.loop.call_later(INTERVAL_S, self._tick)
 
     def stop(self) -> None:
+        unwatch_loop(self.loop, self.stalls)
+        self.stalls.alive_ns = 0
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
@@ -99,15 +136,21 @@ class LoopWatch:
             self.writer = None
 
     def _tick(self) -> None:
-        self.timer = self.loop.call_later(INTERVAL_S, self._tick)
+        now = perf_counter_ns()
+        late = now - self.due_ns
+        if late >= STALL_NS:
+            self.stalls.note(self.due_ns, now)  # it ran nothing from the due time to now
+        self._arm(now)
         writer = self.writer
         if writer is not None and not self.sent_ns:
-            self.sent_ns = perf_counter_ns()
+            self.sent_ns = now
+            self.late_ns = late if late > TIMER_SLACK_NS else 0
             with contextlib.suppress(BlockingIOError, InterruptedError):
                 writer.send(b"\0")
 
     def _woken(self) -> None:
         now = perf_counter_ns()
+        self.stalls.polled_ns = now
         reader = self.reader
         if reader is not None:
             with contextlib.suppress(BlockingIOError, InterruptedError):
@@ -115,4 +158,7 @@ class LoopWatch:
         sent = self.sent_ns
         if sent:
             self.sent_ns = 0
-            self.lag.observe(now - sent, now)
+            waited = now - sent
+            if waited >= STALL_NS:
+                self.stalls.note(sent, now)
+            self.lag.observe(waited + self.late_ns, now)
