@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from ..base.gauges import Gauges
 from ..config import Config
@@ -20,6 +20,10 @@ from .pool import OriginFactory, UpstreamPool
 if TYPE_CHECKING:
     from ..diagnosis.record import Exchange
     from .codec import ServedConnection
+
+
+# The last two hex digits of a request id's counter (`new_request_id`).
+_ID_LOW: Final = tuple(b"%02x" % low for low in range(256))
 
 
 def _ns(seconds: float) -> int:
@@ -72,10 +76,18 @@ class ForwardContext:
         self._trusted = [ipaddress.ip_network(n, strict=False) for n in config.trusted_proxies]
         self._id_prefix = instance_id[:8].encode()
         self._id_counter = 0
+        self._id_high = self._id_prefix + b"-000000"  # all but the counter's last byte
 
     def new_request_id(self) -> bytes:
-        self._id_counter += 1
-        return b"%s-%08x" % (self._id_prefix, self._id_counter)
+        """`<instance>-<counter>`, the counter in at least 8 hex digits. Its last byte
+        comes from a table and the rest is formatted once per 256 ids: a bytes format per
+        request was 4% of a compiled exchange's instructions (issue 20)."""
+        n = self._id_counter + 1
+        self._id_counter = n
+        low = n & 0xFF
+        if not low:
+            self._id_high = b"%s-%06x" % (self._id_prefix, n >> 8)
+        return self._id_high + _ID_LOW[low]
 
     def is_trusted(self, address: str) -> bool:
         return client_is_trusted(address, self._trusted)
