@@ -831,12 +831,24 @@ def default_faultline_cmd() -> str:
     return f"{prog} {FAULTLINE_ARGS}"
 
 
+def command_dir(template: str) -> str:
+    """Where a command template runs its proxy: DIR for `cd DIR && ...` (a copy of the
+    sources, whose workers `python -m` from there), else "/"."""
+    with contextlib.suppress(ValueError):
+        words = shlex.split(template)
+        if words[:1] == ["cd"] and words[2:3] == ["&&"]:
+            return words[1]
+    return "/"
+
+
 def command_python(template: str) -> str:
     """The interpreter a candidate command runs under (for its versions), else ours."""
     try:
         words = shlex.split(template)
     except ValueError:
         return sys.executable
+    if words[:1] == ["cd"] and words[2:3] == ["&&"]:
+        del words[:3]
     while words and (words[0] == "env" or "=" in words[0]):
         words.pop(0)
     if not words:
@@ -914,8 +926,9 @@ def machine_and_versions(fl_template: str) -> dict:
     try:
         # Not from the repository: there `import proxy` would find the work tree, while the
         # faultline command imports whatever is installed (an editable install may point
-        # at another checkout).
-        p = subprocess.run([py, "-c", PROBE], capture_output=True, text=True, timeout=20, cwd="/")
+        # at another checkout); but from DIR for `cd DIR && ...`, where the command runs.
+        cwd = command_dir(fl_template)
+        p = subprocess.run([py, "-c", PROBE], capture_output=True, text=True, timeout=20, cwd=cwd)
         info.update(json.loads(p.stdout))
     except (OSError, ValueError, subprocess.TimeoutExpired):
         info.update(
