@@ -37,6 +37,7 @@ from .http1.origin import OriginSide
 from .http1.request import RequestHead
 from .http2.client import H2ClientConnection, H2Shared
 from .http2.origin import H2OriginSide
+from .telemetry import gcwatch
 from .telemetry.console import make_access_log
 from .telemetry.looplag import LoopWatch
 from .telemetry.sink import Telemetry
@@ -211,6 +212,7 @@ class ProxyServer:
         self._tasks.append(loop.create_task(self._sweep()))
         self._watch = LoopWatch(loop, stats.loop_lag)
         self._watch.start()
+        gcwatch.install()  # the collector's pauses, timed
         self.ready = True
 
     async def _sweep(self) -> None:
@@ -293,6 +295,7 @@ class ProxyServer:
         if self._watch is not None:
             self._watch.stop()
             self._watch = None
+            gcwatch.uninstall()
 
     async def close(self) -> None:
         """Stop at once (tests, errors): no drain."""

@@ -26,6 +26,7 @@ STATS_KEYS = {
     "upstream_wait",
     "windows",
     "loop_lag_ms",
+    "gc_ms",
     "recent_errors",
 }
 BREAKDOWNS = {

@@ -31,6 +31,7 @@ FAMILIES = {
     "faultline_request_duration_seconds": "histogram",
     "faultline_upstream_phase_seconds": "histogram",
     "faultline_event_loop_lag_seconds": "histogram",
+    "faultline_gc_pause_seconds": "histogram",
     "faultline_in_flight_requests": "gauge",
     "faultline_retries": "counter",
     "faultline_refused_connections": "counter",

@@ -347,6 +347,7 @@ def test_the_stats_document_has_the_contracts_shape():
         "upstream_wait",
         "windows",
         "loop_lag_ms",
+        "gc_ms",
         "recent_errors",
     ]
     assert (

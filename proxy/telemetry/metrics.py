@@ -38,6 +38,7 @@ from prometheus_client.utils import floatToGoString
 
 from .. import __version__
 from ..diagnosis.faults import Source
+from .gcwatch import GC_PAUSES, GENERATIONS
 from .histogram import BUCKETS_S, Histogram
 from .stats import CounterKey, layer_of
 
@@ -160,6 +161,16 @@ class FaultlineCollector:
         lag_total = stats.loop_lag.total
         lag.add_metric([], _buckets(lag_total), sum_value=lag_total.sum_s)
         yield lag
+
+        gc_pauses = HistogramMetricFamily(
+            "faultline_gc_pause_seconds",
+            "How long each cyclic garbage collection held the process (and its event "
+            "loop), by generation.",
+            labels=("generation",),
+        )
+        for generation, h in zip(GENERATIONS, GC_PAUSES.by_generation, strict=True):
+            gc_pauses.add_metric([generation], _buckets(h), sum_value=h.sum_s)
+        yield gc_pauses
 
         phases = HistogramMetricFamily(
             "faultline_upstream_phase_seconds",

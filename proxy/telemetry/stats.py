@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Final
 from ..base.gauges import Gauges
 from ..diagnosis.faults import TAXONOMY, Fault, Layer, Source
 from ..diagnosis.hops import HOP_NAMES_MAX, HOP_OTHER, HOPS
+from .gcwatch import GC_PAUSES
 from .histogram import BUCKETS_NS, Histogram
 from .looplag import LoopLag
 
@@ -387,5 +388,6 @@ class Stats:
             "upstream_wait": {"held": self.held, "expired": self.held_expired},
             "windows": {f"{s}s": self.window(s, now_ns) for s in WINDOWS_S},
             "loop_lag_ms": self.loop_lag.summary(now_ns),
+            "gc_ms": GC_PAUSES.summary(),
             "recent_errors": self.recent_errors(source, error, limit),
         }
