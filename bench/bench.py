@@ -980,7 +980,12 @@ def lag_cell(m: dict) -> str:
     """'≤0.2/≤0.7': a Faultline's loop lag during the reps (bucket bounds; the worst rep)."""
     if m.get("lag_max") is None:
         return "-"
-    return f"≤{m['lag_p99']:.2g}/≤{m['lag_max']:.2g}"
+    return f"≤{bound(m['lag_p99'])}/≤{bound(m['lag_max'])}"
+
+
+def bound(ms: float) -> str:
+    """A histogram bucket's upper bound in ms, short: 0.07, 0.5, 1.5, 10, 150."""
+    return f"{ms:.0f}" if ms >= 10 else f"{ms:.2g}"
 
 
 def ratio(x: float | None, base: float | None) -> float | None:
@@ -1154,6 +1159,7 @@ def probe_lines(s: str, summ: dict, names: list[str], a: argparse.Namespace, md:
         "p50 x nginx",
         "p99 x nginx",
         "max x nginx",
+        "p99/max over nginx ms",
         "loop lag p99/max ms",
         "wrk p99 ms",
         "wrk max ms",
@@ -1179,6 +1185,7 @@ def probe_lines(s: str, summ: dict, names: list[str], a: argparse.Namespace, md:
                 num(ratio(p["p50"], base.get("p50")), ".2f"),
                 num(ratio(p["p99"], base.get("p99")), ".2f"),
                 num(ratio(p["max"], base.get("max")), ".2f"),
+                excess(p, base),
                 lag_cell(m),
                 num(m["p99"], ".3f"),
                 num(m["max"], ".3f"),
@@ -1193,6 +1200,14 @@ def probe_lines(s: str, summ: dict, names: list[str], a: argparse.Namespace, md:
     )
     head = [f"#### {title}", ""] if md else [f"[{title}]"]
     return head + table(headers, rows, md) + [""]
+
+
+def excess(p: dict, base: dict) -> str:
+    """'+0.12/+0.40': how much later than nginx's probe this one's p99 and max came (ms), to
+    hold against the loop lag (a request waits for the loop twice: request and response)."""
+    if base.get("max") is None or p.get("max") is None or p is base:
+        return "-"
+    return f"{p['p99'] - base['p99']:+.2f}/{p['max'] - base['max']:+.2f}"
 
 
 def worker_gains(summ: dict) -> dict[str, dict]:
@@ -1360,7 +1375,7 @@ def check_targets(summary: dict, idle: dict, rss_after: dict, fl: str, off: str)
         if x is None:
             verdict(None, text + " (no data)")
         else:  # the histogram gives a bucket's upper bound: the lag is at most this
-            verdict(x <= limit, f"{text}: <= {x:.2g} ms (histogram bucket){outside}")
+            verdict(x <= limit, f"{text}: <= {bound(x)} ms (histogram bucket){outside}")
 
     gains = worker_gains(summary.get("small-c50-w2", {}))
     lo, hi = WORKER_COUNTS
