@@ -689,6 +689,7 @@ def run_load(
     sampler = threading.Thread(target=sample_rss, daemon=True)
     sampler.start()
     lag0 = lag_buckets(v.admin_port)
+    each0 = {p: cpu_ticks([p]) for p in pids}
     ticks0, jiffies0, t0 = cpu_ticks(pids), cpu_jiffies(), time.monotonic()
     prober = start_probe(v, scen, duration, a) if probe else None
     try:
@@ -697,6 +698,10 @@ def run_load(
         out = ""
     elapsed = time.monotonic() - t0
     ticks1, jiffies1 = cpu_ticks(pids), cpu_jiffies()
+    each = sorted((cpu_ticks([p]) - t for p, t in each0.items()), reverse=True)
+    # how the proxy's CPU time split between its processes (%, largest first): 2 workers
+    # that share the load evenly show 50/50 (nginx: 0 for its master)
+    r_split = [round(100 * t / sum(each)) for t in each] if sum(each) else []
     lag = lag_during(lag0, lag_buckets(v.admin_port))
     lag.update(finish_probe(prober, timeout=30))
     stop.set()
@@ -706,6 +711,7 @@ def run_load(
     r["raw"] = out
     r["loadavg"] = round(os.getloadavg()[0], 2)
     r["procs"] = len(pids)  # the proxy's process tree (its workers)
+    r["cpu_split"] = r_split
     cpu_s = (ticks1 - ticks0) / CLK_TCK
     r["mib_s"] = r["rps"] * scen.payload / MIB
     r["rss_mb"] = peak[0] / MIB if pids else None
@@ -1052,6 +1058,7 @@ def summarize(results: dict, names: list[str]) -> dict:
             m["log_bytes_per_req"] = sum(logged) / requests if logged and requests else None
             m["rps_runs"] = [round(r["rps"]) for r in runs]
             m["procs"] = max(r.get("procs", 0) for r in runs)
+            m["cpu_split"] = runs[-1].get("cpu_split", [])  # the last rep's
             probes = [r["probe"] for r in runs if "series" in r.get("probe", {})]
             if probes:  # the reps' series pooled: ~100 samples a second of load
                 lat = sorted(x[1] for p in probes for x in p["series"])
@@ -1232,6 +1239,7 @@ def worker_gains(summ: dict) -> dict[str, dict]:
             "cpu_w2": two["us_per_req"],
             "cpu_growth": ratio(two["us_per_req"], one["us_per_req"]),
             "procs": f"{one['procs']}/{two['procs']}",
+            "split": "/".join(map(str, two.get("cpu_split", []))),
         }
     return out
 
@@ -1251,6 +1259,7 @@ def workers_lines(s: str, summ: dict, md: bool) -> list[str]:
         f"CPU us/req w{hi}",
         f"CPU w{hi}/w{lo}",
         "processes",
+        f"w{hi} CPU split %",
     ]
     rows = [
         [
@@ -1264,6 +1273,7 @@ def workers_lines(s: str, summ: dict, md: bool) -> list[str]:
             num(g["cpu_w2"], ".1f"),
             num(g["cpu_growth"], ".2f"),
             g["procs"],
+            g["split"] or "-",
         ]
         for p, g in gains.items()
     ]
