@@ -130,6 +130,8 @@ async def test_stats_and_metrics_are_the_exact_merge_of_both_workers(demo_url: s
         assert stats["responses"]["by_source"] == dict(by_source)
         assert stats["latency_ms"]["total"]["count"] == len(paths)
         assert stats["windows"]["60s"]["responses"]["total"] == len(paths)
+        assert stats["loop_lag_ms"]["total"]["samples"] > 0  # the workers' loops, merged
+        assert set(stats["gc_ms"]) == {"0", "1", "2"}
         workers = _workers(stats)
         assert sum(w["requests"] for w in workers) == len(paths)
         assert all(w["requests"] > 0 for w in workers), workers  # both served

@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Any
 
+from .gcwatch import GcPauses
 from .histogram import Histogram
 from .looplag import LoopLag
 from .metrics import ProtocolSplit
@@ -68,6 +69,7 @@ def state_of(telemetry: Telemetry, pool: tuple[int, int]) -> State:
         "lag_seconds": [(second, _hist(h)) for second, h in lag.seconds],
         "split_counts": dict(split.counts),
         "split_durations": {k: _hist(h) for k, h in split.durations.items()},
+        "gc": [_hist(h) for h in stats.gc.by_generation],
         "pool": pool,
     }
 
@@ -77,6 +79,7 @@ def reset(telemetry: Telemetry) -> None:
     old = telemetry.stats
     fresh = Stats(old.recent.maxlen or 100)
     fresh.started_at, fresh.started_ns = old.started_at, old.started_ns
+    fresh.gc = GcPauses()  # the workers' pauses, added up (not this process's own)
     telemetry.stats = fresh
     split = ProtocolSplit.of(telemetry)
     split.counts.clear()
@@ -101,6 +104,8 @@ def absorb(telemetry: Telemetry, state: State) -> None:
     recent = sorted([*stats.recent, *state["recent"]], key=lambda e: e["time"], reverse=True)
     stats.recent = deque(recent[: stats.recent.maxlen], maxlen=stats.recent.maxlen)
     _merge_lag(stats.loop_lag, state)
+    for h, part in zip(stats.gc.by_generation, state["gc"], strict=True):
+        _add_hist(h, part)
     split = ProtocolSplit.of(telemetry)
     _add_counts(split.counts, state["split_counts"])
     for name, part in state["split_durations"].items():

@@ -38,7 +38,7 @@ from prometheus_client.utils import floatToGoString
 
 from .. import __version__
 from ..diagnosis.faults import Source
-from .gcwatch import GC_PAUSES, GENERATIONS
+from .gcwatch import GENERATIONS
 from .histogram import BUCKETS_S, Histogram
 from .stats import CounterKey, layer_of
 
@@ -168,7 +168,7 @@ class FaultlineCollector:
             "loop), by generation.",
             labels=("generation",),
         )
-        for generation, h in zip(GENERATIONS, GC_PAUSES.by_generation, strict=True):
+        for generation, h in zip(GENERATIONS, stats.gc.by_generation, strict=True):
             gc_pauses.add_metric([generation], _buckets(h), sum_value=h.sum_s)
         yield gc_pauses
 

@@ -54,6 +54,7 @@ class Stats:
         # limits.max_connections), shared with it by the server.
         self.gauges = gauges or Gauges()
         self.loop_lag = LoopLag()  # sampled by the server's LoopWatch
+        self.gc = GC_PAUSES  # this process's collector pauses (a supervisor: its workers')
         self.total = 0
         self.retries = 0
         self.held = 0  # requests held by upstream_wait while the upstream refused
@@ -388,6 +389,6 @@ class Stats:
             "upstream_wait": {"held": self.held, "expired": self.held_expired},
             "windows": {f"{s}s": self.window(s, now_ns) for s in WINDOWS_S},
             "loop_lag_ms": self.loop_lag.summary(now_ns),
-            "gc_ms": GC_PAUSES.summary(),
+            "gc_ms": self.gc.summary(),
             "recent_errors": self.recent_errors(source, error, limit),
         }
