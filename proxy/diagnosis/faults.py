@@ -49,6 +49,7 @@ class Fault(StrEnum):
     HTTP_UPGRADE_FAILED = "http_upgrade_failed"
     CONNECTION_LIMIT_REACHED = "connection_limit_reached"
     PROXY_LOOP_DETECTED = "proxy_loop_detected"
+    DESTINATION_NOT_FOUND = "destination_not_found"  # no route matches (`routes`)
     PROXY_CONFIGURATION_ERROR = "proxy_configuration_error"  # sent where it cannot go
     PROXY_INTERNAL_ERROR = "proxy_internal_error"
     # RFC 9209 names no "the intermediary is shutting down"; of its tokens this is the one
@@ -281,6 +282,20 @@ TAXONOMY: dict[Fault, FaultInfo] = {
             "Check the upstream setting: it must point at the application, not at "
             "Faultline's own listen address or a route that leads back to it.",
             hint="the upstream leads back to Faultline itself — check the upstream setting",
+            hop="inside Faultline",
+        ),
+        _row(
+            Fault.DESTINATION_NOT_FOUND,
+            404,
+            Layer.PROXY,
+            "No route for this request",
+            "No route of Faultline's configuration matches this request's host and path, "
+            "and there is no default upstream: Faultline answered it itself, nothing was "
+            "sent upstream.",
+            "Check the routes (faultline check-config FILE prints them in the order they "
+            "are tried): add one for this path or host, fix a path_prefix or host, or set "
+            "upstream as the default route.",
+            hint="no route matches this host and path — check the routes",
             hop="inside Faultline",
         ),
         _row(
