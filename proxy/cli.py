@@ -19,6 +19,7 @@ import yaml
 
 from . import __version__
 from .config import Config, ConfigError, describe_interface, format_address, load_config
+from .config_routes import parse_cli_route
 
 EXIT_USAGE = 2
 
@@ -47,6 +48,14 @@ def _parser() -> argparse.ArgumentParser:
         metavar="[HOST:]PORT",
         help="admin address, default 127.0.0.1:9901; a bare port (--admin 9901) binds "
         "127.0.0.1, this machine only (FAULTLINE_ADMIN)",
+    )
+    serve.add_argument(
+        "--route",
+        action="append",
+        metavar="[NAME=]PREFIX=URL",
+        help="a route, repeatable, first match wins: requests under PREFIX go to URL "
+        "(e.g. api=/api/=http://127.0.0.1:8000); --upstream stays the default route "
+        "(FAULTLINE_ROUTES: YAML or JSON)",
     )
     serve.add_argument(
         "--workers",
@@ -105,6 +114,7 @@ def _flags(args: argparse.Namespace) -> dict[tuple[str, ...], Any]:
     return {
         ("upstream",): getattr(args, "upstream", None),
         ("workers",): getattr(args, "workers", None),
+        ("routes",): _cli_routes(getattr(args, "route", None)),
         ("tls", "cert"): getattr(args, "tls_cert", None),
         ("tls", "key"): getattr(args, "tls_key", None),
         ("listen",): args.listen,
@@ -112,6 +122,31 @@ def _flags(args: argparse.Namespace) -> dict[tuple[str, ...], Any]:
         ("log", "format"): args.log_format,
         ("log", "quiet"): args.quiet,
     }
+
+
+def _cli_routes(given: list[str] | None) -> list[dict[str, Any]] | None:
+    if not given:
+        return None
+    try:
+        return [parse_cli_route(text) for text in given]
+    except ValueError as exc:
+        raise ConfigError(f"config error: {exc}") from None
+
+
+def route_table(config: Config) -> list[str]:
+    """The routes in the order they are tried, one line each (check-config, the banner)."""
+    rows = [(r.name, r.describe(), r.upstream, r.strip_prefix) for r in config.routes]
+    if config.upstream:
+        rows.append(("default", "every other request", config.upstream, False))
+    else:
+        rows.append(("(none)", "every other request", "404 destination_not_found", False))
+    width = max(len(name) for name, *_ in rows)
+    match = max(len(describe) for _, describe, *_ in rows)
+    return [
+        f"{name:<{width}}  {describe:<{match}}  -> {upstream}"
+        + ("  (prefix stripped)" if strip else "")
+        for name, describe, upstream, strip in rows
+    ]
 
 
 def _fail(message: str) -> int:
@@ -149,6 +184,10 @@ def check_config(file: str) -> int:
     config = load_config(file, env=env)
     try:
         yaml.safe_dump(config.effective(), sys.stdout, sort_keys=False)
+        if config.routes:
+            print("# routes, first match wins:")
+            for line in route_table(config):
+                print(f"#   {line}")
         sys.stdout.flush()
     except BrokenPipeError:  # `faultline check-config FILE | head`: fine, not a traceback
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

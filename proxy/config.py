@@ -21,7 +21,7 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import msgspec
@@ -51,8 +51,10 @@ from .config_parse import (
 from .config_parse import describe_interface as describe_interface
 from .config_parse import parse_address as parse_address
 from .config_parse import parse_duration as parse_duration
+from .config_routes import ROUTES_PARSE, RouteConfig, covers
 
 ENV_PREFIX = "FAULTLINE_"
+DEFAULT_UPSTREAM = "http://127.0.0.1:3000"
 
 
 class ConfigError(Exception):
@@ -145,8 +147,9 @@ class StatsConfig(_Section, frozen=True):
 
 class Config(_Section, frozen=True):
     listen: Address = (ALL_INTERFACES, 8080)
-    upstream: UpstreamURL = "http://127.0.0.1:3000"
+    upstream: UpstreamURL = DEFAULT_UPSTREAM  # "": none (routes, and no upstream given)
     workers: PositiveInt = 1
+    routes: Annotated[list[RouteConfig], ROUTES_PARSE] = msgspec.field(default_factory=list)
     proxy_name: ProxyName = "faultline"
     upstream_wait: Duration = 0.0
     diagnostics: Flag = True
@@ -186,6 +189,7 @@ class Config(_Section, frozen=True):
     def effective(self) -> dict[str, Any]:
         """The configuration as plain data, addresses as HOST:PORT, the admin token hidden."""
         data = msgspec.to_builtins(self)
+        data["upstream"] = self.upstream or None
         data["listen"] = format_address(self.listen)
         data["admin"]["listen"] = format_address(self.admin.listen)
         if data["admin"]["token"]:
@@ -358,6 +362,9 @@ def build_config(
         config = msgspec.convert(data, Config, strict=False)
     except msgspec.ValidationError as exc:
         raise ConfigError(explain(str(exc), data, origin, LEAF_KEYS, KNOWN_KEYS)) from None
+    if config.routes and "upstream" not in raw:  # with routes, upstream is optional
+        config = msgspec.structs.replace(config, upstream="")
+    _check_default_route(config, origin)
     if (config.tls.cert is None) != (config.tls.key is None):
         given, missing = ("cert", "key") if config.tls.key is None else ("key", "cert")
         raise ConfigError(
@@ -365,6 +372,21 @@ def build_config(
             "(--tls-cert and --tls-key)"
         )
     return config
+
+
+def _check_default_route(config: Config, origin: Mapping[tuple[str, ...], str]) -> None:
+    """With routes, `upstream` is the last route: an error when a route catches everything."""
+    if not config.upstream:
+        return
+    everything = RouteConfig(name="default", upstream=config.upstream)
+    for i, route in enumerate(config.routes):
+        if covers(route, everything):
+            where = origin.get(("upstream",))
+            raise ConfigError(
+                f"config error: upstream {config.upstream} is never used: routes[{i}] "
+                f"({route.name}) matches every request; drop upstream or narrow the route"
+                + (f" (upstream {where})" if where else "")
+            )
 
 
 def _merge(into: dict[str, Any], data: dict[str, Any]) -> None:

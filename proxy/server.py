@@ -24,11 +24,14 @@ import ssl
 from collections.abc import Callable
 from typing import Any
 
+import msgspec
+
 from . import __version__
 from .base.memo import Memo
 from .config import Config, format_address
+from .config_routes import RouteConfig
 from .diagnosis.record import perf_ns
-from .forward.context import ForwardContext
+from .forward.context import ForwardContext, Route, Router
 from .forward.outbox import Outbox
 from .forward.pool import OriginFactory
 from .http1.client import DownstreamProtocol
@@ -41,7 +44,7 @@ from .telemetry import gcwatch
 from .telemetry.console import make_access_log
 from .telemetry.looplag import LoopWatch
 from .telemetry.sink import Telemetry
-from .telemetry.stats import Stats
+from .telemetry.stats import RouteStats, Stats
 
 log = logging.getLogger("faultline")
 
@@ -59,10 +62,16 @@ def _ns(seconds: float) -> int:
 
 
 def build_context(
-    config: Config, loop: asyncio.AbstractEventLoop, telemetry: Telemetry, instance_id: str
+    config: Config,
+    loop: asyncio.AbstractEventLoop,
+    telemetry: Telemetry,
+    instance_id: str,
+    outbox: Outbox | None = None,
 ) -> tuple[ForwardContext, HeaderPolicy, Memo[bytes, RequestHead]]:
     """The core's shared context, wired to its sinks and to the HTTP/1.1 codec's origin
     side; and what every HTTP/1.1 client connection shares (`DownstreamProtocol`)."""
+    if not config.upstream:  # routes and no default route: this context forwards nothing
+        config = msgspec.structs.replace(config, upstream=config.routes[0].upstream)
     diagnostics = config.diagnostics
     client_proto = b"https" if config.tls.cert else b"http"  # the listen port's scheme
     headers = HeaderPolicy(
@@ -75,7 +84,7 @@ def build_context(
         via=config.headers.via,
         client_proto=client_proto,
     )
-    outbox = Outbox(loop)
+    outbox = outbox or Outbox(loop)
     scheme = config.upstream_scheme
     h2_origins: OriginFactory | None = None
     if scheme in ("h2c", "https"):  # HTTP/2 with prior knowledge, or if ALPN chooses it
@@ -109,6 +118,46 @@ def build_context(
     # under this configuration: at most 1024 heads of at most 4 KiB.
     known_heads: Memo[bytes, RequestHead] = Memo(1024, 4096)
     return ctx, headers, known_heads
+
+
+def route_config(config: Config, route: RouteConfig) -> Config:
+    """The configuration a route's context is built from: the top level's, with what the
+    route sets (upstream, proxy_name, upstream_wait, the upstream timeouts)."""
+    return msgspec.structs.replace(
+        config,
+        upstream=route.upstream,
+        proxy_name=route.proxy_name or config.proxy_name,
+        upstream_wait=config.upstream_wait if route.upstream_wait is None else route.upstream_wait,
+        timeouts=msgspec.structs.replace(config.timeouts, **route.timeouts),
+        routes=[],
+    )
+
+
+def build_router(
+    config: Config, loop: asyncio.AbstractEventLoop, telemetry: Telemetry, main: ForwardContext
+) -> list[ForwardContext]:
+    """With routes: a context per route (its own pool), the router on `main` (the client
+    connections' context, the default route when `upstream` is set); every context."""
+    if not config.routes:
+        return [main]
+    routes = []
+    contexts = [main]
+    for given in config.routes:
+        ctx, _, _ = build_context(
+            route_config(config, given), loop, telemetry, main.instance_id, main.outbox
+        )
+        ctx.route = given.name
+        ctx.connections = main.connections
+        contexts.append(ctx)
+        prefix = given.prefix
+        routes.append(
+            Route(given.name, ctx, given.host, prefix, given.strip_prefix, given.describe())
+        )
+    if config.upstream:
+        main.route = "default"
+        routes.append(Route("default", main, None, None, False, "every other request"))
+    main.router = Router(routes)
+    return contexts
 
 
 def client_factory(
@@ -173,6 +222,7 @@ class ProxyServer:
         self._admin: Any = None
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping: asyncio.Event | None = None
+        self.contexts: list[ForwardContext] = []  # the client connections', then each route's
         self._watch: LoopWatch | None = None  # the event loop's lag, sampled
 
     async def start(self) -> None:
@@ -183,6 +233,10 @@ class ProxyServer:
         self.telemetry = telemetry
         ctx, headers, known_heads = build_context(config, loop, telemetry, os.urandom(8).hex())
         self.ctx, self.headers, self.known_heads = ctx, headers, known_heads
+        self.contexts = build_router(config, loop, telemetry, ctx)
+        for each in self.contexts:  # /stats by_route lists every route from the start
+            if each.route is not None:
+                stats.routes.setdefault(each.route, RouteStats())
         host, port = config.listen
         tls = listen_tls(config)
         factory = client_factory(ctx, headers, known_heads)
@@ -203,7 +257,7 @@ class ProxyServer:
 
             try:
                 self._admin, self.admin_address = await start_admin(
-                    config, telemetry, lambda: self.ready, ctx.pool.counts
+                    config, telemetry, lambda: self.ready, self.pool_counts
                 )
             except OSError as exc:
                 self._server.close()
@@ -218,7 +272,7 @@ class ProxyServer:
     async def _sweep(self) -> None:
         ctx = self.ctx
         assert ctx is not None
-        interval = ctx.sweep_interval_s()
+        interval = min(c.sweep_interval_s() for c in self.contexts)
         telemetry = self.telemetry
         assert telemetry is not None
         while True:
@@ -229,8 +283,21 @@ class ProxyServer:
                     conn.check_deadline(now)
                 except Exception:
                     log.exception("internal error while checking deadlines")
-            ctx.pool.sweep(now)
+            for each in self.contexts:
+                each.pool.sweep(now)
             telemetry.settle()
+
+    def pool_counts(self) -> tuple[int, int]:
+        """Idle and busy upstream connections, every route's pool together."""
+        idle = busy = 0
+        for each in self.contexts:
+            i, b = each.pool.counts()
+            idle, busy = idle + i, busy + b
+        return idle, busy
+
+    def close_idle(self) -> None:
+        for each in self.contexts:
+            each.pool.close_idle()
 
     def settle(self) -> None:
         """Finished exchanges go to the sinks now (whoever reads the stats does this)."""
@@ -262,10 +329,11 @@ class ProxyServer:
         # 4. Idle keep-alive connections close now; busy ones after their exchange. An
         #    Upgrade tunnel (a WebSocket: a dev server's HMR socket) never ends by itself,
         #    so waiting for it would only hold the exit for the whole drain: it closes now.
-        ctx.draining = True
+        for each in self.contexts:
+            each.draining = True
         for conn in list(ctx.connections):
             conn.drain()
-        ctx.pool.close_idle()
+        self.close_idle()
         # 5. Let in-flight exchanges finish and their connections flush and close (a slow
         #    client still reading its response is in flight too), up to the drain time.
         deadline = perf_ns() + _ns(timeouts.drain)
@@ -289,7 +357,7 @@ class ProxyServer:
         self.settle()
         if self._admin is not None:
             await self._admin.cleanup()
-        ctx.pool.close_idle()
+        self.close_idle()
 
     def _stop_watch(self) -> None:
         if self._watch is not None:
@@ -307,7 +375,7 @@ class ProxyServer:
         if self.ctx is not None:
             for conn in list(self.ctx.connections):
                 conn.abort()
-            self.ctx.pool.close_idle()
+            self.close_idle()
         self.settle()
         if self._admin is not None:
             await self._admin.cleanup()

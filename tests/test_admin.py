@@ -36,6 +36,7 @@ BREAKDOWNS = {
 ERROR_KEYS = {
     "time", "request_id", "method", "path", "status", "source", "layer",
     "error", "details", "hop", "hints", "phases_ms",
+    "route",  # issue 21: the route that served it (null without routes)
 }  # fmt: skip
 
 

@@ -259,6 +259,7 @@ def test_a_recent_error_says_what_the_contract_lists():
         "hop": "nginx",
         "hints": ["fault_behind_origin"],
         "phases_ms": ex.phases_ms(),
+        "route": None,  # the route that served it (issue 21); None without routes
     }
 
 

@@ -30,8 +30,6 @@ from proxy.demo import start_demo_origin
 
 from support import ROOT, ProxyProcess, spawn_proxy
 
-pytestmark = pytest.mark.asyncio
-
 # path -> (status the client sees, source /stats charges it to)
 MIX = {
     "/hello": (200, "origin"),

@@ -77,6 +77,7 @@ class Exchange:
         "response_started",
         "retried",
         "reused",
+        "route",
         "source",
         "status",
         "t_connect",
@@ -119,6 +120,7 @@ class Exchange:
         self.wait_expired = False  # held by upstream_wait, and the upstream never accepted
         self.client = client
         self.upstream = upstream
+        self.route: str | None = None  # the route that served it (`routes`; None: none)
         # Timing marks (perf_counter_ns, 0 = not reached)
         self.t_start = t_start
         self.t_pool = 0

@@ -56,6 +56,8 @@ class RequestHead(Protocol):
     grpc: bool  # a gRPC call (its outcome travels in trailers: HTTP/2 only)
     upstream_fixed: bytes  # an origin codec's cache of this head's own part of its request
 
+    def retarget(self, target: bytes) -> RequestHead: ...  # the head with another target
+
 
 class ResponseHead(Protocol):
     """An origin's response head, made by the origin codec for the client codec."""

@@ -56,6 +56,10 @@ class ForwardContext:
         self.diagnostics = config.diagnostics
         self.upstream = config.upstream
         self.upstream_authority = config.upstream_authority
+        # With routes: the router the forwarder asks (on the client connections' context),
+        # and the name of the route a route's context serves.
+        self.router: Router | None = None
+        self.route: str | None = None
         self.proxy_name = config.proxy_name
         limits, timeouts = config.limits, config.timeouts
         self.max_in_flight = limits.max_in_flight
@@ -117,3 +121,103 @@ def client_is_trusted(
     except ValueError:
         return False
     return any(ip in net for net in networks)
+
+
+# -- routes -------------------------------------------------------------------------------------
+# Which route serves a request (`routes`, issue 21): first match wins.
+#
+# Each route has its own `ForwardContext` (its upstream, pool, timeouts, upstream_wait and
+# proxy_name), built at start-up by `proxy.server`; the forwarder asks the `Router` once per
+# exchange, when the request head is complete, and from then on works in the route's
+# context. Without routes there is no router and the forwarder asks nothing.
+#
+# Matching (CONTRACT.md, config_routes.py): a path prefix on a segment boundary, a Host exact
+# or `*.suffix` (the port ignored, case-insensitive); `strip_prefix` sends the rest of the
+# path upstream (`/api/items?q` as `/items?q`).
+
+
+def host_name(host: bytes | None) -> bytes:
+    """`Example.com:8080` -> `example.com`; `[::1]:8080` -> `[::1]`."""
+    if not host:
+        return b""
+    if host[:1] == b"[":
+        end = host.find(b"]")
+        return host[: end + 1].lower() if end > 0 else host.lower()
+    return host.partition(b":")[0].lower()
+
+
+def path_of(target: bytes) -> bytes:
+    """The path of an origin-form target (absolute-form: the part after the authority)."""
+    if target[:1] != b"/" and b"://" in target:
+        slash = target.find(b"/", target.find(b"://") + 3)
+        target = target[slash:] if slash >= 0 else b"/"
+    q = target.find(b"?")
+    return target if q < 0 else target[:q]
+
+
+class Route:
+    """One route: what it matches and the context that serves it."""
+
+    __slots__ = ("ctx", "describe", "host", "name", "prefix", "prefix_slash", "strip", "suffix")
+
+    def __init__(
+        self,
+        name: str,
+        ctx: ForwardContext,
+        host: str | None,
+        prefix: str | None,
+        strip: bool,
+        describe: str,
+    ) -> None:
+        self.name = name
+        self.ctx = ctx
+        self.describe = describe
+        wildcard = host is not None and host.startswith("*.")
+        self.host = None if host is None or wildcard else host.encode()
+        self.suffix = host[1:].encode() if host is not None and wildcard else None
+        self.prefix = None if prefix is None else prefix.encode()
+        self.prefix_slash = None if prefix is None else prefix.encode() + b"/"
+        self.strip = strip and bool(prefix)
+
+    def matches(self, host: bytes, path: bytes) -> bool:
+        if self.host is not None and host != self.host:
+            return False
+        suffix = self.suffix
+        if suffix is not None and (not host.endswith(suffix) or len(host) <= len(suffix)):
+            return False
+        prefix = self.prefix
+        if not prefix:  # None (no path_prefix) or b"" (`/`): every path
+            return True
+        assert self.prefix_slash is not None
+        return path == prefix or path.startswith(self.prefix_slash)
+
+    def stripped(self, target: bytes) -> bytes:
+        """The target sent upstream when the prefix is stripped."""
+        assert self.prefix is not None
+        start = target.find(self.prefix) if target[:1] != b"/" else 0
+        rest = target[start + len(self.prefix) :]
+        return rest if rest[:1] == b"/" else b"/" + rest
+
+
+class Router:
+    """The routes in the order they are tried; the default route (`upstream`) is last."""
+
+    __slots__ = ("routes",)
+
+    def __init__(self, routes: list[Route]) -> None:
+        self.routes = routes
+
+    def choose(self, host: bytes | None, target: bytes) -> Route | None:
+        name = host_name(host)
+        path = path_of(target)
+        for route in self.routes:
+            if route.matches(name, path):
+                return route
+        return None
+
+    def not_found(self, host: bytes | None, target: bytes) -> str:
+        """The details of a 404 destination_not_found: what was asked, and the routes."""
+        shown = host_name(host).decode("latin-1") or "(no host)"
+        path = path_of(target).decode("latin-1")
+        routes = "; ".join(f"{r.name}: {r.describe}" for r in self.routes)
+        return f"no route matches host {shown} and path {path}; the routes are {routes}"

@@ -55,6 +55,10 @@ class Forwarder(ExchangeState):
         if head.loop_marker:
             self.fail(Fault.PROXY_LOOP_DETECTED, "this request already passed through this proxy")
             return
+        if self.unrouted is not None:
+            self.upstream = ""
+            self.fail(Fault.DESTINATION_NOT_FOUND, self.unrouted)
+            return
         if ctx.gauges.in_flight > ctx.max_in_flight:
             self.fail(Fault.CONNECTION_LIMIT_REACHED, "limits.max_in_flight reached")
             return

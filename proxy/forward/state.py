@@ -59,6 +59,7 @@ class ExchangeState(Exchange):
         "sink",
         "started",
         "tunnel",
+        "unrouted",
         "up",
     )
 
@@ -71,6 +72,7 @@ class ExchangeState(Exchange):
         self.sink = sink
         self.head: RequestHead | None = None
         self.reject: tuple[RequestProblem, str] | None = None
+        self.unrouted: str | None = None  # no route matches: why (a 404 when its turn comes)
         self.up: OriginConnection | None = None
         self.connect_task: asyncio.Task[None] | None = None
         self.done = False
@@ -102,8 +104,19 @@ class ExchangeState(Exchange):
         self.reject = reject
         if head is None:
             return
-        self.head = head
         self.close_after = not head.keep_alive
+        router = self.ctx.router
+        if router is not None:  # routes: from here on, the route's context
+            route = router.choose(head.host, head.target)
+            if route is None:
+                self.unrouted = router.not_found(head.host, head.target)
+            else:
+                self.ctx = route.ctx
+                self.route = route.name
+                self.upstream = route.ctx.upstream_authority
+                if route.strip:
+                    head = head.retarget(route.stripped(head.target))
+        self.head = head
         if head.method in IDEMPOTENT:
             self.idempotent = True
             self.replay = []

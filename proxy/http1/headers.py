@@ -290,12 +290,16 @@ class HeaderPolicy:
         return line
 
     def error_status(
-        self, token: str, details: str | None, next_hop: str | None, params: dict[str, str] | None
+        self,
+        token: str,
+        details: str | None,
+        next_hop: str | None,
+        params: dict[str, str] | None,
+        proxy_name: str | None = None,
     ) -> bytes:
-        return _line(
-            b"Proxy-Status",
-            proxy_status_error(self.proxy_name, token, details, next_hop, params),
-        )
+        """`proxy_name`: a route's own, when it sets one."""
+        name = proxy_name or self.proxy_name
+        return _line(b"Proxy-Status", proxy_status_error(name, token, details, next_hop, params))
 
     def timing(self, connect_ns: int, ttfb_ns: int, proxy_ns: int, wait_ns: int = 0) -> bytes:
         return _line(b"Server-Timing", server_timing(connect_ns, ttfb_ns, proxy_ns, wait_ns))

@@ -145,6 +145,26 @@ class RequestHead:
         self.target_text = ""
         self.upstream_fixed = b""  # HeaderPolicy.request_head's per-head part, once built
 
+    def retarget(self, target: bytes) -> RequestHead:
+        """This head with another target (a route's `strip_prefix`): a copy, since a head
+        may be shared by every request of the same bytes (`known_heads`)."""
+        head = RequestHead()
+        head.lines, head.method, head.target, head.http11 = (
+            self.lines,
+            self.method,
+            target,
+            self.http11,
+        )
+        head.keep_alive, head.host, head.hosts = self.keep_alive, self.host, self.hosts
+        head.content_length, head.chunked = self.content_length, self.chunked
+        head.te_values, head.nominated, head.upgrade = self.te_values, self.nominated, self.upgrade
+        head.xff, head.xfp, head.xfh, head.via = self.xff, self.xfp, self.xfh, self.via
+        head.request_id, head.accept = self.request_id, self.accept
+        head.content_type, head.content_encoding = self.content_type, self.content_encoding
+        head.loop_marker, head.grpc, head.problem = self.loop_marker, self.grpc, self.problem
+        head.method_name, head.target_text = self.method_name, self.target_text
+        return head
+
     def add(self, code: int, name: bytes, value: bytes) -> None:
         """A header field the proxy handles itself (`REQUEST_SPECIAL`); RFC 9112 §3 and
         §6.3 checks as they come."""

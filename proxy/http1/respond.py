@@ -163,7 +163,7 @@ class ResponseWriter(ResponseSink):
         self, ex: Forwarder, row: FaultInfo, detail: str | None, params: dict[str, str] | None
     ) -> None:
         """The whole response (head and body) for a fault the proxy answers itself."""
-        ctx = self.ctx
+        ctx = ex.ctx  # a route's, when routes chose one: its upstream, next-hop, proxy_name
         hp = self.headers
         request = ex.head
         assert row.status is not None
@@ -183,7 +183,7 @@ class ResponseWriter(ResponseSink):
             next_hop = (
                 ctx.upstream_authority if row.layer.value in ("transport", "upstream") else None
             )
-            lines.append(hp.error_status(row.token, detail, next_hop, params))
+            lines.append(hp.error_status(row.token, detail, next_hop, params, ctx.proxy_name))
         if hp.server_timing:
             lines.append(hp.timing(ex.connect_ns(), ex.ttfb_ns(), ex.own_ns(0), ex.wait_ns()))
         lines.append(b"X-Request-Id: " + ex.request_id.encode() + b"\r\n")

@@ -99,6 +99,13 @@ class H2RequestHead:
         self.method_name = ""
         self.target_text = ""
 
+    def retarget(self, target: bytes) -> H2RequestHead:
+        """This head with another target (a route's `strip_prefix`): a stream's head is its
+        own, so it changes in place."""
+        self.target = target
+        self.upstream_fixed = b""
+        return self
+
 
 def read_head(
     fields: Iterable[tuple[bytes, bytes]], ended: bool, instance_id: bytes

@@ -126,7 +126,7 @@ class StreamSink(ResponseSink):
     ) -> None:
         conn = self.conn
         shared = conn.shared
-        ctx = conn.ctx
+        ctx = ex.ctx  # a route's, when routes chose one
         request = ex.head
         if ex.grpc_status is not None:
             self._grpc_reply(ex, row, detail, params)
@@ -171,7 +171,7 @@ class StreamSink(ResponseSink):
         trailers-only (one HEADERS with END_STREAM), grpc-status and a grpc-message that
         says the proxy made it; Proxy-Status carries the token as on any reply."""
         conn = self.conn
-        ctx = conn.ctx
+        ctx = ex.ctx  # a route's, when routes chose one
         fields = [
             (b":status", b"200"),
             (b"content-type", b"application/grpc"),

@@ -65,7 +65,7 @@ async def _answer(
         while True:
             kind, _ = await channel.receive(reader)
             if kind == channel.STATE:
-                state = state_of(server.telemetry, server.ctx.pool.counts())
+                state = state_of(server.telemetry, server.pool_counts())
                 channel.send(writer, channel.STATE, state)
     except (asyncio.IncompleteReadError, ConnectionError):
         server.request_stop()

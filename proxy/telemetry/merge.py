@@ -23,7 +23,7 @@ from .histogram import Histogram
 from .looplag import LoopLag
 from .metrics import ProtocolSplit
 from .sink import Telemetry
-from .stats import Stats
+from .stats import RouteStats, Stats
 
 State = dict[str, Any]
 
@@ -70,6 +70,10 @@ def state_of(telemetry: Telemetry, pool: tuple[int, int]) -> State:
         "split_counts": dict(split.counts),
         "split_durations": {k: _hist(h) for k, h in split.durations.items()},
         "gc": [_hist(h) for h in stats.gc.by_generation],
+        "routes": {
+            name: (dict(route.counts), {k: _hist(h) for k, h in route.durations.items()})
+            for name, route in stats.routes.items()
+        },
         "pool": pool,
     }
 
@@ -106,6 +110,13 @@ def absorb(telemetry: Telemetry, state: State) -> None:
     _merge_lag(stats.loop_lag, state)
     for h, part in zip(stats.gc.by_generation, state["gc"], strict=True):
         _add_hist(h, part)
+    for name, (counts, durations) in state["routes"].items():
+        route = stats.routes.get(name)
+        if route is None:
+            route = stats.routes[name] = RouteStats()
+        _add_counts(route.counts, counts)
+        for source, part in durations.items():
+            _add_hist(route.durations[source], part)
     split = ProtocolSplit.of(telemetry)
     _add_counts(split.counts, state["split_counts"])
     for name, part in state["split_durations"].items():

@@ -44,6 +44,30 @@ def status_class(status: int) -> str:
     return f"{status // 100}xx"
 
 
+class RouteStats:
+    """One route's share (`routes`): its exchanges by (status, source, error) and their
+    durations by source, recorded beside the totals."""
+
+    __slots__ = ("counts", "durations")
+
+    def __init__(self) -> None:
+        self.counts: dict[CounterKey, int] = {}
+        self.durations: dict[str, Histogram] = {s.value: Histogram() for s in Source}
+
+    def document(self) -> dict[str, Any]:
+        """`/stats` `by_route[name]`: the totals' shape for this route."""
+        total = sum(self.counts.values())
+        latency = Histogram.merged(list(self.durations.values()))
+        return {
+            "requests": {"total": total},
+            "responses": Stats.breakdown(self.counts),
+            "latency_ms": {
+                "total": latency.summary(),
+                "by_source": {name: h.summary() for name, h in self.durations.items()},
+            },
+        }
+
+
 class Stats:
     """Everything `/stats` and `/metrics` report, updated in place."""
 
@@ -73,6 +97,7 @@ class Stats:
         self._slot_second = -1
         self._slot_counts: dict[CounterKey, int] = {}
         self.recent: deque[dict[str, Any]] = deque(maxlen=recent_errors)
+        self.routes: dict[str, RouteStats] = {}  # by route name, when there are routes
 
     @property
     def in_flight(self) -> int:
@@ -119,6 +144,7 @@ class Stats:
                 or ex.t_pool
                 or ex.retried
                 or ex.protocol != _HTTP11
+                or ex.route is not None
             ):
                 self._record_one(ex)
                 continue
@@ -174,6 +200,12 @@ class Stats:
         window[key] = window.get(key, 0) + 1
         t_end = ex.t_end
         self.duration_by_source[source].observe_ns(t_end - ex.t_start)
+        if ex.route is not None:
+            route = self.routes.get(ex.route)
+            if route is None:
+                route = self.routes[ex.route] = RouteStats()
+            route.counts[key] = route.counts.get(key, 0) + 1
+            route.durations[source].observe_ns(t_end - ex.t_start)
         t_response_head = ex.t_response_head
         if t_response_head:
             if ex.t_sent:
@@ -247,6 +279,7 @@ class Stats:
             "hop": ex.hop,
             "hints": list(ex.hints),
             "phases_ms": ex.phases_ms(),
+            "route": ex.route,
         }
         if ex.grpc_status is not None:  # a gRPC call's outcome (an error, though HTTP 200)
             entry["grpc_status"] = ex.grpc_status
@@ -391,4 +424,10 @@ class Stats:
             "loop_lag_ms": self.loop_lag.summary(now_ns),
             "gc_ms": self.gc.summary(),
             "recent_errors": self.recent_errors(source, error, limit),
+            **self._by_route(),
         }
+
+    def _by_route(self) -> dict[str, Any]:
+        if not self.routes:
+            return {}
+        return {"by_route": {name: route.document() for name, route in self.routes.items()}}

@@ -1,0 +1,318 @@
+"""Routes (issue 21): several upstreams behind one port, first match wins.
+
+Real origins on 127.0.0.1 (aiohttp apps that say who they are and what they received), the
+proxy in this process, real clients:
+- path prefixes on segment boundaries, Host (exact and `*.suffix`), `strip_prefix`;
+- `upstream` as the default route, and without it a proxy-made 404 destination_not_found
+  naming the routes;
+- a route's upstream down: its requests get connection_refused with its own next-hop, the
+  other routes keep answering;
+- a route's own timeouts and proxy_name; a WebSocket and an HTTP/2 client follow routes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from proxy.config import load_config
+from proxy.server import ProxyServer
+
+from support import LOOPBACK, ROOT, LogCapture, RunningProxy, curl, proxy_status_members
+
+
+class Origin:
+    def __init__(self, name: str, runner: web.AppRunner, port: int) -> None:
+        self.name = name
+        self.runner = runner
+        self.port = port
+
+    @property
+    def url(self) -> str:
+        return f"http://{LOOPBACK}:{self.port}"
+
+    @property
+    def authority(self) -> str:
+        return f"{LOOPBACK}:{self.port}"
+
+
+async def _start_origin(name: str) -> Origin:
+    async def who(request: web.Request) -> web.StreamResponse:
+        if request.path.endswith("/ws"):
+            ws = web.WebSocketResponse()
+            await ws.prepare(request)
+            async for message in ws:
+                await ws.send_str(f"{name}:{message.data}")
+            return ws
+        delay = float(request.query.get("delay", "0"))
+        if delay:
+            await asyncio.sleep(delay)
+        return web.json_response({"origin": name, "target": request.path_qs, "host": request.host})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", who)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, LOOPBACK, 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    return Origin(name, runner, port)
+
+
+@pytest.fixture
+async def origins() -> AsyncIterator[Callable[[str], Awaitable[Origin]]]:
+    started: list[Origin] = []
+
+    async def start(name: str) -> Origin:
+        origin = await _start_origin(name)
+        started.append(origin)
+        return origin
+
+    yield start
+    for origin in started:
+        await origin.runner.cleanup()
+
+
+@pytest.fixture
+async def routed() -> AsyncIterator[Callable[..., Awaitable[RunningProxy]]]:
+    running: list[ProxyServer] = []
+
+    async def start(routes: list[dict[str, Any]], upstream: str | None = None) -> RunningProxy:
+        flags: dict[tuple[str, ...], Any] = {
+            ("listen",): f"{LOOPBACK}:0",
+            ("admin", "listen"): f"{LOOPBACK}:0",
+            ("log", "format"): "json",
+            ("routes",): routes,
+        }
+        if upstream is not None:
+            flags[("upstream",)] = upstream
+        capture = LogCapture()
+        server = ProxyServer(load_config(env={}, flags=flags), access_stream=capture)
+        await server.start()
+        running.append(server)
+        return RunningProxy(server, capture)
+
+    yield start
+    for server in running:
+        await server.close()
+
+
+async def _get(url: str, **kwargs: Any) -> tuple[int, Any, dict[str, str]]:
+    async with aiohttp.ClientSession() as session, session.get(url, **kwargs) as response:
+        text = await response.text()
+        body = await response.json(content_type=None) if text.startswith("{") else text
+        return response.status, body, dict(response.headers)
+
+
+async def test_first_match_wins_on_path_segments_and_strip_prefix(origins, routed) -> None:
+    api, web_, default = await origins("api"), await origins("web"), await origins("default")
+    proxy = await routed(
+        [
+            {"name": "api", "path_prefix": "/api/", "upstream": api.url, "strip_prefix": True},
+            {"name": "web", "path_prefix": "/app", "upstream": web_.url},
+        ],
+        upstream=default.url,
+    )
+    cases = {
+        "/api/items?x=1": ("api", "/items?x=1"),
+        "/api": ("api", "/"),
+        "/api?q=2": ("api", "/?q=2"),
+        "/apix": ("default", "/apix"),
+        "/app/page": ("web", "/app/page"),
+        "/app": ("web", "/app"),
+        "/application": ("default", "/application"),
+        "/": ("default", "/"),
+    }
+    for path, (origin, target) in cases.items():
+        status, body, headers = await _get(proxy.url + path)
+        assert status == 200, (path, body)
+        assert (body["origin"], body["target"]) == (origin, target), path
+        hop = {"api": api, "web": web_, "default": default}[origin].authority
+        assert f'next-hop="{hop}"' in headers["Proxy-Status"], (path, headers["Proxy-Status"])
+    await proxy.settle()
+    by_route = proxy.stats.snapshot(proxy={})["by_route"]
+    assert {name: r["requests"]["total"] for name, r in by_route.items()} == {
+        "api": 3,
+        "web": 2,
+        "default": 3,
+    }
+    assert by_route["api"]["responses"]["by_status"] == {"200": 3}
+    assert by_route["api"]["latency_ms"]["total"]["count"] == 3
+
+
+async def test_host_routes_exact_and_wildcard(origins, routed) -> None:
+    auth, tenants, web_ = await origins("auth"), await origins("tenants"), await origins("web")
+    proxy = await routed(
+        [
+            {"name": "auth", "host": "auth.localhost", "upstream": auth.url},
+            {"name": "tenants", "host": "*.tenants.test", "upstream": tenants.url},
+            {"name": "web", "path_prefix": "/", "upstream": web_.url},
+        ]
+    )
+    cases = {
+        "auth.localhost": "auth",
+        "AUTH.localhost:8080": "auth",
+        "a.tenants.test": "tenants",
+        "x.y.tenants.test:1": "tenants",
+        "tenants.test": "web",
+        "other.localhost": "web",
+    }
+    for host, origin in cases.items():
+        status, body, _ = await _get(proxy.url + "/who", headers={"Host": host})
+        assert (status, body["origin"]) == (200, origin), host
+        assert body["host"] == host  # the client's Host goes upstream unchanged
+
+
+async def test_no_route_is_a_proxy_made_404_naming_the_routes(origins, routed) -> None:
+    api = await origins("api")
+    proxy = await routed([{"name": "api", "path_prefix": "/api", "upstream": api.url}])
+    status, body, headers = await _get(
+        proxy.url + "/nowhere?x=1", headers={"Accept": "application/json"}
+    )
+    assert status == 404
+    members = proxy_status_members(headers["Proxy-Status"])
+    assert members[-1].startswith("faultline; error=destination_not_found"), members
+    assert "next-hop" not in members[-1]
+    assert body["error"] == "destination_not_found"
+    assert "No route matches host 127.0.0.1 and path /nowhere" in body["detail"]
+    assert "api: path /api" in body["detail"]
+    line = await proxy.last_log()
+    assert (line["status"], line["source"], line["layer"], line["error"]) == (
+        404,
+        "proxy",
+        "proxy",
+        "destination_not_found",
+    )
+    status, body, _ = await _get(proxy.url + "/api/ok")
+    assert (status, body["origin"]) == (200, "api")
+
+
+async def test_a_route_whose_upstream_is_down_fails_alone(origins, routed) -> None:
+    api, web_ = await origins("api"), await origins("web")
+    proxy = await routed(
+        [
+            {"name": "api", "path_prefix": "/api/", "upstream": api.url},
+            {"name": "web", "path_prefix": "/", "upstream": web_.url},
+        ]
+    )
+    assert (await _get(proxy.url + "/api/x"))[0] == 200
+    await api.runner.cleanup()
+    status, _, headers = await _get(proxy.url + "/api/x")
+    assert status == 502
+    assert "error=connection_refused" in headers["Proxy-Status"]
+    assert f'next-hop="{api.authority}"' in headers["Proxy-Status"]
+    status, body, _ = await _get(proxy.url + "/page")
+    assert (status, body["origin"]) == (200, "web")
+    stats = proxy.stats.snapshot(proxy={})
+    assert stats["responses"]["by_error"] == {"connection_refused": 1}
+    api_stats, web_stats = stats["by_route"]["api"], stats["by_route"]["web"]
+    assert api_stats["responses"]["by_error"] == {"connection_refused": 1}
+    assert api_stats["responses"]["by_source"] == {"origin": 1, "proxy": 1}
+    assert api_stats["responses"]["by_layer"] == {"origin": 1, "transport": 1}
+    assert web_stats["responses"]["by_status"] == {"200": 1}
+    (error,) = stats["recent_errors"]
+    assert (error["route"], error["error"]) == ("api", "connection_refused")
+
+
+async def test_a_route_has_its_own_timeouts_and_proxy_name(origins, routed) -> None:
+    api, web_ = await origins("api"), await origins("web")
+    proxy = await routed(
+        [
+            {
+                "name": "api",
+                "path_prefix": "/api/",
+                "upstream": api.url,
+                "timeouts": {"response_headers": "300ms"},
+                "proxy_name": "api-gw",
+            },
+            {"name": "web", "path_prefix": "/", "upstream": web_.url},
+        ]
+    )
+    status, _, headers = await _get(proxy.url + "/api/slow?delay=1")
+    assert status == 504
+    assert headers["Proxy-Status"].startswith("api-gw; error=http_response_timeout")
+    assert "300ms (timeouts.response_headers)" in headers["Proxy-Status"]
+    status, body, headers = await _get(proxy.url + "/slow?delay=0.5")  # web: 60s
+    assert (status, body["origin"]) == (200, "web")
+    assert headers["Proxy-Status"].startswith("faultline;")
+    status, body, headers = await _get(proxy.url + "/api/fast")
+    assert headers["Proxy-Status"].startswith("api-gw;")
+
+
+async def test_websocket_and_http2_follow_the_routes(origins, routed) -> None:
+    api, web_ = await origins("api"), await origins("web")
+    proxy = await routed(
+        [
+            {"name": "api", "path_prefix": "/api/", "upstream": api.url},
+            {"name": "web", "path_prefix": "/", "upstream": web_.url},
+        ]
+    )
+    async with aiohttp.ClientSession() as session:
+        for path, origin in (("/api/ws", "api"), ("/hmr/ws", "web")):
+            async with session.ws_connect(proxy.url + path) as ws:
+                await ws.send_str("ping")
+                message = await ws.receive(timeout=5)
+                assert message.data == f"{origin}:ping"
+    for path, origin in (("/api/h2", "api"), ("/h2", "web")):
+        code, out, err = await curl("-s", "--http2-prior-knowledge", proxy.url + path)
+        assert code == 0, err
+        assert f'"origin": "{origin}"' in out.decode() or f'"origin":"{origin}"' in out.decode()
+
+
+def test_retarget_copies_every_field_but_the_origin_cache() -> None:
+    from proxy.http1.request import RequestHead
+
+    head = RequestHead()
+    for n, name in enumerate(RequestHead.__slots__):
+        setattr(head, name, f"v{n}")
+    copy = head.retarget(b"/new")
+    for name in RequestHead.__slots__:
+        expected = {"target": b"/new", "upstream_fixed": b""}.get(name, getattr(head, name))
+        assert getattr(copy, name) == expected, name
+    assert head.target != b"/new"  # the shared head is untouched
+
+
+def test_routes_from_the_command_line_and_check_config(tmp_path) -> None:
+    config = tmp_path / "routes.yaml"
+    config.write_text(
+        "routes:\n"
+        "  - {name: api, path_prefix: /api/, upstream: http://127.0.0.1:8000}\n"
+        "  - {name: web, path_prefix: /, upstream: http://127.0.0.1:5173}\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "proxy", "check-config", str(config)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "# routes, first match wins:" in done.stdout
+    assert "#   api     path /api/" in done.stdout
+    assert "(none)  every other request  -> 404 destination_not_found" in done.stdout
+    config.write_text(
+        "routes:\n"
+        "  - {name: web, path_prefix: /, upstream: http://127.0.0.1:5173}\n"
+        "  - {name: api, path_prefix: /api/, upstream: http://127.0.0.1:8000}\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "proxy", "check-config", str(config)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+    assert done.returncode == 2
+    assert "routes[1] (api) can never match: routes[0] (web, path /)" in done.stderr
+    flags = load_config(
+        env={},
+        flags={("routes",): [{"name": "api", "path_prefix": "/api/", "upstream": "http://a:1"}]},
+    )
+    assert flags.upstream == ""  # routes and no upstream: no default route
