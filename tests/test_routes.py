@@ -316,3 +316,42 @@ def test_routes_from_the_command_line_and_check_config(tmp_path) -> None:
         flags={("routes",): [{"name": "api", "path_prefix": "/api/", "upstream": "http://a:1"}]},
     )
     assert flags.upstream == ""  # routes and no upstream: no default route
+
+
+async def test_metrics_carry_the_route(origins, routed) -> None:
+    """With routes, the request families carry a `route` label: each route's samples add up
+    to its own exchanges, per protocol, and the unmatched ones are route=""."""
+    from proxy.telemetry.metrics import make_registry, render
+
+    api, web_ = await origins("api"), await origins("web")
+    proxy = await routed(
+        [
+            {"name": "api", "path_prefix": "/api/", "upstream": api.url},
+            {"name": "web", "host": "web.localhost", "upstream": web_.url},
+        ]
+    )
+    for path in ("/api/a", "/api/b", "/api/c"):
+        assert (await _get(proxy.url + path))[0] == 200
+    assert (await _get(proxy.url + "/", headers={"Host": "web.localhost"}))[0] == 200
+    assert (await _get(proxy.url + "/nowhere"))[0] == 404
+    code, _, err = await curl("-s", "--http2-prior-knowledge", proxy.url + "/api/h2")
+    assert code == 0, err
+    await proxy.settle()
+    server = proxy.server
+    text = render(make_registry(server.telemetry, server.pool_counts), None)[0].decode()
+
+    def total(name: str, *needles: str) -> float:
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith(name + "{") and all(n in line for n in needles)
+        )
+
+    assert total("faultline_responses_total", 'route="api"') == 4
+    assert total("faultline_responses_total", 'route="api"', 'protocol="h2"') == 1
+    assert total("faultline_responses_total", 'route="web"') == 1
+    assert total("faultline_responses_total", 'route=""', 'code="404"') == 1
+    assert total("faultline_responses_total") == 6
+    assert total("faultline_request_duration_seconds_count", 'route="api"') == 4
+    assert total("faultline_request_duration_seconds_count", 'route=""') == 1
+    assert total("faultline_request_duration_seconds_count") == 6

@@ -69,6 +69,8 @@ def state_of(telemetry: Telemetry, pool: tuple[int, int]) -> State:
         "lag_seconds": [(second, _hist(h)) for second, h in lag.seconds],
         "split_counts": dict(split.counts),
         "split_durations": {k: _hist(h) for k, h in split.durations.items()},
+        "split_route_counts": dict(split.route_counts),
+        "split_route_durations": {k: _hist(h) for k, h in split.route_durations.items()},
         "gc": [_hist(h) for h in stats.gc.by_generation],
         "routes": {
             name: (dict(route.counts), {k: _hist(h) for k, h in route.durations.items()})
@@ -88,6 +90,8 @@ def reset(telemetry: Telemetry) -> None:
     split = ProtocolSplit.of(telemetry)
     split.counts.clear()
     split.durations = {k: Histogram() for k in split.durations}
+    split.route_counts.clear()
+    split.route_durations.clear()
 
 
 def absorb(telemetry: Telemetry, state: State) -> None:
@@ -121,6 +125,9 @@ def absorb(telemetry: Telemetry, state: State) -> None:
     _add_counts(split.counts, state["split_counts"])
     for name, part in state["split_durations"].items():
         _add_hist(split.durations[name], part)
+    _add_counts(split.route_counts, state["split_route_counts"])
+    for key, part in state["split_route_durations"].items():
+        _add_hist(split.route_durations.setdefault(key, Histogram()), part)
 
 
 def _merge_slots(stats: Stats, slots: list[tuple[int, dict[Any, int]]]) -> None:

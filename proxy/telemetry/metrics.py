@@ -73,15 +73,37 @@ def _less(whole: Histogram, part: Histogram) -> Histogram:
     return rest
 
 
+def _add_split(
+    family: CounterMetricFamily, labels: list[str], n: int, h2: int, *route: str
+) -> None:
+    """`n` exchanges of which `h2` spoke HTTP/2: a sample per protocol (HTTP/1.1's always,
+    HTTP/2's when there is one)."""
+    if n > h2 or not h2:
+        family.add_metric([*labels, HTTP11, *route], max(n - h2, 0))
+    if h2:
+        family.add_metric([*labels, H2, *route], h2)
+
+
+def _add_durations(
+    family: HistogramMetricFamily, source: str, whole: Histogram, h2: Histogram, *route: str
+) -> None:
+    h1 = _less(whole, h2)
+    family.add_metric([source, HTTP11, *route], _buckets(h1), sum_value=h1.sum_s)
+    family.add_metric([source, H2, *route], _buckets(h2), sum_value=h2.sum_s)
+
+
 class ProtocolSplit:
     """The HTTP/2 share of what `Stats` counts: exchanges by (status, source, error) and
-    their durations by source, the same keys and values `Stats` records."""
+    their durations by source, the same keys and values `Stats` records; with routes, also
+    by route (`Stats.routes` holds each route's share of both protocols)."""
 
-    __slots__ = ("counts", "durations")
+    __slots__ = ("counts", "durations", "route_counts", "route_durations")
 
     def __init__(self) -> None:
         self.counts: dict[CounterKey, int] = {}
         self.durations: dict[str, Histogram] = {s.value: Histogram() for s in Source}
+        self.route_counts: dict[tuple[str, CounterKey], int] = {}
+        self.route_durations: dict[tuple[str, str], Histogram] = {}  # (route, source)
 
     def observe(self, ex: Exchange) -> None:
         if ex.protocol == HTTP11:
@@ -90,7 +112,15 @@ class ProtocolSplit:
         source = ex.source._value_
         key = (ex.status, source, None if fault is None else fault._value_)
         self.counts[key] = self.counts.get(key, 0) + 1
-        self.durations[source].observe_ns(ex.t_end - ex.t_start)
+        duration = ex.t_end - ex.t_start
+        self.durations[source].observe_ns(duration)
+        route = ex.route
+        if route is not None:
+            self.route_counts[(route, key)] = self.route_counts.get((route, key), 0) + 1
+            h = self.route_durations.get((route, source))
+            if h is None:
+                h = self.route_durations[(route, source)] = Histogram()
+            h.observe_ns(duration)
 
     @classmethod
     def of(cls, telemetry: Telemetry) -> ProtocolSplit:
@@ -122,35 +152,44 @@ class FaultlineCollector:
         yield build
 
         split = self.split
+        routes = stats.routes  # with routes, the request families carry a `route` label
+        route_label = ("route",) if routes else ()
         responses = CounterMetricFamily(
             "faultline_responses_total",
             "Finished exchanges by status sent (499: the client left), who produced it "
             "(origin, proxy, client), the layer at fault, the RFC 9209 error token "
-            '("" when none) and the protocol the client spoke (http/1.1, h2).',
-            labels=("code", "source", "layer", "error", "protocol"),
+            '("" when none), the protocol the client spoke (http/1.1, h2) and, with routes, '
+            'the route that served it ("" when none matched).',
+            labels=("code", "source", "layer", "error", "protocol", *route_label),
         )
-        h2_counts = split.counts
         for key, n in list(stats.counts.items()):
             status, source, error = key
             labels = [str(status), source, layer_of(error), error or ""]
-            h2 = h2_counts.get(key, 0)
-            if n > h2 or not h2:
-                responses.add_metric([*labels, HTTP11], max(n - h2, 0))
-            if h2:
-                responses.add_metric([*labels, H2], h2)
+            h2 = split.counts.get(key, 0)
+            for name, route in routes.items():
+                in_route = route.counts.get(key, 0)
+                if in_route:
+                    h2_in_route = split.route_counts.get((name, key), 0)
+                    _add_split(responses, labels, in_route, h2_in_route, name)
+                    n, h2 = n - in_route, h2 - h2_in_route
+            if n or not routes:
+                _add_split(responses, labels, n, h2, *("",) * len(route_label))
         yield responses
 
         duration = HistogramMetricFamily(
             "faultline_request_duration_seconds",
-            "Time from the first request byte to the last response byte, by source and the "
-            "protocol the client spoke.",
-            labels=("source", "protocol"),
+            "Time from the first request byte to the last response byte, by source, the "
+            "protocol the client spoke and, with routes, the route.",
+            labels=("source", "protocol", *route_label),
         )
-        for source, h in stats.duration_by_source.items():
+        for source, whole in stats.duration_by_source.items():
             h2_part = split.durations[source]
-            h1_part = _less(h, h2_part)
-            duration.add_metric([source, HTTP11], _buckets(h1_part), sum_value=h1_part.sum_s)
-            duration.add_metric([source, H2], _buckets(h2_part), sum_value=h2_part.sum_s)
+            for name, route in routes.items():
+                of_route = route.durations[source]
+                h2_of_route = split.route_durations.get((name, source)) or Histogram()
+                _add_durations(duration, source, of_route, h2_of_route, name)
+                whole, h2_part = _less(whole, of_route), _less(h2_part, h2_of_route)
+            _add_durations(duration, source, whole, h2_part, *("",) * len(route_label))
         yield duration
 
         lag = HistogramMetricFamily(
