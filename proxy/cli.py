@@ -138,7 +138,7 @@ def route_table(config: Config) -> list[str]:
     rows = [(r.name, r.describe(), r.upstream, r.strip_prefix) for r in config.routes]
     if config.upstream:
         rows.append(("default", "every other request", config.upstream, False))
-    else:
+    elif not any(r.host is None and not r.prefix for r in config.routes):
         rows.append(("(none)", "every other request", "404 destination_not_found", False))
     width = max(len(name) for name, *_ in rows)
     match = max(len(describe) for _, describe, *_ in rows)
@@ -240,13 +240,16 @@ def _serve_banner(server: Any) -> None:
             "proxy/*.so.",
             file=sys.stderr,
         )
+    target = f"{len(config.routes)} routes" if config.routes else config.upstream
     print(
         f"faultline {__version__} ({build}): "
-        f"proxy listening on {_bound(server.listen_address)} -> {config.upstream} · "
+        f"proxy listening on {_bound(server.listen_address)} -> {target} · "
         f"admin on {_bound(server.admin_address)}: /stats, /metrics, /dashboard{workers}",
         file=sys.stderr,
         flush=True,
     )
+    if config.routes:
+        print("\n".join(f"  {line}" for line in route_table(config)), file=sys.stderr, flush=True)
 
 
 def _bound(address: tuple[str, int]) -> str:

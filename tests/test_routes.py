@@ -284,7 +284,7 @@ def test_routes_from_the_command_line_and_check_config(tmp_path) -> None:
     config.write_text(
         "routes:\n"
         "  - {name: api, path_prefix: /api/, upstream: http://127.0.0.1:8000}\n"
-        "  - {name: web, path_prefix: /, upstream: http://127.0.0.1:5173}\n"
+        "  - {name: web, host: web.localhost, upstream: http://127.0.0.1:5173}\n"
     )
     done = subprocess.run(
         [sys.executable, "-m", "proxy", "check-config", str(config)],
@@ -295,8 +295,12 @@ def test_routes_from_the_command_line_and_check_config(tmp_path) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert "# routes, first match wins:" in done.stdout
-    assert "#   api     path /api/" in done.stdout
-    assert "(none)  every other request  -> 404 destination_not_found" in done.stdout
+    table = [line.split() for line in done.stdout.splitlines() if line.startswith("#   ")]
+    assert table == [
+        ["#", "api", "path", "/api/", "->", "http://127.0.0.1:8000"],
+        ["#", "web", "host", "web.localhost", "->", "http://127.0.0.1:5173"],
+        ["#", "(none)", "every", "other", "request", "->", "404", "destination_not_found"],
+    ]
     config.write_text(
         "routes:\n"
         "  - {name: web, path_prefix: /, upstream: http://127.0.0.1:5173}\n"

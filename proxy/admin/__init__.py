@@ -193,7 +193,7 @@ def build_app(
     faults_body = orjson.dumps(faults_document())
     sources = [s.value for s in Source]
     tokens = [f.value for f in Fault]
-    proxy_info = {"name": config.proxy_name, "version": __version__, "upstream": config.upstream}
+    proxy_info = {"name": config.proxy_name, "version": __version__, "upstream": config.upstream or None}
 
     def refusal(request: AdminRequest) -> tuple[str, bool] | None:
         """None when the request may pass; else why not, and whether a token was given."""
