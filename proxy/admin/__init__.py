@@ -193,7 +193,8 @@ def build_app(
     faults_body = orjson.dumps(faults_document())
     sources = [s.value for s in Source]
     tokens = [f.value for f in Fault]
-    proxy_info = {"name": config.proxy_name, "version": __version__, "upstream": config.upstream or None}
+    upstream = config.upstream or None  # None: routes, and no default route
+    proxy_info = {"name": config.proxy_name, "version": __version__, "upstream": upstream}
 
     def refusal(request: AdminRequest) -> tuple[str, bool] | None:
         """None when the request may pass; else why not, and whether a token was given."""
