@@ -267,7 +267,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     import uvloop
 
     from .config import parse_address
-    from .demo import start_demo_origin
+    from .demo import start_demo_api, start_demo_origin
     from .server import ProxyServer, StartupError
     from .telemetry.console import install_summary
 
@@ -285,16 +285,27 @@ def _run_demo(args: argparse.Namespace) -> int:
                 f"cannot start the demo origin on {args.origin}: {exc.strerror or exc}"
             ) from None
         try:
-            flags = {**_flags(args), ("upstream",): origin.url}
+            api = await start_demo_api(origin_host, 0)
+        except OSError as exc:
+            await origin.close()
+            raise StartupError(f"cannot start the demo API: {exc.strerror or exc}") from None
+        try:
+            # Two routes: /api/ to the demo API, everything else to the demo origin's pages.
+            routes = [
+                {"name": "api", "path_prefix": "/api/", "upstream": api.url},
+                {"name": "pages", "path_prefix": "/", "upstream": origin.url},
+            ]
+            flags = {**_flags(args), ("routes",): routes}
             config = load_config(args.config, flags=flags, base=DEMO_BASE)
             server = ProxyServer(config)
             await server.start()
             server.install_signal_handlers()
             assert server.telemetry is not None
             install_summary(server.telemetry)
-            _demo_banner(server, origin.url)
+            _demo_banner(server, origin.url, api.url)
             await server.serve_until_stopped()
         finally:
+            await api.close()
             await origin.close()
 
     try:
@@ -306,13 +317,14 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _demo_banner(server: Any, origin_url: str) -> None:
+def _demo_banner(server: Any, origin_url: str, api_url: str) -> None:
     proxy_url = f"http://{format_address(server.listen_address)}"
     admin_url = f"http://{format_address(server.admin_address)}"
     print(
         f"\nFaultline {__version__} demo, listening on {_bound(server.listen_address)}\n"
         f"  proxy      {proxy_url}/   <- open this: the demo app, through the proxy\n"
-        f"  origin     {origin_url}/   (the demo app itself, no proxy)\n"
+        f"  origin     {origin_url}/   (the demo app itself, no proxy: route pages, /)\n"
+        f"  api        {api_url}/api/users   (a second upstream: route api, /api/)\n"
         f"  dashboard  {admin_url}/dashboard\n"
         f"Try this:  curl -i {proxy_url}/reset   and read Proxy-Status and the log line.\n"
         f"Ctrl-C stops both.\n",

@@ -238,3 +238,26 @@ async def test_every_route_through_the_demo_is_attributed_and_ctrl_c_exits_clean
         if route.hop == "payments-gateway" and not members[0].startswith("payments-gateway;"):
             problems.append(f"{label}: the gateway's own member is not first: {members}")
     assert problems == []
+
+
+async def test_the_demo_shows_two_routes(demo):
+    """The demo routes /api/ to a small demo API and the rest to the demo origin's pages
+    (issue 21): a newcomer's first clicks fill two rows of /stats by_route."""
+    assert "route api, /api/" in demo.stderr()
+    async with aiohttp.ClientSession() as session:
+        async with session.get(demo.url + "/api/users/1") as resp:
+            assert resp.status == 200
+            assert (await resp.json())["name"] == "ada"
+            assert "faultline-demo; received-status=200" in resp.headers["Proxy-Status"]
+        async with session.get(demo.url + "/api/users/99") as resp:
+            assert resp.status == 404  # the API's own 404
+        async with session.get(demo.url + "/hello") as resp:
+            assert resp.status == 200
+        async with session.get(demo.admin_url + "/stats") as resp:
+            stats = await resp.json()
+    routes = stats["by_route"]
+    assert set(routes) == {"api", "pages"}
+    assert routes["api"]["responses"]["by_status"] == {"200": 1, "404": 1}
+    assert routes["api"]["responses"]["by_source"] == {"origin": 2}
+    assert routes["pages"]["requests"]["total"] == 1
+    assert demo.interrupt(timeout=10) == 0

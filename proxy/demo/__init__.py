@@ -23,10 +23,19 @@ Rules:
 Modules: `routes` (the table), `wire` (what the handlers share: raw bytes on the transport,
 bounded holds), `handlers` (normal traffic, the origin's own errors, errors made behind it),
 `broken` (slow answers and byte-level misbehaviour), `landing` (the page, rendered once from
-`routes` into `landing.html`), `app` (the aiohttp application and its runner).
+`routes` into `landing.html`), `app` (the aiohttp application and its runner), `api` (the
+demo's second upstream, a small JSON API the demo routes `/api/` to).
 """
 
+from .api import start_demo_api
 from .app import DemoOrigin, make_demo_app, start_demo_origin
 from .routes import ROUTES, DemoRoute
 
-__all__ = ["ROUTES", "DemoOrigin", "DemoRoute", "make_demo_app", "start_demo_origin"]
+__all__ = [
+    "ROUTES",
+    "DemoOrigin",
+    "DemoRoute",
+    "make_demo_app",
+    "start_demo_api",
+    "start_demo_origin",
+]

@@ -39,13 +39,13 @@ async def _hello(request: web.Request) -> web.Response:
     return web.Response(text="Hello from the Faultline demo origin.\n")
 
 
-async def _items(request: web.Request) -> web.Response:
-    items = [
+async def items(request: web.Request) -> web.Response:
+    rows = [
         {"id": 1, "name": "teapot", "price": 18.5},
         {"id": 2, "name": "kettle", "price": 42.0},
         {"id": 3, "name": "strainer", "price": 4.25},
     ]
-    return web.json_response({"items": items, "count": len(items)})
+    return web.json_response({"items": rows, "count": len(rows)})
 
 
 async def _echo(request: web.Request) -> web.Response:
@@ -377,7 +377,7 @@ async def _json(request: web.Request) -> web.Response:
 HANDLERS: list[tuple[str, str, Handler]] = [
     ("GET", "/", _landing),
     ("GET", "/hello", _hello),
-    ("GET", "/api/items", _items),
+    ("GET", "/api/items", items),
     ("*", "/echo", _echo),
     ("GET", "/stream", _stream),
     ("GET", "/sse", _sse),
