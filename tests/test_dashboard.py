@@ -273,10 +273,11 @@ async def test_dashboard_without_a_token_and_a_lost_admin(origin_factory, proxy_
 LONG_PATH = "/" + "a-very-long-path-segment-" * 16  # the demo origin answers 404
 LONG_CODING = b"x-" + b"long-transfer-coding-" * 12  # echoed in the 501's details
 
-# Per table inside a .card: its width and where its last column's cells end, against the
-# panel's content box (client width less padding). `scroller` is the box that may scroll
-# the table on a narrow screen (the table itself when nothing wraps it).
-MEASURE = """() => [...document.querySelectorAll('.card table')].map((table) => {
+# Per table inside a shown .card: its width and where its last column's cells end, against
+# the panel's content box (client width less padding). `scroller` is the box that may scroll
+# the table on a narrow screen (the table itself when nothing wraps it). The routes panel is
+# hidden without routes.
+MEASURE = """() => [...document.querySelectorAll('.card:not([hidden]) table')].map((table) => {
   const card = table.closest('.card');
   const cs = getComputedStyle(card);
   const padL = parseFloat(cs.paddingLeft), padR = parseFloat(cs.paddingRight);
@@ -398,3 +399,37 @@ async def test_every_table_fits_its_panel(demo_proxy, browser, width, height):
     text = await note.inner_text()
     assert "estimated from histogram buckets" in text and _bounds_text() in text, text
     assert "≈" in await page.inner_text("#latency-head")
+
+
+async def test_the_dashboard_groups_by_route(proxy_factory, browser):
+    """With routes, a "By route" panel lists each route with its counts from /stats
+    by_route; without routes it stays hidden (issue 21)."""
+    from proxy.demo import start_demo_api
+
+    origin = await start_demo_origin()
+    api = await start_demo_api()
+    try:
+        proxy = await proxy_factory(
+            origin.url, routes=[{"name": "api", "path_prefix": "/api/", "upstream": api.url}]
+        )
+        async with aiohttp.ClientSession() as session:
+            for path in ("/api/users", "/api/users/7", "/api/items", "/hello", "/hangup"):
+                await _get(session, proxy.url + path)
+        await proxy.settle(timeout=10)
+        async with aiohttp.ClientSession() as session:
+            _, _, stats = await admin_get(session, proxy.admin_url + "/stats")
+        page = await browser.new_page(viewport={"width": 1440, "height": 1000})
+        await page.goto(f"{proxy.admin_url}/dashboard")
+        await page.wait_for_selector("#by-route tr[data-key]", timeout=10_000)
+        assert await page.is_visible("#routes-card")
+        shown = await _rows(page, "by-route")
+        assert shown == {name: r["requests"]["total"] for name, r in stats["by_route"].items()}
+        assert shown == {"api": 3, "default": 2}
+        assert await page.inner_text("#upstream") == "2 routes"
+        default_row = await page.inner_text('#by-route tr[data-key="default"]')
+        assert TAXONOMY[Fault.CONNECTION_TERMINATED].title in default_row  # its top fault
+        assert "route: default" in await page.inner_text("#recent")
+        await page.close()
+    finally:
+        await api.close()
+        await origin.close()
