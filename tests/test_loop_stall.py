@@ -132,7 +132,7 @@ async def test_a_timeout_over_a_stall_of_the_loop_is_charged_to_the_proxy(
     assert response.status == 500
     (member,) = proxy_status_members(response.header("Proxy-Status"))
     assert "error=proxy_internal_error" in member
-    assert "event loop was stalled for" in member and "not charged to it" in member
+    assert "event loop was stalled for" in member and "not charged to the upstream" in member
     assert "http_response_timeout" in member
     problem = response.json()
     assert (problem["error"], problem["layer"], problem["source"]) == (

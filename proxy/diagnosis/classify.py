@@ -59,10 +59,10 @@ class LoopStalled(DeadlineExpired):
 
     def detail(self) -> str:
         return (
-            f"the proxy's event loop was stalled for {duration_text(self.stall_ns)} across "
-            f"the deadline of {self.setting} ({duration_text(self.limit_ns)}), over half the "
-            f"time {self.peer} had: the proxy held this exchange up, not {self.peer} (not "
-            f"charged to it as {self.instead.value})"
+            f"a timeout of the proxy's own: its event loop was stalled for "
+            f"{duration_text(self.stall_ns)} across the deadline of {self.setting} "
+            f"({duration_text(self.limit_ns)}), over half the time {self.peer} had (not "
+            f"charged to {self.peer} as {self.instead.value})"
         )
 
 
