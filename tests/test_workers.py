@@ -225,6 +225,27 @@ async def test_both_workers_log_every_exchange_as_whole_lines(demo_url: str) -> 
     assert sorted(r["path"] for r in records) == sorted(paths)
 
 
+async def test_a_stalled_worker_shows_in_the_merged_loop_lag(demo_url: str) -> None:
+    """A worker stopped for 0.4 s (SIGSTOP, then SIGCONT) stalls its loop: the supervisor's
+    /stats shows that stall among the workers' (loop_lag_ms.stalls, merged)."""
+    proxy = await asyncio.to_thread(_spawn, demo_url)
+    try:
+        async with aiohttp.ClientSession() as session:
+            before = await _json(session, proxy.admin_url + "/stats")
+            assert before["loop_lag_ms"]["stalls"]["count"] == 0
+            victim = _workers(before)[1]["pid"]
+            os.kill(victim, signal.SIGSTOP)
+            await asyncio.sleep(0.4)
+            os.kill(victim, signal.SIGCONT)
+            await asyncio.sleep(0.3)  # its watch runs again and notes the stall
+            after = await _json(session, proxy.admin_url + "/stats")
+        stalls = after["loop_lag_ms"]["stalls"]
+        assert stalls["count"] >= 1, stalls
+        assert stalls["longest"] >= 300, stalls
+    finally:
+        assert proxy.stop() == 0
+
+
 async def test_workers_from_the_environment(demo_url: str) -> None:
     proxy = await asyncio.to_thread(
         spawn_proxy, demo_url, "--log-format", "json", env={"FAULTLINE_WORKERS": "2"}

@@ -67,6 +67,7 @@ def state_of(telemetry: Telemetry, pool: tuple[int, int]) -> State:
         "recent": list(stats.recent),
         "lag_total": _hist(lag.total),
         "lag_seconds": [(second, _hist(h)) for second, h in lag.seconds],
+        "stalls": (lag.stalls.count, lag.stalls.longest_ns, list(lag.stalls.recent)),
         "split_counts": dict(split.counts),
         "split_durations": {k: _hist(h) for k, h in split.durations.items()},
         "split_route_counts": dict(split.route_counts),
@@ -143,3 +144,9 @@ def _merge_lag(lag: LoopLag, state: State) -> None:
     for second, part in state["lag_seconds"]:
         _add_hist(by_second.setdefault(second, Histogram()), part)
     lag.seconds = deque((second, by_second[second]) for second in sorted(by_second))
+    stalls = lag.stalls  # each worker's stalls, side by side (one clock: the machine's)
+    count, longest_ns, recent = state["stalls"]
+    stalls.count += count
+    stalls.longest_ns = max(stalls.longest_ns, longest_ns)
+    kept = stalls.recent.maxlen
+    stalls.recent = deque(sorted([*stalls.recent, *recent])[-(kept or 1) :], maxlen=kept)
