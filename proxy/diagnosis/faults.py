@@ -316,10 +316,13 @@ TAXONOMY: dict[Fault, FaultInfo] = {
             500,
             Layer.PROXY,
             "Faultline failed",
-            "Faultline hit an internal defect while handling this request.",
-            "This is a bug in Faultline: the traceback is in its log under this request "
-            "id. Please report it.",
-            hint="a bug in Faultline — the traceback is in the proxy's log",
+            "Faultline failed this request itself: an internal defect, or its own event "
+            "loop stalled across a timeout (the details say which).",
+            "A stalled loop (hint proxy_loop_stalled): Faultline was paused or starved of "
+            "CPU; check its CPU limit and throttling, and loop_lag_ms in /stats. Otherwise "
+            "it is a bug in Faultline: the traceback is in its log under this request id. "
+            "Please report it.",
+            hint="Faultline itself failed — a stalled loop or a bug; see the details and its log",
             hop="inside Faultline",
         ),
         _row(
