@@ -27,6 +27,7 @@ FIELDS = {
     "error",
     "details",
     "upstream",
+    "route",  # issue 21: the route that served it (null without routes)
     "client",
     "protocol",  # CONTRACT.md, "HTTP/2 and gRPC": http/1.1 | h2
     "bytes_in",

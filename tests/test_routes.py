@@ -145,6 +145,10 @@ async def test_first_match_wins_on_path_segments_and_strip_prefix(origins, route
     }
     assert by_route["api"]["responses"]["by_status"] == {"200": 3}
     assert by_route["api"]["latency_ms"]["total"]["count"] == 3
+    logged = [(line["path"], line["route"]) for line in proxy.access_log()]
+    assert logged[:3] == [("/api/items?x=1", "api"), ("/api", "api"), ("/api?q=2", "api")]
+    assert dict(logged)["/application"] == "default"
+    assert dict(logged)["/app/page"] == "web"
 
 
 async def test_host_routes_exact_and_wildcard(origins, routed) -> None:
@@ -190,6 +194,7 @@ async def test_no_route_is_a_proxy_made_404_naming_the_routes(origins, routed) -
         "proxy",
         "destination_not_found",
     )
+    assert line["route"] is None  # no route served it
     status, body, _ = await _get(proxy.url + "/api/ok")
     assert (status, body["origin"]) == (200, "api")
 
@@ -264,6 +269,26 @@ async def test_websocket_and_http2_follow_the_routes(origins, routed) -> None:
         code, out, err = await curl("-s", "--http2-prior-knowledge", proxy.url + path)
         assert code == 0, err
         assert f'"origin": "{origin}"' in out.decode() or f'"origin":"{origin}"' in out.decode()
+
+
+def test_the_terminal_line_names_the_route() -> None:
+    from proxy.telemetry.console import pretty_line
+
+    record = {
+        "time": "2026-12-07T10:15:02.000Z",
+        "status": 502,
+        "source": "proxy",
+        "method": "GET",
+        "path": "/api/items",
+        "duration_ms": 0.8,
+        "error": "connection_refused",
+        "upstream": "127.0.0.1:8000",
+        "details": None,
+        "route": "api",
+    }
+    line = pretty_line(record, colour=False).decode()
+    assert line.startswith("10:15:02 502 GET    /api/items [api] 0.8ms PROXY connection_refused")
+    assert "[" not in pretty_line({**record, "route": None}, colour=False).decode()
 
 
 def _slots_of(path: str, cls: str) -> list[str]:

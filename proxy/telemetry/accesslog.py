@@ -83,6 +83,7 @@ def log_record(ex: Exchange, clock: Clock, secret_params: frozenset[str]) -> dic
         "error": None if fault is None else fault._value_,
         "details": ex.details,
         "upstream": ex.upstream,
+        "route": ex.route,
         "client": ex.client,
         "protocol": ex.protocol,
         "bytes_in": ex.body_bytes_in,
@@ -105,21 +106,21 @@ def log_record(ex: Exchange, clock: Clock, secret_params: frozenset[str]) -> dic
 
 
 # Its middle, from the method to the client, repeats for a client that asks for the same
-# thing again: formatted once per (method, target, status, client, upstream, redaction,
-# protocol)
-# and remembered (targets up to 1 KiB; 1024 of them), a third of the line's cost.
+# thing again: formatted once per (method, target, status, client, upstream, route,
+# redaction, protocol) and remembered (targets up to 1 KiB; 1024 of them), a third of the
+# line's cost.
 _POOLED_OK_MIDDLE: Final = (
     b'","method":"%s","path":%s,"status":%d,"source":"origin","layer":"origin","error":null,'
-    b'"details":null,"upstream":%s,"client":"%s","protocol":"%s","bytes_in":'
+    b'"details":null,"upstream":%s,"route":%s,"client":"%s","protocol":"%s","bytes_in":'
 )
-_MIDDLES: Final[Memo[tuple[Any, ...], bytes]] = Memo(1024, 7)  # keys are 7-tuples: bounded by count
+_MIDDLES: Final[Memo[tuple[Any, ...], bytes]] = Memo(1024, 8)  # keys are 8-tuples: bounded by count
 _MIDDLE_MAX_TARGET: Final = 1024
 _MILLIS: Final = tuple(b"%03d" % ms for ms in range(1000))
 _dumps: Final = orjson.dumps
 
 
 def _middle_of(key: tuple[Any, ...]) -> bytes:
-    method, target, status, client, upstream, secret_params, protocol = key
+    method, target, status, client, upstream, route, secret_params, protocol = key
     path = redact_target(target, secret_params) if "?" in target else target
     # request_id (validated or ours), method (llhttp's list) and the client's address
     # need no escaping; the path and the configured upstream go through orjson.
@@ -128,6 +129,7 @@ def _middle_of(key: tuple[Any, ...]) -> bytes:
         _dumps(path),
         status,
         _dumps(upstream),
+        _dumps(route),
         client.encode(),
         protocol.encode(),
     )
@@ -156,7 +158,16 @@ def json_line_of(ex: Exchange, clock: Clock, secret_params: frozenset[str]) -> b
     second, millis = divmod((t_end + clock.offset_ns) // 1_000_000, 1000)
     if second != clock.second:
         clock.roll(second)
-    key = (ex.method, ex.target, ex.status, ex.client, ex.upstream, secret_params, ex.protocol)
+    key = (
+        ex.method,
+        ex.target,
+        ex.status,
+        ex.client,
+        ex.upstream,
+        ex.route,
+        secret_params,
+        ex.protocol,
+    )
     total_us = (t_end - ex.t_start) // 1000
     ttfb_us = (t_head - ex.t_sent) // 1000
     body_us = (t_end - t_head) // 1000

@@ -101,6 +101,9 @@ def pretty_line(record: dict[str, Any], colour: bool | None = None) -> bytes:
     who = {"origin": "origin", "proxy": "PROXY", "client": "client"}[source]
     who_colour = MAGENTA if source == "proxy" else (DIM if source == "origin" else YELLOW)
     path = _clean(record["path"] or "-", PATH_MAX)
+    route = record.get("route")
+    if route:  # routes: which one served it
+        path += f" {c(DIM)}[{_clean(route)}]{c(RESET)}"
     line = (
         f"{c(DIM)}{clock}{c(RESET)} {c(BOLD)}{c(_status_colour(status))}{status}{c(RESET)} "
         f"{_clean(record['method'] or '-'):<6} {path} "
