@@ -30,9 +30,10 @@ class OriginHead:
     and field lines), what an HTTP/1.1 client is sent for it (`prefix`: status line,
     filtered lines, Proxy-Status, Via) and what its fields said."""
 
-    __slots__ = ("fields", "prefix", "raw")
+    __slots__ = ("fields", "prefix", "raw", "status")
 
-    def __init__(self, raw: bytes, prefix: bytes, fields: ResponseFields) -> None:
+    def __init__(self, raw: bytes, prefix: bytes, fields: ResponseFields, status: int = 0) -> None:
         self.raw = raw
         self.prefix = prefix
         self.fields = fields
+        self.status = status  # the status code its line states (0: not recorded)

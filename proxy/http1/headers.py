@@ -272,8 +272,8 @@ class HeaderPolicy:
             # RFC 9110 §6.6.1: a recipient with a clock adds the Date an origin left out.
             # Such a head is not remembered: its Date line would go stale.
             parts.append(b"Date: " + http_date() + b"\r\n")
-            return OriginHead(head, b"".join(parts), fields)
-        entry = OriginHead(head, b"".join(parts), fields)
+            return OriginHead(head, b"".join(parts), fields, status)
+        entry = OriginHead(head, b"".join(parts), fields, status)
         self.origin_heads.remember(head, entry)
         return entry
 

@@ -179,116 +179,118 @@ class UpstreamConnection(asyncio.Protocol):
             # An idle connection must be silent; anything else makes it unusable.
             self.close()
             return
+        # One call per read: the handling is inlined here, inside the guard (issue 20).
         try:
-            self._received(handler, data)
+            self.bytes_seen = True
+            if self.tunnel:
+                handler.on_tunnel_data(data)
+                return
+            if self.in_head:
+                # Keep the raw head: headers are passed on as the origin wrote them, filtered
+                # in one regex pass, instead of one Python callback per header.
+                self.head_buf = self.head_buf + data if self.head_buf else data
+                if len(self.head_buf) - self.head_start > self.max_header_bytes:
+                    limit = self.max_header_bytes
+                    if (
+                        self.head_buf.find(b"\r\n\r\n", self.head_start, self.head_start + limit)
+                        < 0
+                    ):
+                        handler.on_upstream_failed(
+                            ResponseHeadersTooLarge(f"response header section over {limit} bytes")
+                        )
+                        return
+            try:
+                self.parser.feed_data(data)
+            except HttpParserUpgrade as exc:
+                self.tunnel = True
+                rest = data[exc.args[0] :]
+                handler.on_tunnel_open(rest)
+                return
+            except HttpParserCallbackError as exc:
+                # The callback's own exception, kept (httptools passes it on only as the implicit
+                # __context__, another exception when one is being handled around the call).
+                cause = self.failure or exc.__context__
+                self.failure = None
+                if isinstance(cause, UpstreamError):
+                    handler.on_upstream_failed(cause)
+                else:
+                    handler.on_internal_error(cause or exc)
+                return
+            except HttpParserError as exc:
+                handler.on_upstream_failed(UpstreamProtocolError(parser_error_text(exc)))
+                return
+            if self.replace_parser:
+                self.replace_parser = False
+                self.parser = HttpResponseParser(self)
+            if self.message_done:
+                reusable = not self.stray_bytes and self.keep_alive
+                self.stray_bytes = False
+                handler.on_response_end(reusable)
+            else:
+                handler.flush()
         except Exception as exc:  # a defect: never let it kill the transport silently
             handler.on_internal_error(exc)
-
-    def _received(self, handler: Forwarder, data: bytes) -> None:
-        self.bytes_seen = True
-        if self.tunnel:
-            handler.on_tunnel_data(data)
-            return
-        if self.in_head:
-            # Keep the raw head: headers are passed on as the origin wrote them, filtered
-            # in one regex pass, instead of one Python callback per header.
-            self.head_buf = self.head_buf + data if self.head_buf else data
-            if len(self.head_buf) - self.head_start > self.max_header_bytes:
-                limit = self.max_header_bytes
-                if self.head_buf.find(b"\r\n\r\n", self.head_start, self.head_start + limit) < 0:
-                    handler.on_upstream_failed(
-                        ResponseHeadersTooLarge(f"response header section over {limit} bytes")
-                    )
-                    return
-        try:
-            self.parser.feed_data(data)
-        except HttpParserUpgrade as exc:
-            self.tunnel = True
-            rest = data[exc.args[0] :]
-            handler.on_tunnel_open(rest)
-            return
-        except HttpParserCallbackError as exc:
-            # The callback's own exception, kept (httptools passes it on only as the implicit
-            # __context__, another exception when one is being handled around the call).
-            cause = self.failure or exc.__context__
-            self.failure = None
-            if isinstance(cause, UpstreamError):
-                handler.on_upstream_failed(cause)
-            else:
-                handler.on_internal_error(cause or exc)
-            return
-        except HttpParserError as exc:
-            handler.on_upstream_failed(UpstreamProtocolError(parser_error_text(exc)))
-            return
-        if self.replace_parser:
-            self.replace_parser = False
-            self.parser = HttpResponseParser(self)
-        if self.message_done:
-            reusable = not self.stray_bytes and self.keep_alive
-            self.stray_bytes = False
-            handler.on_response_end(reusable)
-        else:
-            handler.flush()
 
     # -- httptools callbacks ---------------------------------------------------------------
 
     def on_headers_complete(self) -> None:
         try:
-            self._head_complete()
-        except UpstreamError as exc:
-            self.failure = exc
-            raise
-
-    def _head_complete(self) -> None:
-        handler = self.handler
-        if handler is None or self.message_done:
-            self.stray_bytes = True
-            return
-        buf = self.head_buf
-        start = self.head_start
-        if buf[start : start + 5] != b"HTTP/":
-            # llhttp skips empty lines before a status line (RFC 9112 §2.2): so do we.
-            start = buf.find(b"HTTP/", start)
-        end = buf.find(b"\r\n\r\n", start)
-        if end < 0:  # llhttp accepted a head that does not end in CRLF CRLF
-            raise UpstreamProtocolError("response head not terminated by CRLF CRLF")
-        if end + 4 - start > self.max_header_bytes:
-            raise ResponseHeadersTooLarge(
-                f"response header section over {self.max_header_bytes} bytes"
-            )
-        head = buf[start : end + 2]
-        status = self.parser.get_status_code()
-        if status < 200:
-            if status < 100:  # llhttp takes any three digits; RFC 9110 §15 starts at 100
-                raise UpstreamProtocolError(f"invalid status code {status:03d}")
-            if status != 101:
-                self.interim = True
-                self.head_start = end + 4
-                handler.on_response_interim(status, OriginHead(head, b"", ResponseFields()))
+            handler = self.handler
+            if handler is None or self.message_done:
+                self.stray_bytes = True
                 return
-            if not self.upgrade:
-                raise UpgradeBroken("upstream answered 101 to a request without Upgrade")
-        headers = self.headers
-        entry = headers.origin_heads.get(head) or headers.origin_head(head, status)
-        fields = entry.fields
-        if status == 101:
-            if not fields.upgrade:
-                raise UpgradeBroken("upstream answered 101 without an Upgrade header")
-        elif (
-            not fields.chunked
-            and (fields.codings or not fields.content_length)
-            and not self.head_only
-            and status not in _NO_BODY_STATUSES
-        ):
-            self.close_delimited = True  # the body ends when the origin closes
-        self.in_head = False
-        self.head_buf = b""
-        self.head_start = 0
-        handler.on_response_head(status, entry)
-        if self.head_only and status != 101:
-            self.keep_alive = self.parser.should_keep_alive()
-            self.message_done = True
-            self.replace_parser = True
+            buf = self.head_buf
+            start = self.head_start
+            if buf[start : start + 5] != b"HTTP/":
+                # llhttp skips empty lines before a status line (RFC 9112 §2.2): so do we.
+                start = buf.find(b"HTTP/", start)
+            end = buf.find(b"\r\n\r\n", start)
+            if end < 0:  # llhttp accepted a head that does not end in CRLF CRLF
+                raise UpstreamProtocolError("response head not terminated by CRLF CRLF")
+            if end + 4 - start > self.max_header_bytes:
+                raise ResponseHeadersTooLarge(
+                    f"response header section over {self.max_header_bytes} bytes"
+                )
+            head = buf[start : end + 2]
+            headers = self.headers
+            entry = headers.origin_heads.get(head)
+            # A head seen before states the status llhttp read from it then (only final heads
+            # and 101s are remembered): no call into the parser for it.
+            status = entry.status if entry is not None else self.parser.get_status_code()
+            if status < 200:
+                if status < 100:  # llhttp takes any three digits; RFC 9110 §15 starts at 100
+                    raise UpstreamProtocolError(f"invalid status code {status:03d}")
+                if status != 101:
+                    self.interim = True
+                    self.head_start = end + 4
+                    handler.on_response_interim(status, OriginHead(head, b"", ResponseFields()))
+                    return
+                if not self.upgrade:
+                    raise UpgradeBroken("upstream answered 101 to a request without Upgrade")
+            if entry is None:
+                entry = headers.origin_head(head, status)
+            fields = entry.fields
+            if status == 101:
+                if not fields.upgrade:
+                    raise UpgradeBroken("upstream answered 101 without an Upgrade header")
+            elif (
+                not fields.chunked
+                and (fields.codings or not fields.content_length)
+                and not self.head_only
+                and status not in _NO_BODY_STATUSES
+            ):
+                self.close_delimited = True  # the body ends when the origin closes
+            self.in_head = False
+            self.head_buf = b""
+            self.head_start = 0
+            handler.on_response_head(status, entry)
+            if self.head_only and status != 101:
+                self.keep_alive = self.parser.should_keep_alive()
+                self.message_done = True
+                self.replace_parser = True
+        except UpstreamError as exc:
+            self.failure = exc  # kept: httptools passes on only its own error
+            raise
 
     def on_body(self, body: bytes) -> None:
         if self.message_done:
