@@ -51,6 +51,14 @@ async def _start_origin(name: str) -> Origin:
             async for message in ws:
                 await ws.send_str(f"{name}:{message.data}")
             return ws
+        if request.path.endswith("/sse"):
+            stream = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await stream.prepare(request)
+            for n in range(3):
+                await stream.write(f"data: {name} {n}\n\n".encode())
+                await asyncio.sleep(0.05)
+            await stream.write_eof()
+            return stream
         delay = float(request.query.get("delay", "0"))
         if delay:
             await asyncio.sleep(delay)
@@ -269,6 +277,66 @@ async def test_websocket_and_http2_follow_the_routes(origins, routed) -> None:
         code, out, err = await curl("-s", "--http2-prior-knowledge", proxy.url + path)
         assert code == 0, err
         assert f'"origin": "{origin}"' in out.decode() or f'"origin":"{origin}"' in out.decode()
+
+
+async def test_sse_follows_its_route_as_a_stream(origins, routed) -> None:
+    api, web_ = await origins("api"), await origins("web")
+    proxy = await routed(
+        [
+            {"name": "api", "path_prefix": "/api/", "upstream": api.url},
+            {"name": "web", "path_prefix": "/", "upstream": web_.url},
+        ]
+    )
+    async with aiohttp.ClientSession() as session, session.get(proxy.url + "/api/sse") as resp:
+        assert resp.headers["Content-Type"] == "text/event-stream"
+        events = []
+        async for line in resp.content:  # each event as it comes, not the body at the end
+            if line.startswith(b"data: "):
+                events.append(line.strip().decode())
+    assert events == ["data: api 0", "data: api 1", "data: api 2"]
+
+
+async def test_upstream_wait_is_per_route(origins, routed) -> None:
+    """A route with upstream_wait holds its requests while its upstream refuses; a route
+    without fails at once."""
+    from support import free_port
+
+    late_port, dead_port = free_port(), free_port()
+    proxy = await routed(
+        [
+            {
+                "name": "api",
+                "path_prefix": "/api/",
+                "upstream": f"http://{LOOPBACK}:{late_port}",
+                "upstream_wait": "5s",
+            },
+            {"name": "web", "path_prefix": "/", "upstream": f"http://{LOOPBACK}:{dead_port}"},
+        ]
+    )
+    status, _, headers = await _get(proxy.url + "/page")
+    assert status == 502 and "error=connection_refused" in headers["Proxy-Status"]
+
+    async def start_late() -> web.AppRunner:
+        await asyncio.sleep(0.5)
+
+        async def late_answer(request: web.Request) -> web.Response:
+            return web.json_response({"origin": "late"})
+
+        app = web.Application()
+        app.router.add_get("/api/x", late_answer)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, LOOPBACK, late_port).start()
+        return runner
+
+    late = asyncio.ensure_future(start_late())
+    try:
+        status, body, _ = await _get(proxy.url + "/api/x")
+        assert (status, body["origin"]) == (200, "late")
+        line = await proxy.last_log()
+        assert line["route"] == "api" and line["waited_ms"] >= 300
+    finally:
+        await (await late).cleanup()
 
 
 def test_the_terminal_line_names_the_route() -> None:
