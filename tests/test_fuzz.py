@@ -27,6 +27,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from proxy.diagnosis.faults import TAXONOMY, Fault, Layer
+from proxy.diagnosis.hops import PROXY_LOOP_STALLED
 
 from support import LOOPBACK, RunningProxy, parse_responses, read_until_reset
 
@@ -233,9 +234,18 @@ class Env:
         await self.proxy.settle(5)
         records = self.proxy.access_log()
         new, self.checked = records[self.checked :], len(records)
+        # A defect is a proxy_internal_error that is not a named stall: the test shares
+        # its loop with the proxy, and the test process's own pauses (a full collection
+        # of pytest's objects) can stall it across a 150 ms timeout; the proxy then says
+        # so (hint proxy_loop_stalled), which is the truth, not a crash.
         internal = Fault.PROXY_INTERNAL_ERROR.value
-        assert not [r for r in new if r["error"] == internal], new
-        assert not [r for r in new if r["source"] == "proxy" and r["status"] == 500], new
+        defects = [
+            r
+            for r in new
+            if (r["error"] == internal or (r["source"] == "proxy" and r["status"] == 500))
+            and PROXY_LOOP_STALLED not in r["hints"]
+        ]
+        assert not defects, defects
         errors = [r.getMessage() for r in self.caplog.records if r.levelno >= logging.ERROR]
         assert not errors, errors
         assert self.loop_errors == []

@@ -45,16 +45,18 @@ async def test_a_stall_between_two_samples_is_seen_and_noted(proxy_factory):
     proxy = await proxy_factory("http://127.0.0.1:9")
     await asyncio.sleep(10 * INTERVAL_S)
     before = (await _stats(proxy))["loop_lag_ms"]
-    assert before["total"]["max"] < 40 and before["stalls"]["count"] == 0, before
     loop = asyncio.get_running_loop()
     watch = proxy.server._watch
+    stalled_at = time.time()
     loop.call_at(watch.timer.when() - 0.01, time.sleep, 0.08)
     await asyncio.sleep(4 * INTERVAL_S)
     lag = (await _stats(proxy))["loop_lag_ms"]
     assert lag["total"]["max"] >= 50, lag
     stalls = lag["stalls"]
-    assert stalls["count"] >= 1 and 50 <= stalls["longest"] < 1000, stalls
-    assert stalls["recent"][0]["ms"] >= 50
+    # Compared with before (a busy machine may add a stall of its own, never take one away).
+    assert stalls["count"] >= before["stalls"]["count"] + 1, (before, stalls)
+    ours = [s for s in stalls["recent"] if s["at"] >= stalled_at - 0.05]
+    assert ours and all(50 <= s["ms"] < 1000 for s in ours), stalls
 
 
 async def test_the_loop_lag_histogram_is_in_metrics(proxy_factory):
