@@ -28,7 +28,7 @@ import pytest
 
 from proxy.demo import start_demo_origin
 
-from support import ROOT, ProxyProcess, spawn_proxy
+from support import ROOT, ProxyProcess, free_port, spawn_proxy
 
 # path -> (status the client sees, source /stats charges it to)
 MIX = {
@@ -242,6 +242,43 @@ async def test_a_stalled_worker_shows_in_the_merged_loop_lag(demo_url: str) -> N
         stalls = after["loop_lag_ms"]["stalls"]
         assert stalls["count"] >= 1, stalls
         assert stalls["longest"] >= 300, stalls
+    finally:
+        assert proxy.stop() == 0
+
+
+async def test_workers_run_their_supervisors_code_wherever_it_starts(
+    demo_url: str, tmp_path
+) -> None:
+    """Started from a directory that holds another `proxy` package (a checkout), the
+    workers still import the supervisor's own code, not that one."""
+    fake = tmp_path / "proxy"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("raise ImportError('the wrong proxy package')\n")
+    port, admin = free_port(), free_port()
+    code = f"import sys; sys.path.insert(0, {str(ROOT)!r}); from proxy.cli import main; main()"
+    argv = ["--upstream", demo_url, "--listen", f"127.0.0.1:{port}"]
+    argv += ["--admin", f"127.0.0.1:{admin}", "--workers", "2", "--quiet"]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, "serve", *argv],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    proxy = ProxyProcess(proc, port, admin)
+    try:
+        async with aiohttp.ClientSession() as session:
+            for _ in range(150):
+                if proc.poll() is not None:
+                    break
+                try:
+                    stats = await _json(session, proxy.admin_url + "/stats")
+                    break
+                except aiohttp.ClientError:
+                    await asyncio.sleep(0.1)
+            assert proc.poll() is None, proc.stderr.read().decode()  # type: ignore[union-attr]
+            assert len(_workers(stats)) == 2
+            async with session.get(proxy.url + "/hello") as response:
+                assert response.status == 200
     finally:
         assert proxy.stop() == 0
 

@@ -31,6 +31,7 @@ import socket
 import sys
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, Final
 
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -44,6 +45,15 @@ from ..telemetry.stats import Stats
 from . import channel
 
 log = logging.getLogger("faultline")
+
+# A worker runs this supervisor's own code: the directory holding its `proxy` package goes
+# first on the worker's path (`python -m` would put the working directory first, and a
+# checkout there would run other code).
+PACKAGE_ROOT: Final = Path(__file__).resolve().parent.parent.parent
+WORKER_MAIN: Final = (
+    "import sys; sys.path.insert(0, sys.argv.pop(1)); "
+    "from proxy.supervisor.worker import main; sys.exit(main())"
+)
 
 POLL_S: Final = 1.0  # how often every worker's counts are fetched, besides reads
 ASK_TIMEOUT_S: Final = 2.0  # a worker that does not answer in time: its last counts are used
@@ -125,8 +135,9 @@ class Supervisor:
         listen_fd = self.socks[slot.index].fileno()
         process = await asyncio.create_subprocess_exec(
             sys.executable,
-            "-m",
-            "proxy.supervisor.worker",
+            "-c",
+            WORKER_MAIN,
+            str(PACKAGE_ROOT),
             str(theirs.fileno()),
             str(listen_fd),
             str(slot.index),

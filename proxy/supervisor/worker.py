@@ -1,6 +1,6 @@
-"""One worker process: `python -m proxy.supervisor.worker CONTROL_FD LISTEN_FD`, started by
-the supervisor. It serves the listen socket the supervisor bound (shared by every worker),
-with no admin port of its own, and answers the supervisor's requests for its counts.
+"""One worker process, started by the supervisor (`main`: CONTROL_FD LISTEN_FD INDEX). It
+serves its own listen socket of the port (SO_REUSEPORT, bound by the supervisor), with no
+admin port of its own, and answers the supervisor's requests for its counts.
 
 Life: the configuration arrives first on the control channel; `R` once serving (or `E` and
 exit 2 when it cannot start). SIGTERM (forwarded by the supervisor) drains it as
