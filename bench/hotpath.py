@@ -13,7 +13,11 @@ the hot path; use `bench.py` for the figures that matter to users.
         # instructions per exchange: run it with -n 1000 and -n 3000 and divide the
         # difference of callgrind's totals by 3 x 2000 (three repetitions per run);
         # deterministic, the steadier figure on a noisy machine. PYTHON is the interpreter
-        # itself, not a pyenv shim (valgrind would measure the shim).
+        # itself, not a pyenv shim (valgrind would measure the shim). Fix PYTHONHASHSEED
+        # (a random seed moves the interpreted figure by up to 5%) and take the mean over
+        # a few seeds; run once before measuring, so that writing .pyc files does not
+        # land in one of the two runs; measure a copy of the tree (`git archive REV`),
+        # not a checkout others are editing.
 """
 
 from __future__ import annotations
