@@ -371,7 +371,10 @@ class UpstreamPool:
             except OSError as exc:
                 error = exc
         assert error is not None
-        raise error
+        try:
+            raise error
+        finally:
+            error = None  # else this frame, its traceback's, and the error make a cycle
 
 
 class _Attempt:

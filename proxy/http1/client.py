@@ -112,6 +112,7 @@ class DownstreamProtocol(asyncio.Protocol):
         self.ctx.connections.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.reader.detach()  # no cycle left for the garbage collector (issue 20)
         if self.closed and self not in self.ctx.connections:
             return  # refused in connection_made
         self.closed = True
@@ -192,8 +193,7 @@ class DownstreamProtocol(asyncio.Protocol):
         if self.fresh:
             self.fresh = False
             if self.switch is not None and data.startswith(HTTP2_PREFACE_LINE):
-                self.ctx.connections.discard(self)
-                self.closed = True  # this protocol object is done; the transport goes on
+                self.connection_lost(None)  # this protocol object is done; the transport goes on
                 self.switch(self, data)
                 return
         if self.raw:

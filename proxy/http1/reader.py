@@ -11,7 +11,7 @@ Rules:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol, cast
 
 from ..diagnosis.faults import RequestProblem
 from .request import (
@@ -52,6 +52,10 @@ class Discard:
     """Parser sink for a connection whose request stream is broken."""
 
 
+# What a reader holds in place of its connection once that has closed (`detach`).
+DETACHED: Final = cast("Connection", Discard())
+
+
 def refusal(
     head: RequestHead, problem: str | None, max_body_bytes: int
 ) -> tuple[RequestProblem, str] | None:
@@ -80,6 +84,14 @@ class RequestReader:
         # heads_in_feed == 1 it is this read's head (never reset around feed_data: mypyc
         # would take the reset as the type of the value read after the callbacks ran).
         self.repeatable: RequestHead | None = None
+
+    def detach(self) -> None:
+        """The connection is gone (`DownstreamProtocol.connection_lost`): the reference
+        back to it goes. With the connection's own references to this reader and to its
+        parser (which holds bound methods of this reader), it made cycles that only the
+        garbage collector freed: ~17 objects a closed connection, a young-generation pause
+        every ~1,300 connections under churn (issue 20)."""
+        self.conn = DETACHED
 
     def on_message_begin(self) -> None:
         conn = self.conn

@@ -59,6 +59,10 @@ _CONNECTION_SPECIFIC: Final = frozenset(
 _OWN_RESPONSE: Final = frozenset({b"proxy-status", b"via"})
 # Streams on one connection when the origin sets no lower limit (it may say "unlimited").
 MAX_STREAMS: Final = 1000
+# What a connection holds before it connects, shared: h2's connection is a reference cycle
+# (its frame dispatch table) until `release`, which only a connection that connected gets;
+# one made for a connect that failed went to the garbage collector (issue 20).
+_NO_H2: Final = GracefulH2Connection(H2Configuration(client_side=True, header_encoding=None))
 
 
 class H2OriginSide:
@@ -157,7 +161,7 @@ class H2OriginConnection(asyncio.Protocol):
     def __init__(self, pool: UpstreamPool, side: H2OriginSide) -> None:
         self.pool = pool
         self.side = side
-        self.h2 = GracefulH2Connection(H2Configuration(client_side=True, header_encoding=None))
+        self.h2 = _NO_H2  # its own from connection_made (h2's is a cycle till `release`)
         self.transport: Any = None
         self.closed = False
         self.idle_since_ns = 0
@@ -171,6 +175,7 @@ class H2OriginConnection(asyncio.Protocol):
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
         self.settings = self.pool.loop.create_future()
+        self.h2 = GracefulH2Connection(H2Configuration(client_side=True, header_encoding=None))
         self.h2.initiate_connection()
         # Streams' windows stay at the default; the connection's is far above their sum.
         self.h2.increment_flow_control_window(CONNECTION_WINDOW - 65535)
