@@ -58,7 +58,10 @@ def _histogram(name: str, documentation: str, labelnames: tuple[str, ...] = ()) 
 
 
 def _less(whole: Histogram, part: Histogram) -> Histogram:
-    """The observations of `whole` that are not in `part` (a subset of them)."""
+    """The observations of `whole` that are not in `part` (a subset of them): `whole`
+    itself when `part` is empty (the common case: most label sets see no traffic)."""
+    if not any(part.counts):
+        return whole
     rest = Histogram()
     counts = list(map(sub, whole.counts, part.counts))
     rest.counts = counts if min(counts) >= 0 else [max(n, 0) for n in counts]
