@@ -409,3 +409,18 @@ def test_hop_names_get_a_label_of_their_own_up_to_the_cap():
     ex.upstream_status = 503  # the origin's status, not what the client got
     stats.record_batch([ex])
     assert stats.hop_counts["nginx", 503] == 1
+
+
+def test_the_compiled_bucket_scan_is_bisect():
+    """`_bucket` (what a compiled record_batch uses) puts every value where bisect does:
+    each bound, one either side, zero and beyond the last."""
+    from bisect import bisect_left
+
+    from proxy.telemetry.histogram import BUCKETS_NS
+    from proxy.telemetry.stats import _bucket
+
+    values = {0, 1, 10**15}
+    for bound in BUCKETS_NS:
+        values |= {bound - 1, bound, bound + 1}
+    for value in sorted(values):
+        assert _bucket(value) == bisect_left(BUCKETS_NS, value), value

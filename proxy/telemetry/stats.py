@@ -34,6 +34,21 @@ WINDOWS_S: Final = (60, 300)
 CounterKey = tuple[int, str, str | None]  # (status, source, error token or None)
 
 
+# A duration's bucket: compiled, a native scan from the smallest bound costs a third of a
+# call into `bisect` (~1,000 instructions, 3 per exchange); interpreted, `bisect` is cheaper.
+COMPILED: Final = not __file__.endswith(".py")
+_BOUNDS: Final = BUCKETS_NS
+_N_BOUNDS: Final = len(BUCKETS_NS)
+
+
+def _bucket(value: int) -> int:
+    """`bisect_left(BUCKETS_NS, value)`."""
+    i = 0
+    while i < _N_BOUNDS and _BOUNDS[i] < value:
+        i += 1
+    return i
+
+
 def layer_of(error: str | None) -> str:
     if error is None:
         return Layer.ORIGIN.value
@@ -118,6 +133,7 @@ class Stats:
         """
         self.total += len(batch)
         bounds = BUCKETS_NS
+        scan = COMPILED  # a local: one load per use when interpreted
         origin = self.duration_by_source[_ORIGIN]
         ttfb = self.ttfb
         body = self.body
@@ -150,17 +166,17 @@ class Stats:
                 continue
             ok[status] = ok.get(status, 0) + 1
             value = t_end - ex.t_start
-            d_counts[bisect_left(bounds, value)] += 1
+            d_counts[_bucket(value) if scan else bisect_left(bounds, value)] += 1
             d_sum += value
             if value > d_max:
                 d_max = value
             value = t_head - t_sent
-            t_counts[bisect_left(bounds, value)] += 1
+            t_counts[_bucket(value) if scan else bisect_left(bounds, value)] += 1
             t_sum += value
             if value > t_max:
                 t_max = value
             value = t_end - t_head
-            b_counts[bisect_left(bounds, value)] += 1
+            b_counts[_bucket(value) if scan else bisect_left(bounds, value)] += 1
             b_sum += value
             if value > b_max:
                 b_max = value
