@@ -82,6 +82,16 @@ CHUNKED = b"Transfer-Encoding: chunked\r\n"
 CASES = [
     # -- message framing (RFC 9112 §6.1-§6.3): never two ways to read a body ------------------
     refused("te-then-cl", post(CHUNKED + b"Content-Length: 3\r\n", b"0\r\n\r\n")),
+    # An Upgrade with a body: llhttp origins take the body for the new protocol, others read
+    # it first (found by tests/test_fuzz.py: the origin saw the chunk as a request).
+    refused(
+        "upgrade-with-chunked-body",
+        post(b"Connection: upgrade\r\nUpgrade: websocket\r\n" + CHUNKED, b"0\r\n\r\n"),
+    ),
+    refused(
+        "upgrade-with-length-body",
+        post(b"Connection: upgrade\r\nUpgrade: websocket\r\nContent-Length: 3\r\n", b"abc"),
+    ),
     refused(
         "cl-te-smuggle",
         post(

@@ -261,6 +261,10 @@ class RequestHead:
             # the connection as upgraded, so it closes after this response.
             self.upgrade = None
             self.keep_alive = False
+        if self.upgrade is not None and (self.chunked or self.content_length):
+            # Origins disagree on where such a request ends: llhttp takes the bytes after
+            # the head as the new protocol's, others read the body first (a desync).
+            return "an Upgrade request with a body (the origin may take it for the new protocol)"
         if nominated:
             nominated = nominated - CONNECTION_OPTIONS
             if nominated:
