@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from proxy.config import load_config
 from proxy.http1.client import DownstreamProtocol
-from proxy.server import GC_YOUNG_THRESHOLD, build_context
+from proxy.server import GC_YOUNG_THRESHOLD, build_context, build_router
 from proxy.telemetry.console import make_access_log
 from proxy.telemetry.sink import Telemetry
 from proxy.telemetry.stats import Stats
@@ -48,10 +48,18 @@ RESPONSE = (  # what bench.py's nginx origin answers
     b"Content-Type: text/plain\r\nContent-Length: 12\r\nConnection: keep-alive\r\n\r\n"
     b"hello world\n"
 )
+ORIGIN = "http://127.0.0.1:28999"
+_WEB = f'{{"name": "web", "path_prefix": "/", "upstream": "{ORIGIN}"}}'
+_NINE = ", ".join(
+    f'{{"name": "r{i}", "path_prefix": "/r{i}/", "upstream": "{ORIGIN}"}}' for i in range(1, 10)
+)
 CONFIGURATIONS = {
     "full": {},  # the defaults: diagnostics and the JSON access log
     "pst": {"FAULTLINE_LOG_ACCESS": "false"},  # Proxy-Status and Server-Timing, no log
     "nodiag": {"FAULTLINE_DIAGNOSTICS": "false", "FAULTLINE_LOG_ACCESS": "false"},
+    # Routes (issue 21), as "full": one route for every path; ten, the request's the last.
+    "routes1": {"FAULTLINE_ROUTES": f"[{_WEB}]"},
+    "routes10": {"FAULTLINE_ROUTES": f"[{_NINE}, {_WEB}]"},
 }
 
 
@@ -98,10 +106,10 @@ class Rig:
 
     def __init__(self, env: dict[str, str]) -> None:
         self.loop = asyncio.new_event_loop()
-        config = load_config(
-            env=env,
-            flags={("upstream",): "http://127.0.0.1:28999", ("log", "format"): "json"},
-        )
+        flags: dict[tuple[str, ...], Any] = {("log", "format"): "json"}
+        if "FAULTLINE_ROUTES" not in env:
+            flags[("upstream",)] = ORIGIN
+        config = load_config(env=env, flags=flags)
         self.log_sink = open(os.devnull, "wb")  # noqa: SIM115 (closed in close())
         self.telemetry = Telemetry(Stats(), make_access_log(config, self.log_sink))
         self.ctx, headers, known_heads = build_context(
@@ -111,11 +119,14 @@ class Rig:
         self.down = DownstreamProtocol(self.ctx, headers, known_heads)
         self.down.connection_made(self.client)
         self.origin = MemoryTransport()
-        upstream = self.ctx.pool.factory(self.ctx.pool)
+        # With routes, the origin connection waits in the pool of the route that matches.
+        routed = build_router(config, self.loop, self.telemetry, self.ctx)
+        pool = next((c for c in routed if c.route == "web"), self.ctx).pool
+        upstream = pool.factory(pool)
         upstream.connection_made(self.origin)
         self.up = upstream
-        self.ctx.pool.idle.append(upstream)
-        self.ctx.pool.open = 1
+        pool.idle.append(upstream)
+        pool.open = 1
         # No loop turns here: run() flushes the outbox itself after each read, as the
         # loop would at the end of a turn that had one read ready.
         self.ctx.outbox.loop = TurnlessLoop()

@@ -41,10 +41,11 @@ from .http1.request import RequestHead
 from .http2.client import H2ClientConnection, H2Shared
 from .http2.origin import H2OriginSide
 from .telemetry import gcwatch
+from .telemetry.breakdown import RouteStats
 from .telemetry.console import make_access_log
 from .telemetry.looplag import LoopWatch
 from .telemetry.sink import Telemetry
-from .telemetry.stats import RouteStats, Stats
+from .telemetry.stats import Stats
 
 log = logging.getLogger("faultline")
 

@@ -494,3 +494,31 @@ async def test_metrics_carry_the_route(origins, routed) -> None:
     assert total("faultline_request_duration_seconds_count", 'route="api"') == 4
     assert total("faultline_request_duration_seconds_count", 'route=""') == 1
     assert total("faultline_request_duration_seconds_count") == 6
+
+
+def test_the_prefix_table_chooses_as_the_routes_in_order_would() -> None:
+    """Without host routes the router looks the path's segment prefixes up in a table; for
+    every table config_routes accepts, that is the first route that matches, in order."""
+    from proxy.config_routes import parse_routes
+    from proxy.forward.context import Route, Router
+
+    tables = [
+        [("api", "/api/"), ("web", "/")],
+        [("v2", "/api/v2"), ("api", "/api"), ("r", "/r/")],
+        [("a", "/a"), ("b", "/b/c"), ("all", None)],
+        [("x", "/x")],
+    ]
+    paths = [b"/", b"/api", b"/api/", b"/api/v2", b"/api/v2/x?q=1", b"/apix", b"/a/b"]
+    paths += [b"/b/c?q", b"/b/cd", b"/b", b"/x/y/z", b"*", b"http://h/api/q", b"/r/", b"//"]
+    for table in tables:
+        given = [{"name": n, "upstream": "http://127.0.0.1:9", "path_prefix": p} for n, p in table]
+        routes = [
+            Route(r.name, None, r.host, r.prefix, False, "")  # type: ignore[arg-type]
+            for r in parse_routes(given)
+        ]
+        fast, in_order = Router(routes), Router(routes)
+        assert fast.by_prefix is not None
+        in_order.by_prefix = None
+        for path in paths:
+            chosen, expected = fast.choose(None, path), in_order.choose(None, path)
+            assert (chosen and chosen.name) == (expected and expected.name), (table, path)

@@ -200,16 +200,38 @@ class Route:
 
 
 class Router:
-    """The routes in the order they are tried; the default route (`upstream`) is last."""
+    """The routes in the order they are tried; the default route (`upstream`) is last.
 
-    __slots__ = ("routes",)
+    When no route names a host, the path alone decides, and the route is found by looking
+    up the path's segment prefixes, longest first, in a table (a couple of look-ups however
+    many routes there are): in a table without shadowed routes (config_routes refuses
+    them), the first route that matches is the one with the longest prefix.
+    """
+
+    __slots__ = ("by_prefix", "routes")
 
     def __init__(self, routes: list[Route]) -> None:
         self.routes = routes
+        self.by_prefix: dict[bytes, Route] | None = None
+        if all(r.host is None and r.suffix is None for r in routes):
+            table: dict[bytes, Route] = {}
+            for route in routes:
+                table.setdefault(route.prefix or b"", route)
+            self.by_prefix = table
 
     def choose(self, host: bytes | None, target: bytes) -> Route | None:
-        name = host_name(host)
         path = path_of(target)
+        table = self.by_prefix
+        if table is not None:
+            route = table.get(path)
+            end = len(path)
+            while route is None and end > 0:
+                end = path.rfind(b"/", 0, end)
+                if end < 0:  # not a path (`*`): only a route for every path matches
+                    return table.get(b"")
+                route = table.get(path[:end])
+            return route
+        name = host_name(host)
         for route in self.routes:
             if route.matches(name, path):
                 return route

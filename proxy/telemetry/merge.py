@@ -18,12 +18,13 @@ from __future__ import annotations
 from collections import deque
 from typing import Any
 
+from .breakdown import RouteStats
 from .gcwatch import GcPauses
 from .histogram import Histogram
 from .looplag import LoopLag
 from .metrics import ProtocolSplit
 from .sink import Telemetry
-from .stats import RouteStats, Stats
+from .stats import Stats
 
 State = dict[str, Any]
 

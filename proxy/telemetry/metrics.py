@@ -36,10 +36,10 @@ from prometheus_client.utils import floatToGoString
 
 from .. import __version__
 from ..diagnosis.faults import Source
+from .breakdown import CounterKey, layer_of
 from .exposition import COUNTER, GAUGE, HISTOGRAM, INFO, Encoder, Exposition, Family
 from .gcwatch import GENERATIONS
 from .histogram import BUCKETS_S, Histogram
-from .stats import CounterKey, layer_of
 
 if TYPE_CHECKING:
     from ..diagnosis.record import Exchange

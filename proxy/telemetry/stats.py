@@ -18,8 +18,9 @@ from collections import deque
 from typing import TYPE_CHECKING, Any, Final
 
 from ..base.gauges import Gauges
-from ..diagnosis.faults import TAXONOMY, Fault, Layer, Source
+from ..diagnosis.faults import Source
 from ..diagnosis.hops import HOP_NAMES_MAX, HOP_OTHER, HOPS
+from .breakdown import CounterKey, RouteStats, breakdown, layer_of
 from .gcwatch import GC_PAUSES
 from .histogram import BUCKETS_NS, Histogram
 from .looplag import LoopLag
@@ -31,7 +32,6 @@ _ORIGIN: Final = Source.ORIGIN._value_
 _HTTP11: Final = "http/1.1"  # Exchange.protocol of an HTTP/1.1 client
 PHASES: Final = ("wait", "dns", "connect", "tls", "queue", "ttfb", "body")
 WINDOWS_S: Final = (60, 300)
-CounterKey = tuple[int, str, str | None]  # (status, source, error token or None)
 
 
 # A duration's bucket: compiled, a native scan from the smallest bound costs a third of a
@@ -47,40 +47,6 @@ def _bucket(value: int) -> int:
     while i < _N_BOUNDS and _BOUNDS[i] < value:
         i += 1
     return i
-
-
-def layer_of(error: str | None) -> str:
-    if error is None:
-        return Layer.ORIGIN.value
-    return TAXONOMY[Fault(error)].layer.value
-
-
-def status_class(status: int) -> str:
-    return f"{status // 100}xx"
-
-
-class RouteStats:
-    """One route's share (`routes`): its exchanges by (status, source, error) and their
-    durations by source, recorded beside the totals."""
-
-    __slots__ = ("counts", "durations")
-
-    def __init__(self) -> None:
-        self.counts: dict[CounterKey, int] = {}
-        self.durations: dict[str, Histogram] = {s.value: Histogram() for s in Source}
-
-    def document(self) -> dict[str, Any]:
-        """`/stats` `by_route[name]`: the totals' shape for this route."""
-        total = sum(self.counts.values())
-        latency = Histogram.merged(list(self.durations.values()))
-        return {
-            "requests": {"total": total},
-            "responses": Stats.breakdown(self.counts),
-            "latency_ms": {
-                "total": latency.summary(),
-                "by_source": {name: h.summary() for name, h in self.durations.items()},
-            },
-        }
 
 
 class Stats:
@@ -160,16 +126,18 @@ class Stats:
                 or ex.t_pool
                 or ex.retried
                 or ex.protocol != _HTTP11
-                or ex.route is not None
             ):
                 self._record_one(ex)
                 continue
             ok[status] = ok.get(status, 0) + 1
             value = t_end - ex.t_start
-            d_counts[_bucket(value) if scan else bisect_left(bounds, value)] += 1
+            i = _bucket(value) if scan else bisect_left(bounds, value)
+            d_counts[i] += 1
             d_sum += value
             if value > d_max:
                 d_max = value
+            if ex.route is not None:  # routes: its route's share, with the same bucket
+                self.route(ex.route).ok(status, i, value)
             value = t_head - t_sent
             t_counts[_bucket(value) if scan else bisect_left(bounds, value)] += 1
             t_sum += value
@@ -187,6 +155,12 @@ class Stats:
         origin.max_ns = max(origin.max_ns, d_max)
         ttfb.max_ns = max(ttfb.max_ns, t_max)
         body.max_ns = max(body.max_ns, b_max)
+
+    def route(self, name: str) -> RouteStats:
+        route = self.routes.get(name)
+        if route is None:
+            route = self.routes[name] = RouteStats()
+        return route
 
     def _count_ok(self, ok: dict[int, int]) -> None:
         """Counts of common exchanges by status into the totals and the current second."""
@@ -217,11 +191,7 @@ class Stats:
         t_end = ex.t_end
         self.duration_by_source[source].observe_ns(t_end - ex.t_start)
         if ex.route is not None:
-            route = self.routes.get(ex.route)
-            if route is None:
-                route = self.routes[ex.route] = RouteStats()
-            route.counts[key] = route.counts.get(key, 0) + 1
-            route.durations[source].observe_ns(t_end - ex.t_start)
+            self.route(ex.route).record(key, source, t_end - ex.t_start)
         t_response_head = ex.t_response_head
         if t_response_head:
             if ex.t_sent:
@@ -304,30 +274,7 @@ class Stats:
 
     # -- reading -------------------------------------------------------------------------------
 
-    @staticmethod
-    def breakdown(counts: dict[CounterKey, int]) -> dict[str, dict[str, int]]:
-        by_source: dict[str, int] = {}
-        by_layer: dict[str, int] = {}
-        by_error: dict[str, int] = {}
-        by_status: dict[str, int] = {}
-        by_class: dict[str, int] = {}
-        for (status, source, error), n in counts.items():
-            by_source[source] = by_source.get(source, 0) + n
-            layer = layer_of(error)
-            by_layer[layer] = by_layer.get(layer, 0) + n
-            if error is not None:
-                by_error[error] = by_error.get(error, 0) + n
-            code = str(status)
-            by_status[code] = by_status.get(code, 0) + n
-            cls = status_class(status)
-            by_class[cls] = by_class.get(cls, 0) + n
-        return {
-            "by_source": by_source,
-            "by_layer": by_layer,
-            "by_error": by_error,
-            "by_status": dict(sorted(by_status.items())),
-            "by_class": dict(sorted(by_class.items())),
-        }
+    breakdown = staticmethod(breakdown)  # counts -> by_source, by_layer, ... (breakdown.py)
 
     def window(self, seconds: int, now_ns: int | None = None) -> dict[str, Any]:
         now_s = (now_ns or time.perf_counter_ns()) // 1_000_000_000
