@@ -44,6 +44,7 @@ COMPILED = [
     "proxy/http2/respond.py",
     "proxy/http2/stream.py",
     "proxy/telemetry/accesslog.py",
+    "proxy/telemetry/breakdown.py",
     "proxy/telemetry/histogram.py",
     "proxy/telemetry/sink.py",
     "proxy/telemetry/stats.py",

@@ -20,6 +20,7 @@ from proxy.diagnosis.hops import (
     proxy_status_author,
 )
 from proxy.diagnosis.record import Exchange, Phase
+from proxy.telemetry.breakdown import breakdown
 from proxy.telemetry.histogram import Histogram
 from proxy.telemetry.stats import Stats
 
@@ -278,7 +279,7 @@ def test_the_queue_phase_ends_where_the_next_phase_starts(marks, queued):
 def test_an_error_token_is_counted_over_all_its_statuses():
     # breakdown: `by_error.get(error, 0)` -> `by_error.get(None, 0)`
     counts = {(400, "proxy", "http_request_error"): 2, (408, "proxy", "http_request_error"): 3}
-    assert Stats.breakdown(counts)["by_error"] == {"http_request_error": 5}
+    assert breakdown(counts)["by_error"] == {"http_request_error": 5}
 
 
 def test_one_window_slot_per_second_however_many_batches():

@@ -9,6 +9,7 @@ import pytest
 
 from proxy.diagnosis.faults import Fault, Source
 from proxy.diagnosis.record import Exchange
+from proxy.telemetry.breakdown import breakdown
 from proxy.telemetry.histogram import BUCKETS_S, Histogram
 from proxy.telemetry.stats import Stats
 
@@ -358,7 +359,7 @@ def test_the_stats_document_has_the_contracts_shape():
     assert doc["proxy"]["uptime_s"] == round(doc["proxy"]["uptime_s"], 3) >= 1.234
     assert doc["requests"] == {"total": 2, "in_flight": 2}
     assert doc["responses"] == {
-        **Stats.breakdown(stats.counts),
+        **breakdown(stats.counts),
         "by_protocol": {"http/1.1": 2, "h2": 0},
         "by_grpc_status": {},
     }
@@ -377,7 +378,7 @@ def test_breakdowns_derive_from_one_counter():
         (499, "client", "client_closed_request"): 1,
         (404, "origin", None): 1,
     }
-    assert Stats.breakdown(counts) == {
+    assert breakdown(counts) == {
         "by_source": {"proxy": 2, "origin": 6, "client": 1},
         "by_layer": {"transport": 2, "origin": 6, "client": 1},
         "by_error": {"connection_refused": 2, "client_closed_request": 1},

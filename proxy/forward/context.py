@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
 
 from ..base.gauges import Gauges
+from ..base.memo import Memo
 from ..config import Config
 from .outbox import Outbox
 from .pool import OriginFactory, UpstreamPool
@@ -208,10 +209,13 @@ class Router:
     them), the first route that matches is the one with the longest prefix.
     """
 
-    __slots__ = ("by_prefix", "routes")
+    __slots__ = ("by_prefix", "chosen", "routes")
 
     def __init__(self, routes: list[Route]) -> None:
         self.routes = routes
+        # A target seen before -> its route (path-only tables): at most 1024 targets of at
+        # most 512 bytes; one dictionary look-up for a client that asks again.
+        self.chosen: Memo[bytes, Route] = Memo(1024, 512)
         self.by_prefix: dict[bytes, Route] | None = None
         if all(r.host is None and r.suffix is None for r in routes):
             table: dict[bytes, Route] = {}
@@ -220,9 +224,12 @@ class Router:
             self.by_prefix = table
 
     def choose(self, host: bytes | None, target: bytes) -> Route | None:
-        path = path_of(target)
         table = self.by_prefix
         if table is not None:
+            route = self.chosen.get(target)
+            if route is not None:
+                return route
+            path = path_of(target)
             route = table.get(path)
             end = len(path)
             while route is None and end > 0:
@@ -230,7 +237,10 @@ class Router:
                 if end < 0:  # not a path (`*`): only a route for every path matches
                     return table.get(b"")
                 route = table.get(path[:end])
+            if route is not None:
+                self.chosen.remember(target, route)
             return route
+        path = path_of(target)
         name = host_name(host)
         for route in self.routes:
             if route.matches(name, path):

@@ -274,8 +274,6 @@ class Stats:
 
     # -- reading -------------------------------------------------------------------------------
 
-    breakdown = staticmethod(breakdown)  # counts -> by_source, by_layer, ... (breakdown.py)
-
     def window(self, seconds: int, now_ns: int | None = None) -> dict[str, Any]:
         now_s = (now_ns or time.perf_counter_ns()) // 1_000_000_000
         merged: dict[CounterKey, int] = {}
@@ -285,7 +283,7 @@ class Stats:
                     merged[key] = merged.get(key, 0) + n
         uptime_s = max((time.perf_counter_ns() - self.started_ns) / 1e9, 1e-9)
         span = min(float(seconds), uptime_s)
-        responses = self.breakdown(merged)
+        responses = breakdown(merged)
         total = sum(merged.values())
         return {
             "responses": {"total": total, **responses},
@@ -372,7 +370,7 @@ class Stats:
             },
             "requests": {"total": self.total, "in_flight": self.in_flight},
             "responses": {
-                **self.breakdown(self.counts),
+                **breakdown(self.counts),
                 "by_protocol": {"http/1.1": self.total - self.h2, "h2": self.h2},
                 "by_grpc_status": self.by_grpc_status(),
             },
