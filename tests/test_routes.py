@@ -414,6 +414,16 @@ def test_retarget_copies_every_field_but_the_origin_cache() -> None:
     assert head.target == b"/api/t"  # the shared head is untouched
 
 
+def _check_config(path: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "proxy", "check-config", str(path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+
+
 def test_routes_from_the_command_line_and_check_config(tmp_path) -> None:
     config = tmp_path / "routes.yaml"
     config.write_text(
@@ -421,13 +431,7 @@ def test_routes_from_the_command_line_and_check_config(tmp_path) -> None:
         "  - {name: api, path_prefix: /api/, upstream: http://127.0.0.1:8000}\n"
         "  - {name: web, host: web.localhost, upstream: http://127.0.0.1:5173}\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-m", "proxy", "check-config", str(config)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=20,
-    )
+    done = _check_config(config)
     assert done.returncode == 0, done.stderr
     assert "# routes, first match wins:" in done.stdout
     table = [line.split() for line in done.stdout.splitlines() if line.startswith("#   ")]
@@ -441,13 +445,7 @@ def test_routes_from_the_command_line_and_check_config(tmp_path) -> None:
         "  - {name: web, path_prefix: /, upstream: http://127.0.0.1:5173}\n"
         "  - {name: api, path_prefix: /api/, upstream: http://127.0.0.1:8000}\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-m", "proxy", "check-config", str(config)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=20,
-    )
+    done = _check_config(config)
     assert done.returncode == 2
     assert "routes[1] (api) can never match: routes[0] (web, path /)" in done.stderr
     flags = load_config(

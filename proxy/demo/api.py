@@ -10,7 +10,7 @@ import weakref
 
 from aiohttp import web
 
-from .app import DemoOrigin
+from .app import DemoOrigin, serve
 from .handlers import items
 from .wire import CLOSING, WEBSOCKETS
 
@@ -49,11 +49,4 @@ async def start_demo_api(host: str = "127.0.0.1", port: int = 0) -> DemoOrigin:
     """Start the demo API on host:port (0: a free port) and return once it accepts."""
     app = make_demo_api()
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
-    await runner.setup()
-    site = web.TCPSite(runner, host, port, reuse_address=True)
-    try:
-        await site.start()
-    except BaseException:
-        await runner.cleanup()
-        raise
-    return DemoOrigin(runner, app, host, runner.addresses[0][1])
+    return await serve(runner, app, host, port)

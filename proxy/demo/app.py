@@ -73,6 +73,11 @@ async def start_demo_origin(host: str = "127.0.0.1", port: int = 0) -> DemoOrigi
         max_field_size=65536,
         max_headers=1024,
     )
+    return await serve(runner, app, host, port)
+
+
+async def serve(runner: web.AppRunner, app: web.Application, host: str, port: int) -> DemoOrigin:
+    """`runner` listening on host:port (0: a free port), once it accepts connections."""
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_address=True)
     try:
@@ -80,5 +85,4 @@ async def start_demo_origin(host: str = "127.0.0.1", port: int = 0) -> DemoOrigi
     except BaseException:
         await runner.cleanup()
         raise
-    bound_port = runner.addresses[0][1]
-    return DemoOrigin(runner, app, host, bound_port)
+    return DemoOrigin(runner, app, host, runner.addresses[0][1])
