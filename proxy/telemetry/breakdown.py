@@ -55,23 +55,31 @@ def breakdown(counts: dict[CounterKey, int]) -> dict[str, dict[str, int]]:
 
 class RouteStats:
     """One route's share: its exchanges by (status, source, error) and their durations by
-    source, recorded beside the totals."""
+    source, recorded beside the totals. The common exchange is counted by status alone
+    (`ok`: an int key, no tuple to hash) and folded into `counts` when they are read."""
 
-    __slots__ = ("counts", "durations", "ok_keys", "origin")
+    __slots__ = ("_counts", "durations", "ok_counts", "origin")
 
     def __init__(self) -> None:
-        self.counts: dict[CounterKey, int] = {}
+        self._counts: dict[CounterKey, int] = {}
+        self.ok_counts: dict[int, int] = {}  # status -> common exchanges not yet folded
         self.durations: dict[str, Histogram] = {s.value: Histogram() for s in Source}
         self.origin = self.durations[_ORIGIN]
-        self.ok_keys: dict[int, CounterKey] = {}  # status -> (status, "origin", None)
+
+    @property
+    def counts(self) -> dict[CounterKey, int]:
+        counts = self._counts
+        if self.ok_counts:
+            for status, n in self.ok_counts.items():
+                key = (status, _ORIGIN, None)
+                counts[key] = counts.get(key, 0) + n
+            self.ok_counts.clear()
+        return counts
 
     def ok(self, status: int, bucket: int, duration: int) -> None:
         """A common exchange (the origin answered, no fault): `bucket` is its duration's."""
-        key = self.ok_keys.get(status)
-        if key is None:
-            key = self.ok_keys[status] = (status, _ORIGIN, None)
-        counts = self.counts
-        counts[key] = counts.get(key, 0) + 1
+        ok_counts = self.ok_counts
+        ok_counts[status] = ok_counts.get(status, 0) + 1
         h = self.origin
         h.counts[bucket] += 1
         h.sum_ns += duration
@@ -80,16 +88,17 @@ class RouteStats:
 
     def record(self, key: CounterKey, source: str, duration: int) -> None:
         """Any other exchange."""
-        self.counts[key] = self.counts.get(key, 0) + 1
+        self._counts[key] = self._counts.get(key, 0) + 1
         self.durations[source].observe_ns(duration)
 
     def document(self) -> dict[str, Any]:
         """`/stats` `by_route[name]`: the totals' shape for this route."""
-        total = sum(self.counts.values())
+        counts = self.counts
+        total = sum(counts.values())
         latency = Histogram.merged(list(self.durations.values()))
         return {
             "requests": {"total": total},
-            "responses": breakdown(self.counts),
+            "responses": breakdown(counts),
             "latency_ms": {
                 "total": latency.summary(),
                 "by_source": {name: h.summary() for name, h in self.durations.items()},
