@@ -283,6 +283,28 @@ async def test_workers_run_their_supervisors_code_wherever_it_starts(
         assert proxy.stop() == 0
 
 
+async def test_a_worker_that_answered_late_is_still_heard(demo_url: str) -> None:
+    """A worker stopped past the supervisor's patience (its /stats answer comes after the
+    asker gave up) keeps being counted afterwards: the late answer is dropped, the next
+    ones are read."""
+    proxy = await asyncio.to_thread(_spawn, demo_url)
+    try:
+        async with aiohttp.ClientSession() as session:
+            late = _workers(await _json(session, proxy.admin_url + "/stats"))[1]["pid"]
+            os.kill(late, signal.SIGSTOP)
+            try:
+                await _json(session, proxy.admin_url + "/stats")  # waits ~2 s, then answers
+            finally:
+                os.kill(late, signal.SIGCONT)
+            await asyncio.sleep(0.3)
+            await _load(proxy.url, ["/hello"] * 200, connections=20)
+            stats = await _json(session, proxy.admin_url + "/stats")
+        assert stats["requests"]["total"] == 200
+        assert all(w["requests"] > 0 for w in _workers(stats)), _workers(stats)
+    finally:
+        assert proxy.stop() == 0
+
+
 async def test_workers_from_the_environment(demo_url: str) -> None:
     proxy = await asyncio.to_thread(
         spawn_proxy, demo_url, "--log-format", "json", env={"FAULTLINE_WORKERS": "2"}

@@ -171,7 +171,9 @@ class Supervisor:
                 elif kind == channel.FAILED and ready is not None and not ready.done():
                     ready.set_result(payload)
                 elif kind == channel.STATE and slot.asked:
-                    slot.asked.pop(0).set_result(payload)
+                    asked = slot.asked.pop(0)
+                    if not asked.done():  # its asker may have given up waiting (ASK_TIMEOUT_S)
+                        asked.set_result(payload)
                 elif kind == channel.FINAL:
                     slot.state = payload
         except (asyncio.IncompleteReadError, ConnectionError):
