@@ -157,6 +157,8 @@ def build_router(
     if config.upstream:
         main.route = "default"
         routes.append(Route("default", main, None, None, False, "every other request"))
+    else:  # no default route: the client side's context forwards nothing, names no upstream
+        main.upstream = main.upstream_authority = ""
     main.router = Router(routes)
     return contexts
 

@@ -193,6 +193,7 @@ async def test_no_route_is_a_proxy_made_404_naming_the_routes(origins, routed) -
     assert members[-1].startswith("faultline; error=destination_not_found"), members
     assert "next-hop" not in members[-1]
     assert body["error"] == "destination_not_found"
+    assert body["upstream"] == ""  # no upstream was involved (not the first route's)
     assert "No route matches host 127.0.0.1 and path /nowhere" in body["detail"]
     assert "api: path /api" in body["detail"]
     line = await proxy.last_log()
