@@ -500,6 +500,13 @@ def test_the_prefix_table_chooses_as_the_routes_in_order_would() -> None:
     every table config_routes accepts, that is the first route that matches, in order."""
     from proxy.config_routes import parse_routes
     from proxy.forward.context import Route, Router
+    from proxy.server import build_context
+    from proxy.telemetry.sink import Telemetry
+    from proxy.telemetry.stats import Stats
+
+    loop = asyncio.new_event_loop()  # a real context (the compiled Route checks its type)
+    ctx, _, _ = build_context(load_config(env={}), loop, Telemetry(Stats(), None), "0" * 16)
+    loop.close()
 
     tables = [
         [("api", "/api/"), ("web", "/")],
@@ -511,10 +518,7 @@ def test_the_prefix_table_chooses_as_the_routes_in_order_would() -> None:
     paths += [b"/b/c?q", b"/b/cd", b"/b", b"/x/y/z", b"*", b"http://h/api/q", b"/r/", b"//"]
     for table in tables:
         given = [{"name": n, "upstream": "http://127.0.0.1:9", "path_prefix": p} for n, p in table]
-        routes = [
-            Route(r.name, None, r.host, r.prefix, False, "")  # type: ignore[arg-type]
-            for r in parse_routes(given)
-        ]
+        routes = [Route(r.name, ctx, r.host, r.prefix, False, "") for r in parse_routes(given)]
         fast, in_order = Router(routes), Router(routes)
         assert fast.by_prefix is not None
         in_order.by_prefix = None
