@@ -453,13 +453,18 @@ async def _admin_stats(proxy: ProxyProcess) -> dict:
 
 
 async def _settled(proxy: ProxyProcess, timeout: float = 5.0) -> dict:
-    """/stats once nothing is in flight."""
+    """/stats once nothing is in flight and the total has stopped moving for 0.2 s: a
+    stream whose frames the proxy had not read yet is not in flight, but will count."""
     deadline = time.monotonic() + timeout
+    last = None
     while True:
         stats = await _admin_stats(proxy)
-        if stats["requests"]["in_flight"] == 0 or time.monotonic() > deadline:
+        total = stats["requests"]["total"]
+        quiet = stats["requests"]["in_flight"] == 0 and total == last
+        if quiet or time.monotonic() > deadline:
             return stats
-        await asyncio.sleep(0.05)
+        last = total if stats["requests"]["in_flight"] == 0 else None
+        await asyncio.sleep(0.2)
 
 
 class GoodClient:
