@@ -1725,7 +1725,9 @@ def main(argv: list[str] | None = None) -> int:
         )
     for i, (name, cmd) in enumerate(candidates):
         if name in wanted and pinned:
-            fl_specs.append((name, cmd, bp + 10 + 2 * i, bp + 11 + 2 * i, {}, None, "h1"))
+            fl_specs.append(
+                (name, cmd, bp + 10 + 2 * i, bp + 11 + 2 * i, {}, access_log(name), "h1")
+            )
     if "h2h2" in routes:
         twin_ports = {FAULTLINE: bp + 32, FAULTLINE_OFF: bp + 34}
         twin_ports |= {name: bp + 40 + 2 * i for i, (name, _) in enumerate(candidates)}
