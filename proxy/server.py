@@ -206,12 +206,15 @@ class ProxyServer:
         *,
         sock: socket.socket | None = None,
         admin: bool = True,
+        whole_lines: bool = False,
     ) -> None:
         """`sock`: a listening socket to serve (a worker's, bound by the supervisor) instead
         of binding `listen`; `admin`: whether this process serves the admin port (a worker
-        does not: the supervisor serves the merge of every worker's counts)."""
+        does not: the supervisor serves the merge of every worker's counts); `whole_lines`:
+        other processes write access-log lines to the same stream (workers)."""
         self.config = config
         self.access_stream = access_stream
+        self.whole_lines = whole_lines
         self.sock = sock
         self.with_admin = admin
         self.ctx: ForwardContext | None = None
@@ -232,7 +235,8 @@ class ProxyServer:
         loop = asyncio.get_running_loop()
         config = self.config
         stats = Stats(config.stats.recent_errors)
-        telemetry = Telemetry(stats, make_access_log(config, self.access_stream))
+        access_log = make_access_log(config, self.access_stream, self.whole_lines)
+        telemetry = Telemetry(stats, access_log)
         self.telemetry = telemetry
         ctx, headers, known_heads = build_context(config, loop, telemetry, os.urandom(8).hex())
         self.ctx, self.headers, self.known_heads = ctx, headers, known_heads
@@ -270,6 +274,8 @@ class ProxyServer:
         self._watch = LoopWatch(loop, stats.loop_lag)
         self._watch.start()
         gcwatch.install()  # the collector's pauses, timed
+        if access_log is not None:
+            access_log.output.start(loop)  # a pipe's reader never holds the loop
         self.ready = True
 
     async def _sweep(self) -> None:
@@ -357,7 +363,7 @@ class ProxyServer:
         self._stop_watch()
         for task in self._tasks:
             task.cancel()
-        self.settle()
+        self._close_log()
         if self._admin is not None:
             await self._admin.cleanup()
         self.close_idle()
@@ -367,6 +373,14 @@ class ProxyServer:
             self._watch.stop()
             self._watch = None
             gcwatch.uninstall()
+
+    def _close_log(self) -> None:
+        """The last lines go out (a slow reader gets a second for them)."""
+        self.settle()
+        telemetry = self.telemetry
+        if telemetry is not None and telemetry.access_log is not None:
+            telemetry.access_log.output.close()
+            telemetry.settle()  # the count of lines that could not go out
 
     async def close(self) -> None:
         """Stop at once (tests, errors): no drain."""
@@ -379,7 +393,7 @@ class ProxyServer:
             for conn in list(self.ctx.connections):
                 conn.abort()
             self.close_idle()
-        self.settle()
+        self._close_log()
         if self._admin is not None:
             await self._admin.cleanup()
         await asyncio.sleep(0)
@@ -394,7 +408,7 @@ class ProxyServer:
             log.warning(
                 "second %s: exiting without waiting for the drain", signal.Signals(sig).name
             )
-            self.settle()  # what finished is still logged
+            self._close_log()  # what finished is still logged
             os._exit(0)
         log.info("%s: draining (readyz now 503)", signal.Signals(sig).name)
         self.request_stop()

@@ -27,6 +27,7 @@ STATS_KEYS = {
     "windows",
     "loop_lag_ms",
     "gc_ms",
+    "access_log",  # issue 20: lines a stalled stdout reader could not take
     "recent_errors",
 }
 BREAKDOWNS = {

@@ -8,6 +8,8 @@ from pathlib import Path
 import orjson
 import pytest
 
+from proxy.telemetry.logoutput import LineOutput
+
 
 def load_hotpath():
     path = Path(__file__).resolve().parent.parent / "bench" / "hotpath.py"
@@ -42,7 +44,7 @@ def test_the_logged_line_is_the_contract_object(tmp_path):
     try:
         with log.open("wb") as sink:
             assert rig.telemetry.access_log is not None
-            rig.telemetry.access_log.stream = sink
+            rig.telemetry.access_log.output = LineOutput(sink)
             rig.run(3)
         lines = [orjson.loads(line) for line in log.read_bytes().splitlines()]
     finally:

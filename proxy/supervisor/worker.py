@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import select
 import socket
 import sys
 import time
@@ -25,35 +24,6 @@ from ..server import ProxyServer, StartupError, tune_gc
 from ..telemetry.merge import state_of
 from ..telemetry.metrics import ProtocolSplit
 from . import channel
-
-
-class WholeLines:
-    """The access log's stream in a worker: stdout, shared by every worker. Each write(2)
-    carries whole lines and at most PIPE_BUF bytes where the lines allow (a pipe writes that
-    much at once), so two workers' lines never interleave mid-line in a container's log."""
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-
-    def fileno(self) -> int:
-        return self.fd
-
-    def flush(self) -> None:
-        pass
-
-    def write(self, data: bytes) -> None:
-        size = len(data)
-        start = 0
-        while start < size:
-            end = size
-            if size - start > select.PIPE_BUF:
-                end = data.rfind(b"\n", start, start + select.PIPE_BUF) + 1
-                if end <= start:  # one line longer than PIPE_BUF: whole, if not atomic
-                    end = data.find(b"\n", start + select.PIPE_BUF) + 1 or size
-            view = memoryview(data)[start:end]
-            while view:
-                view = view[os.write(self.fd, view) :]
-            start = end
 
 
 async def _answer(
@@ -76,8 +46,13 @@ async def serve(control_fd: int, listen_fd: int) -> int:
     reader, writer = await asyncio.open_connection(sock=control)
     kind, config = await channel.receive(reader)
     assert kind == channel.CONFIG
-    lines = WholeLines(sys.stdout.fileno())
-    server = ProxyServer(config, lines, sock=socket.socket(fileno=listen_fd), admin=False)
+    server = ProxyServer(
+        config,
+        sys.stdout.buffer,
+        sock=socket.socket(fileno=listen_fd),
+        admin=False,
+        whole_lines=True,
+    )
     try:
         await server.start()
     except StartupError as exc:

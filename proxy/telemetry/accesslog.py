@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
-from typing import IO, Any, Final
+from typing import Any, Final
 from urllib.parse import parse_qsl, quote
 
 import orjson
@@ -24,6 +24,7 @@ from ..base.memo import Memo
 from ..base.text import MS_TABLE, MS_TABLE_SIZE, ms_text
 from ..diagnosis.faults import TAXONOMY
 from ..diagnosis.record import Exchange
+from .logoutput import LineOutput
 
 LAYERS: Final = {fault: row.layer._value_ for fault, row in TAXONOMY.items()}
 
@@ -199,28 +200,24 @@ LineOf = Callable[[Exchange, Clock, frozenset[str]], bytes]
 
 
 class AccessLog:
-    """Writer of access-log lines, a batch of finished exchanges at a time (one write and
-    one flush per batch); `line_of` turns an exchange into one line (`json_line_of`, or
-    the console's pretty line)."""
+    """Writer of access-log lines, a batch of finished exchanges at a time (one write per
+    batch, to a `LineOutput`: never waiting for a slow reader); `line_of` turns an exchange
+    into one line (`json_line_of`, or the console's pretty line)."""
 
     def __init__(
         self,
-        stream: IO[bytes],
+        output: LineOutput,
         line_of: LineOf,
         secret_params: Iterable[str] = (),
     ) -> None:
-        self.stream = stream
+        self.output = output
         self.line_of = line_of
         self.secret_params = frozenset(p.lower() for p in secret_params)
         self.clock = Clock()
 
     def write(self, batch: list[Exchange]) -> None:
         clock, secrets, line_of = self.clock, self.secret_params, self.line_of
-        self.write_raw(b"".join([line_of(ex, clock, secrets) for ex in batch]))
+        self.output.write(b"".join([line_of(ex, clock, secrets) for ex in batch]))
 
     def write_raw(self, data: bytes) -> None:
-        try:
-            self.stream.write(data)
-            self.stream.flush()
-        except (BrokenPipeError, ValueError):
-            return  # stdout went away (piped to a process that exited): keep serving
+        self.output.write(data)

@@ -26,6 +26,7 @@ from ..diagnosis import grpc
 from ..diagnosis.faults import REQUEST_PROBLEMS, Fault, FaultInfo, Source, info
 from ..diagnosis.hops import HINT_TEXT, ORIGIN_5XX_FOR_CLIENT_ERROR, hop_product
 from .accesslog import AccessLog, Clock, json_line_of, log_record
+from .logoutput import LineOutput
 from .sink import Telemetry
 
 if TYPE_CHECKING:
@@ -290,9 +291,12 @@ class ConsoleSummary:
         self.access_log.write_raw(line)
 
 
-def make_access_log(config: Config, stream: Any = None) -> AccessLog | None:
+def make_access_log(
+    config: Config, stream: Any = None, whole_lines: bool = False
+) -> AccessLog | None:
     """The access log `config.log` asks for (None: off, --quiet, or diagnostics off):
-    pretty lines at a terminal, JSON lines otherwise, unless `log.format` says which."""
+    pretty lines at a terminal, JSON lines otherwise, unless `log.format` says which;
+    `whole_lines` when other processes write to the same stream (`LineOutput`)."""
     if not config.log.access or config.log.quiet or not config.diagnostics:
         return None
     stream = stream or sys.stdout.buffer
@@ -300,7 +304,7 @@ def make_access_log(config: Config, stream: Any = None) -> AccessLog | None:
     if fmt == "auto":
         fmt = "pretty" if os.isatty(stream.fileno()) else "json"
     line_of = pretty_line_of if fmt == "pretty" else json_line_of
-    return AccessLog(stream, line_of, config.log.redact_query)
+    return AccessLog(LineOutput(stream, whole_lines), line_of, config.log.redact_query)
 
 
 def install_summary(telemetry: Telemetry) -> ConsoleSummary | None:

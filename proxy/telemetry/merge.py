@@ -56,6 +56,7 @@ def state_of(telemetry: Telemetry, pool: tuple[int, int]) -> State:
         "retries": stats.retries,
         "held": stats.held,
         "held_expired": stats.held_expired,
+        "log_dropped": stats.log_dropped,
         "h2": stats.h2,
         "in_flight": stats.gauges.in_flight,
         "refused_connections": stats.gauges.refused_connections,
@@ -99,7 +100,7 @@ def reset(telemetry: Telemetry) -> None:
 def absorb(telemetry: Telemetry, state: State) -> None:
     """Add one worker's state into the supervisor's stats."""
     stats = telemetry.stats
-    for name in ("total", "retries", "held", "held_expired", "h2"):
+    for name in ("total", "retries", "held", "held_expired", "log_dropped", "h2"):
         setattr(stats, name, getattr(stats, name) + state[name])
     stats.gauges.in_flight += state["in_flight"]
     stats.gauges.refused_connections += state["refused_connections"]

@@ -244,6 +244,13 @@ class FaultlineCollector:
                 stats.held_expired,
             ),
             (
+                "faultline_access_log_dropped_lines",
+                "Access-log lines dropped because stdout's reader fell behind by more than "
+                "the proxy keeps waiting (the proxy never waits for it).",
+                COUNTER,
+                stats.log_dropped,
+            ),
+            (
                 "faultline_refused_connections",
                 "Client connections closed unread because limits.max_connections was reached.",
                 COUNTER,

@@ -42,6 +42,7 @@ class Telemetry:
         self.observers = observers or []
         self.pending: list[Exchange] = []
         self.largest_slice = 0  # the most exchanges ever handed to the sinks at once
+        self.dropped_seen = 0  # the access log's dropped lines already added to the stats
 
     def record(self, ex: Exchange) -> None:
         pending = self.pending
@@ -51,11 +52,17 @@ class Telemetry:
 
     def settle(self) -> None:
         pending = self.pending
-        if not pending:
-            return
-        self.pending = []
-        for start in range(0, len(pending), SLICE_MAX):
-            self._settle_slice(pending[start : start + SLICE_MAX])
+        if pending:
+            self.pending = []
+            for start in range(0, len(pending), SLICE_MAX):
+                self._settle_slice(pending[start : start + SLICE_MAX])
+        access_log = self.access_log
+        if access_log is not None and access_log.output.dropped_lines != self.dropped_seen:
+            # Lines a stalled stdout reader could not take (those of the slices just
+            # written included), as a delta: the supervisor adds its workers' up.
+            dropped = access_log.output.dropped_lines
+            self.stats.log_dropped += dropped - self.dropped_seen
+            self.dropped_seen = dropped
 
     def _settle_slice(self, batch: list[Exchange]) -> None:
         if len(batch) > self.largest_slice:

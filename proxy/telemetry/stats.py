@@ -64,6 +64,7 @@ class Stats:
         self.retries = 0
         self.held = 0  # requests held by upstream_wait while the upstream refused
         self.held_expired = 0  # ... of which the upstream never accepted in time
+        self.log_dropped = 0  # access-log lines a stalled stdout reader could not take
         self.h2 = 0  # exchanges of clients speaking HTTP/2 (the rest spoke HTTP/1.1)
         self.grpc_counts: dict[tuple[str, int], int] = {}  # (source, grpc-status)
         self.hop_counts: dict[tuple[str, int], int] = {}  # (hop behind origin, status)
@@ -384,6 +385,7 @@ class Stats:
             "windows": {f"{s}s": self.window(s, now_ns) for s in WINDOWS_S},
             "loop_lag_ms": self.loop_lag.summary(now_ns),
             "gc_ms": self.gc.summary(),
+            "access_log": {"dropped_lines": self.log_dropped},
             "recent_errors": self.recent_errors(source, error, limit),
             **self._by_route(),
         }
