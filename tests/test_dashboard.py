@@ -162,6 +162,7 @@ async def test_dashboard_shows_the_faults_and_matches_stats(demo_proxy, browser)
     assert _count(await page.inner_text("#total")) == total
     assert await page.inner_text("#in-flight") == "0"
     assert (await page.inner_text("#lag-max")).endswith(" ms")  # the loop watching itself
+    assert await page.inner_text("#log-dropped") == "0"  # the access log kept up
     responses = stats["responses"]
     assert await _rows(page, "by-source") == responses["by_source"]
     assert await _rows(page, "by-error") == responses["by_error"]
