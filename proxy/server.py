@@ -34,6 +34,7 @@ from .diagnosis.record import perf_ns
 from .forward.context import ForwardContext, Route, Router
 from .forward.outbox import Outbox
 from .forward.pool import OriginFactory
+from .forward.sweep import Sweep
 from .http1.client import DownstreamProtocol
 from .http1.headers import HeaderPolicy
 from .http1.origin import OriginSide
@@ -229,6 +230,7 @@ class ProxyServer:
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping: asyncio.Event | None = None
         self.contexts: list[ForwardContext] = []  # the client connections', then each route's
+        self.sweep: Sweep | None = None  # deadlines and idle upstream connections
         self._watch: LoopWatch | None = None  # the event loop's lag, sampled
 
     async def start(self) -> None:
@@ -270,31 +272,14 @@ class ProxyServer:
                 self._server.close()
                 raise StartupError(bind_error("admin.listen", config.admin.listen, exc)) from None
         self._stopping = asyncio.Event()
-        self._tasks.append(loop.create_task(self._sweep()))
+        self.sweep = Sweep(ctx, self.contexts, telemetry.settle)
+        self._tasks.append(loop.create_task(self.sweep.run()))
         self._watch = LoopWatch(loop, stats.loop_lag)
         self._watch.start()
         gcwatch.install()  # the collector's pauses, timed
         if access_log is not None:
             access_log.output.start(loop)  # a pipe's reader never holds the loop
         self.ready = True
-
-    async def _sweep(self) -> None:
-        ctx = self.ctx
-        assert ctx is not None
-        interval = min(c.sweep_interval_s() for c in self.contexts)
-        telemetry = self.telemetry
-        assert telemetry is not None
-        while True:
-            await asyncio.sleep(interval)
-            now = perf_ns()
-            for conn in list(ctx.connections):
-                try:
-                    conn.check_deadline(now)
-                except Exception:
-                    log.exception("internal error while checking deadlines")
-            for each in self.contexts:
-                each.pool.sweep(now)
-            telemetry.settle()
 
     def pool_counts(self) -> tuple[int, int]:
         """Idle and busy upstream connections, every route's pool together."""
