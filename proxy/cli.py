@@ -20,6 +20,7 @@ import yaml
 from . import __version__
 from .config import Config, ConfigError, describe_interface, format_address, load_config
 from .config_routes import parse_cli_route
+from .telemetry.logoutput import stderr_stream
 
 EXIT_USAGE = 2
 
@@ -161,7 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     logging.basicConfig(
-        stream=sys.stderr,
+        stream=stderr_stream(),
         level=logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )

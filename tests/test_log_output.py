@@ -10,7 +10,10 @@ write(2) once the pipe was full: it served a few exchanges and then nothing, not
   (`access_log.dropped_lines`) and `/metrics`;
 - once somebody reads the pipe, the lines that waited come out whole and in one piece, the
   lines read plus the lines dropped are every exchange exactly once, a warning names the
-  count, and SIGTERM still exits 0.
+  count, and SIGTERM still exits 0;
+- the process's own log on stderr behaves the same: 150 HTTP/2 flood connections, each
+  worth a warning, against a stderr pipe of 4 KiB that nobody reads: each is answered, the
+  proxy keeps serving, and once stderr is read every warning comes out whole.
 """
 
 from __future__ import annotations
@@ -18,22 +21,26 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import os
+import re
 import threading
 
 import aiohttp
 import orjson
 import pytest
+from h2.config import H2Configuration
+from h2.connection import H2Connection
 
 from proxy.demo import start_demo_origin
 from proxy.telemetry.logoutput import WAITING_MAX
 
-from support import spawn_proxy
+from support import LOOPBACK, spawn_proxy
 
 # A query long enough that the lines outgrow what may wait with few requests (~6.4 KB a line).
 PAD = "x" * 6000
 # ~13 MB of lines: more than WAITING_MAX (each worker's) plus the pipe's buffer
 REQUESTS = 2000
 F_SETPIPE_SZ = 1031
+FLOODS = 150  # HTTP/2 connections that each earn a warning on stderr
 
 
 async def _load(url: str, n: int) -> list[int]:
@@ -119,4 +126,55 @@ async def test_a_stalled_stdout_reader_never_stops_the_proxy(workers: str) -> No
         if reader is not None:
             reader.join(5)
         os.close(read_end)
+        await origin.close()
+
+
+def _ping_flood() -> bytes:
+    """An HTTP/2 client's preface and 300 PINGs: the proxy answers GOAWAY ENHANCE_YOUR_CALM
+    and logs one warning line to stderr for the connection."""
+    h2 = H2Connection(H2Configuration(client_side=True))
+    h2.initiate_connection()
+    for i in range(300):
+        h2.ping(i.to_bytes(8, "big"))
+    return h2.data_to_send()
+
+
+async def _flood(port: int, data: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection(LOOPBACK, port)
+    try:
+        writer.write(data)
+        return await asyncio.wait_for(reader.read(), timeout=10)  # until the proxy closes
+    finally:
+        writer.close()
+
+
+async def test_a_stalled_stderr_reader_never_stops_the_proxy() -> None:
+    origin = await start_demo_origin()
+    proxy = spawn_proxy(origin.url, "--log-format", "json")
+    assert proxy.proc.stderr is not None
+    stderr = proxy.proc.stderr.fileno()
+    fcntl.fcntl(stderr, F_SETPIPE_SZ, 4096)  # ~35 warning lines fill it
+    try:
+        flood = _ping_flood()
+        for _ in range(FLOODS):  # one at a time: each is answered before the next
+            assert b"\x07" in await _flood(proxy.port, flood)  # a GOAWAY frame (type 7)
+        status, _ = await _get(proxy.url + "/hello")
+        assert status == 200
+        status, _ = await _get(proxy.admin_url + "/healthz")
+        assert status == 200
+        # Somebody reads stderr again: what waited comes out, whole.
+        out = bytearray()
+        reader = threading.Thread(target=_read_all, args=(stderr, out), daemon=True)
+        reader.start()
+        assert proxy.stop() == 0
+        reader.join(5)
+        assert not reader.is_alive()
+        words = out.decode()
+        whole = re.compile(
+            r"\d{4}-\d\d-\d\d [\d:,]+ WARNING faultline: HTTP/2 ping flood: .+ from "
+            r"127\.0\.0\.1, GOAWAY ENHANCE_YOUR_CALM"
+        )
+        assert sum(1 for line in words.splitlines() if whole.fullmatch(line)) == FLOODS, words
+    finally:
+        proxy.stop()
         await origin.close()

@@ -35,6 +35,7 @@ FAMILIES = {
     "faultline_in_flight_requests": "gauge",
     "faultline_retries": "counter",
     "faultline_refused_connections": "counter",
+    "faultline_access_log_dropped_lines": "counter",
     "faultline_held_requests": "counter",
     "faultline_held_requests_expired": "counter",
     "faultline_upstream_pool_connections": "gauge",

@@ -21,6 +21,7 @@ import sys
 import time
 
 from ..server import ProxyServer, StartupError, tune_gc
+from ..telemetry.logoutput import stderr_stream
 from ..telemetry.merge import state_of
 from ..telemetry.metrics import ProtocolSplit
 from . import channel
@@ -79,7 +80,7 @@ def main() -> int:
 
     control_fd, listen_fd, index = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
     logging.basicConfig(
-        stream=sys.stderr,
+        stream=stderr_stream(),
         level=logging.INFO,
         format=f"%(asctime)s %(levelname)s %(name)s[worker {index}]: %(message)s",
     )

@@ -21,16 +21,21 @@ Rules:
    and at most PIPE_BUF bytes where the lines allow: a pipe takes that much all at once or
    not at all, so two workers' lines never interleave mid-line.
 5. At exit, what still waits gets up to `EXIT_WAIT_S` to go out.
+6. The process's own log (stderr: warnings, errors, a flood's GOAWAY per connection) goes
+   the same way (`stderr_stream`), non-blocking from the first record written while an
+   event loop runs: a stalled stderr reader would hold the loop just the same.
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import logging
 import os
 import select
 import stat
+import sys
 import time
 from collections import deque
 from typing import Any, Final
@@ -44,9 +49,10 @@ EXIT_WAIT_S: Final = 1.0
 class LineOutput:
     """Writes whole access-log lines to a stream; see the module's rules."""
 
-    def __init__(self, stream: Any, whole_lines: bool = False) -> None:
+    def __init__(self, stream: Any, whole_lines: bool = False, name: str = "access log") -> None:
         self.stream = stream
         self.whole_lines = whole_lines
+        self.name = name  # for the warning of rule 2
         self.fd = -1  # >= 0: a pipe or socket, written non-blocking (rule 1)
         self.loop: asyncio.AbstractEventLoop | None = None
         self.waiting: deque[bytes] = deque()
@@ -81,7 +87,8 @@ class LineOutput:
             if rest:
                 self._queue(rest)
                 assert self.loop is not None
-                self.loop.add_writer(self.fd, self._drain)
+                with contextlib.suppress(RuntimeError):  # a closed loop: close() writes it
+                    self.loop.add_writer(self.fd, self._drain)
 
     def close(self) -> None:
         """Stop watching the descriptor; what waits gets `EXIT_WAIT_S` to go out (rule 5)."""
@@ -190,8 +197,45 @@ class LineOutput:
         if dropped > 0:
             self.reported_dropped = self.dropped_lines
             log.warning(
-                "access log: stdout's reader fell behind and %d line(s) were dropped "
-                "(more than %d KiB waited); counted in /stats access_log.dropped_lines",
+                "%s: the reader fell behind and %d line(s) were dropped (more than %d KiB "
+                "waited)%s",
+                self.name,
                 dropped,
                 WAITING_MAX >> 10,
+                "; counted in /stats access_log.dropped_lines" if self.name == "access log" else "",
             )
+
+
+class LineStream:
+    """A text stream for `logging` over a `LineOutput` (rule 6): it goes non-blocking with
+    the first record written inside a running event loop."""
+
+    def __init__(self, output: LineOutput) -> None:
+        self.output = output
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    def write(self, text: str) -> int:
+        output = self.output
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        if loop is not None and loop is not self.loop:
+            self.loop = loop
+            if output.fd < 0:
+                output.start(loop)
+            else:
+                output.loop = loop  # a later loop of the same process (`demo` then `serve`)
+        output.write(text.encode("utf-8", "backslashreplace"))
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def stderr_stream() -> LineStream:
+    """The process log's stream (`logging.basicConfig(stream=...)`): stderr, rule 6; what
+    waits at exit gets `EXIT_WAIT_S`."""
+    output = LineOutput(sys.stderr.buffer, whole_lines=True, name="log")
+    atexit.register(output.close)
+    return LineStream(output)
