@@ -350,11 +350,13 @@ def test_the_stats_document_has_the_contracts_shape():
         "windows",
         "loop_lag_ms",
         "gc_ms",
+        "access_log",
         "recent_errors",
     ]
     assert (
         set(doc["proxy"]) == {"name", "started_at", "uptime_s"} and doc["proxy"]["name"] == "edge"
     )
+    assert doc["access_log"] == {"dropped_lines": 0}
     assert doc["proxy"]["started_at"] == stats.started_at
     assert doc["proxy"]["uptime_s"] == round(doc["proxy"]["uptime_s"], 3) >= 1.234
     assert doc["requests"] == {"total": 2, "in_flight": 2}
