@@ -235,22 +235,24 @@ def _serve_banner(server: Any) -> None:
     build = "compiled" if compiled() else "interpreted"
     stale = stale_compiled()
     if stale:
-        print(
+        _tell(
             f"faultline: WARNING: {', '.join(stale)} changed after being compiled: the old "
             "compiled code runs. Rebuild (FAULTLINE_COMPILE=1 pip install -e .) or remove "
-            "proxy/*.so.",
-            file=sys.stderr,
+            "proxy/*.so."
         )
     target = f"{len(config.routes)} routes" if config.routes else config.upstream
-    print(
+    _tell(
         f"faultline {__version__} ({build}): "
         f"proxy listening on {_bound(server.listen_address)} -> {target} · "
-        f"admin on {_bound(server.admin_address)}: /stats, /metrics, /dashboard{workers}",
-        file=sys.stderr,
-        flush=True,
+        f"admin on {_bound(server.admin_address)}: /stats, /metrics, /dashboard{workers}"
     )
     if config.routes:
-        print("\n".join(f"  {line}" for line in route_table(config)), file=sys.stderr, flush=True)
+        _tell("\n".join(f"  {line}" for line in route_table(config)))
+
+
+def _tell(text: str) -> None:
+    """A banner line on stderr, written as the log is (never waiting for its reader)."""
+    stderr_stream().write(text + "\n")
 
 
 def _bound(address: tuple[str, int]) -> str:
@@ -321,16 +323,14 @@ def _run_demo(args: argparse.Namespace) -> int:
 def _demo_banner(server: Any, origin_url: str, api_url: str) -> None:
     proxy_url = f"http://{format_address(server.listen_address)}"
     admin_url = f"http://{format_address(server.admin_address)}"
-    print(
+    _tell(
         f"\nFaultline {__version__} demo, listening on {_bound(server.listen_address)}\n"
         f"  proxy      {proxy_url}/   <- open this: the demo app, through the proxy\n"
         f"  origin     {origin_url}/   (the demo app itself, no proxy: route pages, /)\n"
         f"  api        {api_url}/api/users   (a second upstream: route api, /api/)\n"
         f"  dashboard  {admin_url}/dashboard\n"
         f"Try this:  curl -i {proxy_url}/reset   and read Proxy-Status and the log line.\n"
-        f"Ctrl-C stops both.\n",
-        file=sys.stderr,
-        flush=True,
+        f"Ctrl-C stops both.\n"
     )
 
 

@@ -233,9 +233,16 @@ class LineStream:
         pass
 
 
+_stderr: LineStream | None = None
+
+
 def stderr_stream() -> LineStream:
-    """The process log's stream (`logging.basicConfig(stream=...)`): stderr, rule 6; what
-    waits at exit gets `EXIT_WAIT_S`."""
-    output = LineOutput(sys.stderr.buffer, whole_lines=True, name="log")
-    atexit.register(output.close)
-    return LineStream(output)
+    """The process's stderr as a `LineStream` (rule 6), one per process: the log's stream
+    (`logging.basicConfig(stream=...)`) and the CLI's banners. What waits at exit gets
+    `EXIT_WAIT_S`."""
+    global _stderr
+    if _stderr is None:
+        output = LineOutput(sys.stderr.buffer, whole_lines=True, name="log")
+        atexit.register(output.close)
+        _stderr = LineStream(output)
+    return _stderr
