@@ -10,7 +10,7 @@ write(2) once the pipe was full: it served a few exchanges and then nothing, not
   (`access_log.dropped_lines`) and `/metrics`;
 - once somebody reads the pipe, the lines that waited come out whole and in one piece, the
   lines read plus the lines dropped are every exchange exactly once, a warning names the
-  count, and SIGTERM still exits 0;
+  count, SIGTERM still exits 0, and the pipe is blocking again for whoever shares it next;
 - the process's own log on stderr behaves the same: 150 HTTP/2 flood connections, each
   worth a warning, against a stderr pipe of 4 KiB that nobody reads: each is answered, the
   proxy keeps serving, and once stderr is read every warning comes out whole.
@@ -77,7 +77,6 @@ async def test_a_stalled_stdout_reader_never_stops_the_proxy(workers: str) -> No
     read_end, write_end = os.pipe()
     fcntl.fcntl(read_end, F_SETPIPE_SZ, 1 << 16)
     proxy = spawn_proxy(origin.url, "--log-format", "json", "--workers", workers, stdout=write_end)
-    os.close(write_end)
     reader: threading.Thread | None = None
     try:
         statuses = await _load(proxy.url, REQUESTS)
@@ -106,6 +105,10 @@ async def test_a_stalled_stdout_reader_never_stops_the_proxy(workers: str) -> No
             assert asyncio.get_running_loop().time() < deadline, out.count(b"\n")
             await asyncio.sleep(0.05)
         assert proxy.stop() == 0
+        # The pipe is blocking again for whoever shares it next (a shell's next command).
+        assert os.get_blocking(write_end)
+        os.close(write_end)
+        write_end = -1
         reader.join(5)
         assert not reader.is_alive()
         lines = [orjson.loads(line) for line in bytes(out).splitlines()]
@@ -123,6 +126,8 @@ async def test_a_stalled_stdout_reader_never_stops_the_proxy(workers: str) -> No
         assert sum(reported) == dropped, words
     finally:
         proxy.stop()
+        if write_end >= 0:
+            os.close(write_end)
         if reader is not None:
             reader.join(5)
         os.close(read_end)

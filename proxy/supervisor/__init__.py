@@ -39,6 +39,7 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 from ..admin import Workers, start_admin
 from ..config import Config
 from ..server import StartupError, bind_error, listen_tls
+from ..telemetry.logoutput import restore_blocking
 from ..telemetry.merge import State, absorb, reset
 from ..telemetry.sink import Telemetry
 from ..telemetry.stats import Stats
@@ -399,3 +400,4 @@ async def run(config: Config, on_started: Callable[[Supervisor], None] | None = 
         on_started(supervisor)
     with contextlib.suppress(asyncio.CancelledError):
         await supervisor.serve_until_stopped()
+    restore_blocking((1, 2))  # the workers made stdout and stderr non-blocking; all are gone

@@ -80,7 +80,7 @@ def main() -> int:
 
     control_fd, listen_fd, index = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
     logging.basicConfig(
-        stream=stderr_stream(),
+        stream=stderr_stream(shared=True),
         level=logging.INFO,
         format=f"%(asctime)s %(levelname)s %(name)s[worker {index}]: %(message)s",
     )

@@ -24,6 +24,10 @@ Rules:
 6. The process's own log (stderr: warnings, errors, a flood's GOAWAY per connection) goes
    the same way (`stderr_stream`), non-blocking from the first record written while an
    event loop runs: a stalled stderr reader would hold the loop just the same.
+7. The descriptor's flag belongs to everyone who shares it (`(faultline serve; echo done) |
+   less`: the shell's next command): what this process made non-blocking is blocking again
+   when it exits. A worker leaves that to its supervisor, which exits after its workers
+   (`restore_blocking`).
 """
 
 from __future__ import annotations
@@ -44,6 +48,22 @@ log: Final = logging.getLogger("faultline")
 
 WAITING_MAX: Final = 4 << 20  # bytes of lines that may wait for a slow reader (~9,000 lines)
 EXIT_WAIT_S: Final = 1.0
+
+_made_nonblocking: set[int] = set()  # rule 7
+
+
+def restore_blocking(fds: tuple[int, ...] = ()) -> None:
+    """Blocking again: the descriptors this process made non-blocking, and `fds` (a
+    supervisor's stdout and stderr, which its workers made non-blocking), if a pipe or a
+    socket (rule 7)."""
+    for fd in {*_made_nonblocking, *fds}:
+        with contextlib.suppress(OSError):
+            if stat.S_ISFIFO(os.fstat(fd).st_mode) or stat.S_ISSOCK(os.fstat(fd).st_mode):
+                os.set_blocking(fd, True)
+    _made_nonblocking.clear()
+
+
+atexit.register(restore_blocking)  # registered first, so it runs after every output's close
 
 
 class LineOutput:
@@ -72,6 +92,8 @@ class LineOutput:
             return
         with contextlib.suppress(Exception):
             self.stream.flush()  # what was printed before goes first
+        if os.get_blocking(fd) and not self.whole_lines:
+            _made_nonblocking.add(fd)  # rule 7 (shared with sibling workers: theirs to keep)
         os.set_blocking(fd, False)
         self.fd, self.loop = fd, loop
 
@@ -236,13 +258,13 @@ class LineStream:
 _stderr: LineStream | None = None
 
 
-def stderr_stream() -> LineStream:
+def stderr_stream(shared: bool = False) -> LineStream:
     """The process's stderr as a `LineStream` (rule 6), one per process: the log's stream
-    (`logging.basicConfig(stream=...)`) and the CLI's banners. What waits at exit gets
-    `EXIT_WAIT_S`."""
+    (`logging.basicConfig(stream=...)`) and the CLI's banners; `shared` in a worker (its
+    siblings write to it too). What waits at exit gets `EXIT_WAIT_S`."""
     global _stderr
     if _stderr is None:
-        output = LineOutput(sys.stderr.buffer, whole_lines=True, name="log")
+        output = LineOutput(sys.stderr.buffer, whole_lines=shared, name="log")
         atexit.register(output.close)
         _stderr = LineStream(output)
     return _stderr
