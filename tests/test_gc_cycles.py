@@ -149,29 +149,19 @@ def leaked(counts: collections.Counter[str]) -> str:
     return ", ".join(f"{n} {name}" for name, n in counts.most_common())
 
 
-@pytest.mark.parametrize("origin", [Origin, ClosingOrigin], ids=["keepalive-origin", "closing"])
+@pytest.mark.parametrize(
+    ("origin", "overrides"),
+    [(Origin, {}), (ClosingOrigin, {}), (Origin, {"pool.max_idle": 0})],
+    ids=["keepalive-origin", "closing", "pool-max-idle-0"],
+)
 async def test_closed_http1_connections_are_freed_without_the_collector(
-    proxy_factory, collector, origin
+    proxy_factory, collector, origin, overrides
 ):
+    """pool-max-idle-0: the proxy closes every origin connection after its exchange."""
     server = await asyncio.get_running_loop().create_server(origin, LOOPBACK, free_port())
     port = server.sockets[0].getsockname()[1]
     try:
-        proxy = await proxy_factory(f"http://{LOOPBACK}:{port}")
-        await churn(proxy.port, http1_once, b" 200 ")
-        await settled(proxy)
-        counts = collector()
-        assert sum(counts.values()) < CONNECTIONS // 10, leaked(counts)
-    finally:
-        server.close()
-
-
-async def test_pool_max_idle_0_frees_origin_connections_without_the_collector(
-    proxy_factory, collector
-):
-    server = await asyncio.get_running_loop().create_server(Origin, LOOPBACK, free_port())
-    port = server.sockets[0].getsockname()[1]
-    try:
-        proxy = await proxy_factory(f"http://{LOOPBACK}:{port}", **{"pool.max_idle": 0})
+        proxy = await proxy_factory(f"http://{LOOPBACK}:{port}", **overrides)
         await churn(proxy.port, http1_once, b" 200 ")
         await settled(proxy)
         counts = collector()
