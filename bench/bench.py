@@ -44,6 +44,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import turns
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -692,6 +694,9 @@ def run_load(
     each0 = {p: cpu_ticks([p]) for p in pids}
     ticks0, jiffies0, t0 = cpu_ticks(pids), cpu_jiffies(), time.monotonic()
     prober = start_probe(v, scen, duration, a) if probe else None
+    tracer, trace_path = None, os.path.join(a.rundir, f"turns-{v.name}.data")
+    if probe and a.turns == "on" and pids:  # the middle of the run: 1 s in to 1 s before the end
+        tracer = turns.record(pids, max(1.0, duration - 1.0), trace_path, delay=1.0)
     try:
         out = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 30).stdout
     except subprocess.TimeoutExpired:
@@ -704,6 +709,13 @@ def run_load(
     r_split = [round(100 * t / sum(each)) for t in each] if sum(each) else []
     lag = lag_during(lag0, lag_buckets(v.admin_port))
     lag.update(finish_probe(prober, timeout=30))
+    if tracer is not None:
+        _, err = tracer.communicate()
+        lag["turns"] = (
+            turns.summarize(trace_path)
+            if not tracer.returncode
+            else {"error": err.decode(errors="replace").strip()[-200:]}
+        )
     stop.set()
     sampler.join()
     r = parse(out)
@@ -1059,6 +1071,10 @@ def summarize(results: dict, names: list[str]) -> dict:
             m["rps_runs"] = [round(r["rps"]) for r in runs]
             m["procs"] = max(r.get("procs", 0) for r in runs)
             m["cpu_split"] = runs[-1].get("cpu_split", [])  # the last rep's
+            traced = [r["turns"] for r in runs if "p99" in r.get("turns", {})]
+            if traced:  # medians of the reps, the worst rep's max
+                m["turns"] = {k: med([t[k] for t in traced]) for k in ("p50", "p99", "events")}
+                m["turns"]["max"] = max(t["max"] for t in traced)
             probes = [r["probe"] for r in runs if "series" in r.get("probe", {})]
             if probes:  # the reps' series pooled: ~100 samples a second of load
                 lat = sorted(x[1] for p in probes for x in p["series"])
@@ -1168,6 +1184,9 @@ def probe_lines(s: str, summ: dict, names: list[str], a: argparse.Namespace, md:
         "max x nginx",
         "p99/max over nginx ms",
         "loop lag p99/max ms",
+        "turn p50/p99/max ms",
+        "turn p99 x nginx",
+        "events a poll",
         "wrk p99 ms",
         "wrk max ms",
         "probe max per rep",
@@ -1181,6 +1200,7 @@ def probe_lines(s: str, summ: dict, names: list[str], a: argparse.Namespace, md:
         if not p:
             continue
         base = nginx_row(scen, summ, n).get("probe", {})
+        base_t = nginx_row(scen, summ, n).get("turns", {})
         rows.append(
             [
                 n,
@@ -1194,6 +1214,9 @@ def probe_lines(s: str, summ: dict, names: list[str], a: argparse.Namespace, md:
                 num(ratio(p["max"], base.get("max")), ".2f"),
                 excess(p, base),
                 lag_cell(m),
+                turn_cell(m),
+                num(ratio(m.get("turns", {}).get("p99"), base_t.get("p99")), ".2f"),
+                num(m.get("turns", {}).get("events"), ".1f"),
                 num(m["p99"], ".3f"),
                 num(m["max"], ".3f"),
                 " ".join(f"{x:.2f}" for x in p["max_runs"]),
@@ -1207,6 +1230,14 @@ def probe_lines(s: str, summ: dict, names: list[str], a: argparse.Namespace, md:
     )
     head = [f"#### {title}", ""] if md else [f"[{title}]"]
     return head + table(headers, rows, md) + [""]
+
+
+def turn_cell(m: dict) -> str:
+    """'0.150/0.240/0.400': the loop's turns from outside (bench/turns.py), every variant."""
+    t = m.get("turns")
+    if not t:
+        return "-"
+    return "/".join(f"{t[k]:.3f}" for k in ("p50", "p99", "max"))
 
 
 def excess(p: dict, base: dict) -> str:
@@ -1386,6 +1417,14 @@ def check_targets(summary: dict, idle: dict, rss_after: dict, fl: str, off: str)
             verdict(None, text + " (no data)")
         else:  # the histogram gives a bucket's upper bound: the lag is at most this
             verdict(x <= limit, f"{text}: <= {bound(x)} ms (histogram bucket){outside}")
+    ngx_t = summary.get("small-c50", {}).get("nginx", {}).get("turns", {})
+    fl_t = lag.get("turns", {})
+    if ngx_t and fl_t:  # the same instrument for both: how long a loop turn is, p99 and max
+        out.append(
+            f"NOTE  small-c50 loop turns (perf, every proxy alike): nginx p99 "
+            f"{ngx_t['p99']:.3f} max {ngx_t['max']:.3f} ms, {fl} p99 {fl_t['p99']:.3f} max "
+            f"{fl_t['max']:.3f} ms ({fl_t['p99'] / ngx_t['p99']:.2f}x nginx's p99)"
+        )
 
     gains = worker_gains(summary.get("small-c50-w2", {}))
     lo, hi = WORKER_COUNTS
@@ -1503,6 +1542,11 @@ def report(
         "during the reps (/metrics before and after each), as the upper bound of the bucket "
         "their p99 and max fall in, the worst rep's; in the workers scenarios it includes the "
         "time a worker waited for a CPU (every process shares both).",
+        "turn = the time a proxy's event loop spends between two polls (epoll_wait return to "
+        "the next call), traced the same way for every variant from 1 s into each rep to 1 s "
+        "before its end (bench/turns.py, perf tracepoints); an event that becomes ready, or a "
+        "timer that falls due, during a turn waits for the rest of it. p50/p99 are the reps' "
+        "medians, max the worst rep's; events a poll = what one epoll_wait returned, mean.",
         "workers scenarios: PROXY-wN runs N workers (nginx worker_processes, faultline "
         "--workers); x nginx compares with nginx-wN; gain = w2 req/s / w1 req/s; CPU w2/w1 = "
         "how much more CPU a request costs with 2 workers.",
@@ -1600,6 +1644,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "behind wrk and the origin), under the normal scheduler, or not at all",
     )
     ap.add_argument(
+        "--turns",
+        choices=("on", "off"),
+        default="on",
+        help="trace every variant's event-loop turns during small-c50 and small-c50-w2 "
+        "(bench/turns.py, perf's epoll_wait tracepoints; skipped with a note where perf "
+        "cannot trace): the loop lag of nginx and HAProxy measured as Faultline's",
+    )
+    ap.add_argument(
         "--probe-interval",
         type=float,
         default=10.0,
@@ -1671,6 +1723,9 @@ def main(argv: list[str] | None = None) -> int:
     if a.probe_sched == "fifo" and subprocess.run(["chrt", "-f", "1", "true"]).returncode:
         log("note: chrt -f (SCHED_FIFO) not permitted here; the probe runs under the normal one")
         a.probe_sched = "normal"
+    if a.turns == "on" and (why := turns.available()):
+        log(f"note: loop turns not traced: {why}")
+        a.turns = "off"
     nodiag_env = dict(kv.split("=", 1) for kv in (a.nodiag_env or DEFAULT_NODIAG_ENV))
     candidates = []
     for c in a.candidate:
@@ -1691,6 +1746,7 @@ def main(argv: list[str] | None = None) -> int:
     # nginx's workers drop root for an unprivileged user: it must be able to read the files.
     os.makedirs(rundir, exist_ok=True)
     os.chmod(rundir, 0o755)
+    a.rundir = rundir
     for d in ("docroot", "tmp-origin", "tmp-proxy", "tmp-proxy-body"):
         os.makedirs(os.path.join(rundir, d), exist_ok=True)
     for fname, data in (("16k.bin", BODY_16K), ("1m.bin", BODY_1M)):
