@@ -94,6 +94,10 @@ SCENARIOS = {
                  desc="GET / (12-byte body), 50 connections, saturating"),
         Scenario(name="small-c1", kind="wrk", path="/", conns=1, payload=len(HELLO),
                  needs="small", desc="GET / (12-byte body), 1 connection: latency"),
+        Scenario(name="small-r2k", kind="wrk", path="/", conns=20, payload=len(HELLO),
+                 needs="small", lua="delay10", probe=True,
+                 desc="GET /, 20 connections each pausing 10 ms between requests (~2k req/s): "
+                 "the loop below saturation, as a sidecar mostly runs"),
         Scenario(name="16k-c50", kind="wrk", path="/16k.bin", conns=50, payload=len(BODY_16K),
                  needs="16k", desc="GET /16k.bin (16 KiB), 50 connections"),
         Scenario(name="1m-c8", kind="wrk", path="/1m.bin", conns=8, payload=len(BODY_1M),
@@ -123,6 +127,8 @@ SCENARIOS = {
     )
 }  # fmt: skip
 LUA = {
+    "delay10": "-- bench.py: each connection waits 10 ms after a response (wrk calls delay()).\n"
+    "delay = function() return 10 end\n",
     "upload": (
         "-- bench.py: POST a 1 MiB body on every request (wrk adds Content-Length).\n"
         'wrk.method = "POST"\n'
@@ -1425,6 +1431,15 @@ def check_targets(summary: dict, idle: dict, rss_after: dict, fl: str, off: str)
             f"{ngx_t['p99']:.3f} max {ngx_t['max']:.3f} ms, {fl} p99 {fl_t['p99']:.3f} max "
             f"{fl_t['max']:.3f} ms ({fl_t['p99'] / ngx_t['p99']:.2f}x nginx's p99)"
         )
+    calm = summary.get("small-r2k", {})
+    if calm.get(fl, {}).get("lag_p99") is not None:  # the same bars, below saturation
+        m = calm[fl]
+        text = (
+            f"small-r2k ({m['rps']:.0f} req/s): {fl} event-loop lag p99 <= {bound(m['lag_p99'])}"
+            f" ms, max <= {bound(m['lag_max'])} ms"
+        )
+        turned = [f"{n} {calm[n]['turns']['p99']:.3f}" for n in calm if calm[n].get("turns")]
+        out.append(f"NOTE  {text}" + (f"; turn p99 ms: {', '.join(turned)}" if turned else ""))
 
     gains = worker_gains(summary.get("small-c50-w2", {}))
     lo, hi = WORKER_COUNTS
