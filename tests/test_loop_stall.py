@@ -5,14 +5,16 @@ on the proxy's loop, as a slow callback or CPU starvation would), the origin is 
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
+import sys
 import threading
 import time
 
 import aiohttp
 import pytest
 
-from proxy.diagnosis.stalls import DEFER, STALL_NS, LoopStalls, stall_verdict
+from proxy.diagnosis.stalls import DEFER, STALL_NS, UNKNOWN, LoopStalls, Stall, stall_verdict
 
 from support import LOOPBACK, parse_responses, proxy_status_members, raw_request
 
@@ -82,15 +84,47 @@ async def held_in_io_callback(seconds: float) -> None:
     b.close()
 
 
+# A process that takes one CPU from everyone else for a while: SCHED_FIFO, pinned, spinning.
+HOG = """
+import os, sys, time
+cpu, seconds = int(sys.argv[1]), float(sys.argv[2])
+os.sched_setaffinity(0, {cpu})
+try:
+    os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
+except OSError:
+    sys.exit(3)
+end = time.perf_counter() + seconds
+while time.perf_counter() < end:
+    pass
+"""
+
+
+async def starved(seconds: float) -> None:
+    """Starve the running loop's thread of its CPU for `seconds`, as a CPU limit's
+    throttling or a busy node would: the thread stays runnable and waits for a CPU.
+    The loop's thread is pinned to one CPU and a SCHED_FIFO process spins there."""
+    cpu = min(os.sched_getaffinity(0))
+    mask = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {cpu})  # this thread only
+    try:
+        hog = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", HOG, str(cpu), str(seconds)
+        )
+        if await hog.wait() == 3:
+            pytest.skip("SCHED_FIFO is not permitted here")
+    finally:
+        os.sched_setaffinity(0, mask)
+
+
 async def _stats(proxy) -> dict:
     async with aiohttp.ClientSession() as session:
         async with session.get(proxy.admin_url + "/stats") as response:
             return await response.json()
 
 
-async def _exchange(proxy, origin: ThreadOrigin, stall_at: float, stall_s: float):
+async def _exchange(proxy, origin: ThreadOrigin, stall_at: float, stall_s: float, hold=None):
     """One request through the proxy; `stall_s` > 0: the loop is held that long from
-    `stall_at` seconds after the origin got the request."""
+    `stall_at` seconds after the origin got the request (by a slow callback, or `hold`)."""
     client = asyncio.create_task(raw_request(proxy.port, REQUEST, timeout=10))
     for _ in range(500):
         if origin.got_request.is_set():
@@ -99,7 +133,7 @@ async def _exchange(proxy, origin: ThreadOrigin, stall_at: float, stall_s: float
     assert origin.got_request.is_set()
     if stall_s:
         await asyncio.sleep(stall_at)
-        await held_in_io_callback(stall_s)
+        await (hold or held_in_io_callback)(stall_s)
     (response,), _ = parse_responses(await client)
     await proxy.settle()
     return response, proxy.access_log()[-1]
@@ -163,6 +197,26 @@ async def test_a_timeout_over_a_stall_of_the_loop_is_charged_to_the_proxy(
     assert stalls["count"] >= 1 and stalls["longest"] >= 600, stalls
     (stall,) = [s for s in stalls["recent"] if s["ms"] >= 600]
     assert time.time() - 60 < stall["at"] < time.time()
+    # The loop's thread slept in a callback: it was not waiting for a CPU, and the detail
+    # says the loop was held by the proxy's own work.
+    assert 0 <= stall["cpu_wait_ms"] < 0.2 * stall["ms"], stall
+    assert "its own work or a blocking call held the loop" in record["details"]
+
+
+async def test_a_stall_from_cpu_starvation_says_so(proxy_factory, thread_origin):
+    # The same timeout over a stall, but the loop's thread is runnable all along and gets
+    # no CPU (a SCHED_FIFO process spins on its CPU for 0.65 s): what to check first is
+    # the CPU the proxy gets (its limit's throttling, the node), not its own code.
+    origin = thread_origin(2.0)
+    proxy = await proxy_factory(origin.url, **{"timeouts.response_headers": "500ms"})
+    response, record = await _exchange(proxy, origin, stall_at=0.05, stall_s=0.65, hold=starved)
+    assert response.status == 500
+    assert record["error"] == "proxy_internal_error" and record["hints"] == ["proxy_loop_stalled"]
+    details = record["details"]
+    assert "; starved: " in details and "waiting for a CPU" in details, details
+    stalls = (await _stats(proxy))["loop_lag_ms"]["stalls"]
+    (stall,) = [s for s in stalls["recent"] if s["ms"] >= 400]
+    assert stall["cpu_wait_ms"] >= 0.5 * stall["ms"], stall
 
 
 async def test_an_answer_that_came_during_the_stall_is_delivered(proxy_factory, thread_origin):
@@ -221,35 +275,39 @@ def test_the_rule():
     deadline = t0 + limit
     now = deadline + 300 * MS
     # Over the deadline, deaf for 400 of its 500 ms: the proxy's.
-    assert stall_verdict(_record((t0 + 100 * MS, now)), t0, limit, now) == now - t0 - 100 * MS
+    assert stall_verdict(_record((t0 + 100 * MS, now)), t0, limit, now) == Stall(t0 + 100 * MS, now)
     # Over the deadline but deaf for only 100 ms of it: the upstream's.
-    assert stall_verdict(_record((deadline - 100 * MS, now)), t0, limit, now) == 0
+    assert stall_verdict(_record((deadline - 100 * MS, now)), t0, limit, now) is None
     # Ended before the deadline, or began after it: the upstream's.
-    assert stall_verdict(_record((t0, deadline - 100 * MS)), t0, limit, now) == 0
-    assert stall_verdict(_record((deadline + 50 * MS, now)), t0, limit, now) == 0
+    assert stall_verdict(_record((t0, deadline - 100 * MS)), t0, limit, now) is None
+    assert stall_verdict(_record((deadline + 50 * MS, now)), t0, limit, now) is None
     # Shorter than a stall: not noted at all.
-    assert stall_verdict(_record((deadline - 40 * MS, deadline)), t0, 60 * MS, now) == 0
+    assert stall_verdict(_record((deadline - 40 * MS, deadline)), t0, 60 * MS, now) is None
     # The loop has not polled I/O since the stall: the verdict waits for one poll.
     stalled = _record((t0 + 100 * MS, now), polled=t0)
-    assert stall_verdict(stalled, t0, limit, now) == DEFER
+    assert stall_verdict(stalled, t0, limit, now) is DEFER
     # ... but not past twice the limit.
-    assert stall_verdict(stalled, t0, limit, deadline + limit) > 0
+    assert stall_verdict(stalled, t0, limit, deadline + limit) == Stall(t0 + 100 * MS, now)
     # A stall under way that the watch has not noted yet (it last ran at t0 + 50 ms).
     ongoing = LoopStalls(20 * MS)
     ongoing.alive_ns = ongoing.polled_ns = t0 + 50 * MS
-    assert stall_verdict(ongoing, t0, limit, now) == DEFER
+    assert stall_verdict(ongoing, t0, limit, now) is DEFER
     ongoing.polled_ns = now
-    assert stall_verdict(ongoing, t0, limit, now) == now - (t0 + 70 * MS)
+    assert stall_verdict(ongoing, t0, limit, now) == Stall(t0 + 70 * MS, now, UNKNOWN)
 
 
 def test_the_record_is_bounded_and_merges_overlaps():
     stalls = LoopStalls(20 * MS)
     stalls.note(0, STALL_NS - 1)  # too short
     assert stalls.count == 0
-    stalls.note(0, 100 * MS)
-    stalls.note(20 * MS, 150 * MS)  # the same stall, seen by the timer and by the probe
-    assert list(stalls.recent) == [(0, 150 * MS)] and stalls.count == 1
+    stalls.note(0, 100 * MS, 10 * MS)
+    # The same stall, seen by the timer and by the probe: their CPU waits add up, never
+    # past the stall's length.
+    stalls.note(20 * MS, 150 * MS, 30 * MS)
+    assert list(stalls.recent) == [(0, 150 * MS, 40 * MS)] and stalls.count == 1
+    stalls.note(140 * MS, 200 * MS, 90 * MS)  # no more than its own 60 ms
+    assert list(stalls.recent) == [(0, 200 * MS, 100 * MS)] and stalls.recent[0].starved
     for i in range(1, 100):
         stalls.note(i * 10**9, i * 10**9 + STALL_NS)
     assert stalls.count == 100 and len(stalls.recent) == stalls.recent.maxlen
-    assert stalls.longest_ns == 150 * MS
+    assert stalls.longest_ns == 200 * MS

@@ -17,6 +17,7 @@ import errno
 from ..base.text import duration_text
 from .faults import Fault
 from .record import Phase
+from .stalls import Stall
 
 
 class UpstreamError(Exception):
@@ -47,23 +48,38 @@ class UploadStalled(DeadlineExpired):
 class LoopStalled(DeadlineExpired):
     """A timeout fired, but the proxy's event loop was stalled over its deadline for most
     of the time `peer` had (`proxy.diagnosis.stalls`): the proxy held the exchange up.
-    `stall_ns` is how long the stall was; `instead` the fault charged otherwise."""
+    `stall` is the stall; `instead` the fault charged otherwise."""
 
     def __init__(
-        self, limit_ns: int, setting: str, stall_ns: int, instead: Fault, peer: str
+        self, limit_ns: int, setting: str, stall: Stall, instead: Fault, peer: str
     ) -> None:
         super().__init__(limit_ns, setting)
-        self.stall_ns = stall_ns
+        self.stall = stall
         self.instead = instead
         self.peer = peer
 
     def detail(self) -> str:
         return (
-            f"a timeout of the proxy's own: its event loop was stalled for "
-            f"{duration_text(self.stall_ns)} across the deadline of {self.setting} "
-            f"({duration_text(self.limit_ns)}), over half the time {self.peer} had (not "
-            f"charged to {self.peer} as {self.instead.value})"
+            f"a timeout of the proxy's own (not charged to {self.peer} as "
+            f"{self.instead.value}): its event loop was stalled for "
+            f"{duration_text(self.stall.length)} across the deadline of {self.setting} "
+            f"({duration_text(self.limit_ns)}), over half the time {self.peer} had"
+            f"{stall_cause(self.stall)}"
         )
+
+
+def stall_cause(stall: Stall) -> str:
+    """'; starved: ... waiting for a CPU ...': what the stall's thread did meanwhile, where
+    known (what to check first: the CPU the process gets, or its own work)."""
+    if stall.waiting_ns < 0:
+        return ""
+    waited = duration_text(stall.waiting_ns)
+    if stall.starved:
+        return f"; starved: {waited} of it waiting for a CPU (CPU limit throttling, a busy node)"
+    return (
+        f"; not starved ({waited} of it waiting for a CPU): its own work or a blocking call "
+        "held the loop"
+    )
 
 
 class UpstreamProtocolError(UpstreamError):

@@ -22,6 +22,12 @@ heard silent past its deadline. A stall that began after the deadline only delay
 verdict. A short stall over a long timeout leaves the upstream heard silent for most of
 it, and the upstream stays charged.
 
+Why a stall happened decides what to check first, so each stall says how much of it the
+loop's thread was runnable but not running (`Stall.waiting_ns`, from the kernel's
+schedstat, read by the watch): mostly waiting, the process was starved of a CPU (a CPU
+limit's throttling, a crowded node); mostly not, its own work or a blocking call held the
+loop (a slow callback, a long GC pause, a blocking write).
+
 Rules: pure (no I/O); the watch writes a bounded record (the last `STALLS_KEPT`, merged
 where they overlap), nothing per exchange; the rule runs only when a timeout fires.
 """
@@ -29,72 +35,102 @@ where they overlap), nothing per exchange; the rule runs only when a timeout fir
 from __future__ import annotations
 
 from collections import deque
-from typing import Final
+from typing import Final, NamedTuple
 from weakref import WeakKeyDictionary
 
 STALL_NS: Final = 50_000_000  # a stretch this long without the loop running is a stall
 STALLS_KEPT: Final = 32
 EDGE_NS: Final = 20_000_000  # a stall's ends are known to within the watch's interval
 DEAF_SHARE: Final = 2  # deaf for 1/2 of the limit up to the deadline: the proxy's fault
-DEFER: Final = -1
+UNKNOWN: Final = -1  # no schedstat here: how long the thread waited for a CPU is not known
+
+
+class Stall(NamedTuple):
+    """A stretch without the loop running, `perf_counter_ns` ends; `waiting_ns`: how much
+    of it the loop's thread spent runnable but waiting for a CPU (`UNKNOWN` if not known)."""
+
+    start: int
+    end: int
+    waiting_ns: int = UNKNOWN
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start
+
+    @property
+    def starved(self) -> bool:
+        """Waiting for a CPU for at least half of it: starved, not held by its own work."""
+        return self.waiting_ns >= 0 and self.waiting_ns * 2 >= self.end - self.start
+
+
+DEFER: Final = Stall(0, 0)  # `stall_verdict`: not yet (never a stall: it lasts 0 ns)
 
 
 class LoopStalls:
-    """One loop's recent stalls as (start, end) `perf_counter_ns` pairs, oldest first,
+    """One loop's recent stalls (`Stall`s), oldest first,
     and when its watch last saw it run (`alive_ns`: a stall still under way, not yet
     noted, is the time since then)."""
 
     __slots__ = ("alive_ns", "count", "interval_ns", "longest_ns", "polled_ns", "recent")
 
     def __init__(self, interval_ns: int) -> None:
-        self.recent: deque[tuple[int, int]] = deque(maxlen=STALLS_KEPT)
+        self.recent: deque[Stall] = deque(maxlen=STALLS_KEPT)
         self.interval_ns = interval_ns  # how often the watch runs while the loop is free
         self.alive_ns = 0
         self.polled_ns = 0  # when the watch last read its probe: the loop polled I/O then
         self.count = 0  # stalls noted since start (merged ones once)
         self.longest_ns = 0
 
-    def note(self, start: int, end: int) -> None:
-        """The loop ran nothing from `start` to `end` (merged with an overlapping stall)."""
+    def note(self, start: int, end: int, waiting_ns: int = UNKNOWN) -> None:
+        """The loop ran nothing from `start` to `end`, its thread waiting for a CPU for
+        `waiting_ns` of it (merged with an overlapping stall: the timer and the probe see
+        adjacent parts of one stall, measured apart, so their waits add up)."""
         if end - start < STALL_NS:
             return
+        waiting_ns = min(waiting_ns, end - start)
         recent = self.recent
-        if recent and start <= recent[-1][1]:
-            first, last = recent.pop()
-            start, end = min(start, first), max(end, last)
+        if recent and start <= recent[-1].end:
+            first = recent.pop()
+            start, end = min(start, first.start), max(end, first.end)
+            if waiting_ns >= 0 and first.waiting_ns >= 0:
+                waiting_ns = min(end - start, waiting_ns + first.waiting_ns)
+            else:
+                waiting_ns = max(waiting_ns, first.waiting_ns)
         else:
             self.count += 1
-        recent.append((start, end))
+        recent.append(Stall(start, end, waiting_ns))
         self.longest_ns = max(self.longest_ns, end - start)
 
-    def spans(self, now: int) -> list[tuple[int, int]]:
-        """The noted stalls, and one under way since the watch last ran, if any."""
+    def spans(self, now: int) -> list[Stall]:
+        """The noted stalls, and one under way since the watch last ran, if any (how long
+        it has waited for a CPU is known only once it ends)."""
         out = list(self.recent)
         alive = self.alive_ns
         if alive and now - alive > self.interval_ns + STALL_NS:
             begun = alive + self.interval_ns
-            if out and begun <= out[-1][1]:
-                out[-1] = (out[-1][0], now)
+            if out and begun <= out[-1].end:
+                out[-1] = out[-1]._replace(end=now)
             else:
-                out.append((begun, now))
+                out.append(Stall(begun, now))
         return out
 
 
-def stall_verdict(stalls: LoopStalls | None, start: int, limit: int, now: int) -> int:
-    """`DEFER` (not yet: the loop has not polled I/O since its last stall), the length of
-    the stall that makes a timeout the proxy's (see the module's rule), or 0: it is not."""
+def stall_verdict(stalls: LoopStalls | None, start: int, limit: int, now: int) -> Stall | None:
+    """`DEFER` (not yet: the loop has not polled I/O since its last stall), the stall that
+    makes a timeout the proxy's (see the module's rule), or None: it is not."""
     if stalls is None or not start:
-        return 0
+        return None
     deadline = start + limit
     spans = stalls.spans(now)
-    if spans and spans[-1][1] > stalls.polled_ns and now - deadline < limit:
+    if spans and spans[-1].end > stalls.polled_ns and now - deadline < limit:
         return DEFER
-    for first, last in spans:
+    for stall in spans:
+        first, last = stall.start, stall.end
         if first - EDGE_NS <= deadline <= last + EDGE_NS:
             deaf = min(deadline, last) - max(first, start)
             if deaf * DEAF_SHARE >= limit and last - first >= STALL_NS:
-                return last - first
-    return 0
+                return stall
+    return None
 
 
 # Each running loop's record, written by its watch (several proxies in one loop share the

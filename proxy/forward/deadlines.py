@@ -15,7 +15,13 @@ import logging
 from typing import Final
 
 from ..base.text import duration_text
-from ..diagnosis.classify import DeadlineExpired, LoopStalled, UploadStalled, classify
+from ..diagnosis.classify import (
+    DeadlineExpired,
+    LoopStalled,
+    UploadStalled,
+    classify,
+    stall_cause,
+)
 from ..diagnosis.faults import Fault, RequestProblem
 from ..diagnosis.hops import PROXY_LOOP_STALLED
 from ..diagnosis.record import Phase
@@ -34,17 +40,18 @@ def _stall(
     read what came during it); False: the peer's fault. A stall-free timeout costs a
     dictionary look-up here."""
     stall = stall_verdict(stalls_of(fw.ctx.pool.loop), start, error.limit_ns, now)
-    if stall == DEFER:
+    if stall is DEFER:
         return True
-    if not stall:
+    if stall is None:
         return False
     if instead is None:
         instead = classify(fw.phase, error)[0]
     log.warning(
-        "exchange %s: the event loop was stalled for %s over the deadline of %s; "
+        "exchange %s: the event loop was stalled for %s%s over the deadline of %s; "
         "charged to the proxy, not to %s as %s",
         fw.request_id,
-        duration_text(stall),
+        duration_text(stall.length),
+        stall_cause(stall),
         error.setting,
         peer,
         instead.value,
