@@ -213,6 +213,19 @@ def cpu_ticks(pids: list[int]) -> int:
     return total
 
 
+def cpu_wait_ns(pids: list[int]) -> int:
+    """How long the threads of `pids` have waited, runnable, for a CPU (the kernel's
+    schedstat): time a proxy pinned to its CPU lost to anything else running there."""
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                with contextlib.suppress(OSError, ValueError, IndexError):
+                    with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                        total += int(f.read().split()[1])
+    return total
+
+
 def rss_bytes(pids: list[int]) -> int:
     total = 0
     for p in pids:
@@ -699,6 +712,7 @@ def run_load(
     lag0 = lag_buckets(v.admin_port)
     each0 = {p: cpu_ticks([p]) for p in pids}
     ticks0, jiffies0, t0 = cpu_ticks(pids), cpu_jiffies(), time.monotonic()
+    wait0 = cpu_wait_ns(pids)
     prober = start_probe(v, scen, duration, a) if probe else None
     tracer, trace_path = None, os.path.join(a.rundir, f"turns-{v.name}.data")
     if probe and a.turns == "on" and pids:  # the middle of the run: 1 s in to 1 s before the end
@@ -709,6 +723,7 @@ def run_load(
         out = ""
     elapsed = time.monotonic() - t0
     ticks1, jiffies1 = cpu_ticks(pids), cpu_jiffies()
+    r_wait = (cpu_wait_ns(pids) - wait0) / 1e6
     each = sorted((cpu_ticks([p]) - t for p, t in each0.items()), reverse=True)
     # how the proxy's CPU time split between its processes (%, largest first): 2 workers
     # that share the load evenly show 50/50 (nginx: 0 for its master)
@@ -730,6 +745,7 @@ def run_load(
     r["loadavg"] = round(os.getloadavg()[0], 2)
     r["procs"] = len(pids)  # the proxy's process tree (its workers)
     r["cpu_split"] = r_split
+    r["cpu_wait_ms"] = r_wait if pids else None
     cpu_s = (ticks1 - ticks0) / CLK_TCK
     r["mib_s"] = r["rps"] * scen.payload / MIB
     r["rss_mb"] = peak[0] / MIB if pids else None
@@ -1077,6 +1093,8 @@ def summarize(results: dict, names: list[str]) -> dict:
             m["rps_runs"] = [round(r["rps"]) for r in runs]
             m["procs"] = max(r.get("procs", 0) for r in runs)
             m["cpu_split"] = runs[-1].get("cpu_split", [])  # the last rep's
+            waits = [r["cpu_wait_ms"] for r in runs if r.get("cpu_wait_ms") is not None]
+            m["cpu_wait_ms"] = max(waits) if waits else None  # the worst rep's
             traced = [r["turns"] for r in runs if "p99" in r.get("turns", {})]
             if traced:  # medians of the reps, the worst rep's max
                 m["turns"] = {k: med([t[k] for t in traced]) for k in ("p50", "p99", "events")}
@@ -1193,6 +1211,7 @@ def probe_lines(s: str, summ: dict, names: list[str], a: argparse.Namespace, md:
         "turn p50/p99/max ms",
         "turn p99 x nginx",
         "events a poll",
+        "CPU wait ms",
         "wrk p99 ms",
         "wrk max ms",
         "probe max per rep",
@@ -1223,6 +1242,7 @@ def probe_lines(s: str, summ: dict, names: list[str], a: argparse.Namespace, md:
                 turn_cell(m),
                 num(ratio(m.get("turns", {}).get("p99"), base_t.get("p99")), ".2f"),
                 num(m.get("turns", {}).get("events"), ".1f"),
+                num(m.get("cpu_wait_ms"), ".1f"),
                 num(m["p99"], ".3f"),
                 num(m["max"], ".3f"),
                 " ".join(f"{x:.2f}" for x in p["max_runs"]),
@@ -1416,6 +1436,8 @@ def check_targets(summary: dict, idle: dict, rss_after: dict, fl: str, off: str)
         if probe.get("max") is not None
         else ""
     )
+    if lag.get("cpu_wait_ms") is not None:
+        outside += f"; waited for its CPU up to {lag['cpu_wait_ms']:.1f} ms a rep"
     for key, limit in (("lag_max", TARGET_LAG_MAX_MS), ("lag_p99", TARGET_LAG_P99_MS)):
         text = f"small-c50: {fl} event-loop lag {key[4:]} <= {limit} ms"
         x = lag.get(key)
@@ -1562,6 +1584,10 @@ def report(
         "before its end (bench/turns.py, perf tracepoints); an event that becomes ready, or a "
         "timer that falls due, during a turn waits for the rest of it. p50/p99 are the reps' "
         "medians, max the worst rep's; events a poll = what one epoll_wait returned, mean.",
+        "CPU wait = how long the proxy's threads were runnable but waiting for a CPU during a "
+        "rep (the kernel's schedstat), the worst rep's: time the pinned proxy lost to anything "
+        "else running on its CPU (kernel threads, neighbours). It explains a loop-lag or probe "
+        "maximum far above the rest.",
         "workers scenarios: PROXY-wN runs N workers (nginx worker_processes, faultline "
         "--workers); x nginx compares with nginx-wN; gain = w2 req/s / w1 req/s; CPU w2/w1 = "
         "how much more CPU a request costs with 2 workers.",
