@@ -536,3 +536,23 @@ async def curl(*args: str) -> tuple[int, bytes, bytes]:
     )  # fmt: skip
     out, err = await proc.communicate()
     return proc.returncode or 0, out, err
+
+
+async def held_in_io_callback(seconds: float) -> None:
+    """Hold the running loop for `seconds` inside an I/O callback (as a slow
+    `data_received` would): when it returns, libuv runs the timers that fell due before it
+    polls for I/O again."""
+    loop = asyncio.get_running_loop()
+    a, b = socket.socketpair()
+    done = loop.create_future()
+
+    def held() -> None:
+        loop.remove_reader(a.fileno())
+        time.sleep(seconds)
+        done.set_result(None)
+
+    loop.add_reader(a.fileno(), held)
+    b.send(b"x")
+    await done
+    a.close()
+    b.close()

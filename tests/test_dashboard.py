@@ -28,7 +28,7 @@ from proxy.diagnosis.faults import TAXONOMY, Fault
 from proxy.telemetry.histogram import BUCKETS_S
 from proxy.telemetry.stats import PHASES
 
-from support import LOOPBACK, ROOT, raw_request
+from support import LOOPBACK, ROOT, held_in_io_callback, raw_request
 
 TOKEN = "dash-token-42"
 ARTIFACTS = ROOT / "test-artifacts"
@@ -145,7 +145,9 @@ async def test_dashboard_shows_the_faults_and_matches_stats(demo_proxy, browser)
     await page.wait_for_selector("#recent tr[data-request-id]", timeout=10_000)
     await page.evaluate("window.__loadedOnce = true")
 
-    # More traffic and new faults while the page is open: it follows without a reload.
+    # More traffic and new faults while the page is open: it follows without a reload. The
+    # loop is held for 120 ms (as a slow callback would): a stall, held by its own work.
+    await held_in_io_callback(0.12)
     await traffic(proxy.url, proxy.port, seconds=1.5)
     async with aiohttp.ClientSession() as session:
         await _get(session, proxy.url + "/garbage")  # the newest error: a proxy fault
@@ -162,6 +164,12 @@ async def test_dashboard_shows_the_faults_and_matches_stats(demo_proxy, browser)
     assert _count(await page.inner_text("#total")) == total
     assert await page.inner_text("#in-flight") == "0"
     assert (await page.inner_text("#lag-max")).endswith(" ms")  # the loop watching itself
+    stalls = stats["loop_lag_ms"]["stalls"]  # 1, unless the box stalled the loop too
+    assert stalls["count"] >= 1
+    assert _count(await page.inner_text("#stall-count")) == stalls["count"]
+    last = stalls["recent"][0]
+    cause = "starved of CPU" if last["cpu_wait_ms"] * 2 >= last["ms"] else "held by its own work"
+    assert (await page.inner_text("#stall-last")).endswith(cause)
     assert await page.inner_text("#log-dropped") == "0"  # the access log kept up
     responses = stats["responses"]
     assert await _rows(page, "by-source") == responses["by_source"]

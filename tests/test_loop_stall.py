@@ -16,7 +16,13 @@ import pytest
 
 from proxy.diagnosis.stalls import DEFER, STALL_NS, UNKNOWN, LoopStalls, Stall, stall_verdict
 
-from support import LOOPBACK, parse_responses, proxy_status_members, raw_request
+from support import (
+    LOOPBACK,
+    held_in_io_callback,
+    parse_responses,
+    proxy_status_members,
+    raw_request,
+)
 
 REQUEST = b"GET /slow HTTP/1.1\r\nHost: app\r\nConnection: close\r\n\r\n"
 MS = 1_000_000
@@ -62,26 +68,6 @@ class ThreadOrigin:
     def close(self) -> None:
         self.sock.close()
         self.thread.join(5)
-
-
-async def held_in_io_callback(seconds: float) -> None:
-    """Hold the running loop for `seconds` inside an I/O callback (as a slow
-    `data_received` would): when it returns, libuv runs the timers that fell due before it
-    polls for I/O again."""
-    loop = asyncio.get_running_loop()
-    a, b = socket.socketpair()
-    done = loop.create_future()
-
-    def held() -> None:
-        loop.remove_reader(a.fileno())
-        time.sleep(seconds)
-        done.set_result(None)
-
-    loop.add_reader(a.fileno(), held)
-    b.send(b"x")
-    await done
-    a.close()
-    b.close()
 
 
 # A process that takes one CPU from everyone else for a while: SCHED_FIFO, pinned, spinning.
