@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import io
 import os
 import random
@@ -556,3 +557,13 @@ async def held_in_io_callback(seconds: float) -> None:
     await done
     a.close()
     b.close()
+
+
+def load_bench_module(name: str) -> Any:
+    """bench/NAME.py, imported as a module (bench/ is scripts, not a package)."""
+    path = ROOT / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

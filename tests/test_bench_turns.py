@@ -3,19 +3,13 @@ way for every proxy: what a turn is must not drift (the p99 bar is read against 
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
+
+from support import load_bench_module
 
 
 def load_turns():
-    path = Path(__file__).resolve().parent.parent / "bench" / "turns.py"
-    spec = importlib.util.spec_from_file_location("turns", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_module("turns")
 
 
 # `perf script -F tid,time,event,trace` as perf 6 prints it: nginx's epoll_wait and libuv's

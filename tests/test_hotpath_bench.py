@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import orjson
 import pytest
 
 from proxy.telemetry.logoutput import LineOutput
 
+from support import load_bench_module
+
 
 def load_hotpath():
-    path = Path(__file__).resolve().parent.parent / "bench" / "hotpath.py"
-    spec = importlib.util.spec_from_file_location("hotpath", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_module("hotpath")
 
 
 @pytest.mark.parametrize("name", ["full", "pst", "nodiag"])
