@@ -144,7 +144,20 @@ LUA_TAIL = (
     "latency.max))\n"
     "end\n"
 )
-PEERS = ("direct", "nginx", "haproxy")
+PEERS = ("direct", "nginx", "nginx-log", "haproxy")
+# nginx-log's access log: Faultline's JSON fields, from nginx's variables (the ones it has).
+NGINX_JSON_LOG = (
+    "log_format faultline_like escape=json "
+    '\'{"time":"$time_iso8601","request_id":"$request_id","method":"$request_method",\''
+    ' \'"path":"$request_uri","status":$status,"source":"origin","layer":"origin",\''
+    ' \'"error":null,"details":null,"upstream":"$upstream_addr","route":null,\''
+    ' \'"client":"$remote_addr","protocol":"$server_protocol","bytes_in":$request_length,\''
+    ' \'"bytes_out":$body_bytes_sent,"duration_ms":$request_time,"phases_ms":{"wait":null,\''
+    ' \'"dns":null,"connect":"$upstream_connect_time","tls":null,"queue":null,\''
+    ' \'"ttfb":"$upstream_header_time","body":"$upstream_response_time"},"reused":true,\''
+    ' \'"retried":false,"hop":null,"hints":[]}\';\n'
+    "    access_log @RUN@/nginx-log.access.log faultline_like buffer=16k flush=1s;"
+)
 FAULTLINE = "faultline"  # diagnostics and access log on (the defaults)
 FAULTLINE_OFF = "faultline-nodiag"
 DEFAULT_NODIAG_ENV = ("FAULTLINE_DIAGNOSTICS=false", "FAULTLINE_LOG_ACCESS=false")
@@ -1453,6 +1466,15 @@ def check_targets(summary: dict, idle: dict, rss_after: dict, fl: str, off: str)
             f"{ngx_t['p99']:.3f} max {ngx_t['max']:.3f} ms, {fl} p99 {fl_t['p99']:.3f} max "
             f"{fl_t['max']:.3f} ms ({fl_t['p99'] / ngx_t['p99']:.2f}x nginx's p99)"
         )
+    for scen in ("small-c50", "16k-c50"):  # the same work: nginx with Faultline's access log
+        x, logged = get(scen, fl, "rps"), get(scen, "nginx-log", "rps")
+        if x and logged:
+            cost = ratio(logged, get(scen, "nginx", "rps"))
+            out.append(
+                f"NOTE  {scen}: {fl} makes {x / logged:.2f}x the req/s of nginx with the same "
+                f"JSON access log (nginx-log, {logged:.0f} req/s"
+                + (f", {cost:.2f}x nginx's without one)" if cost else ")")
+            )
     calm = summary.get("small-r2k", {})
     if calm.get(fl, {}).get("lag_p99") is not None:  # the same bars, below saturation
         m = calm[fl]
@@ -1603,7 +1625,8 @@ def report(
                 warn = " WARNING: it logs although its access log should be off."
             notes.append(
                 f"{n} wrote {statistics.median(per_req):.0f} bytes of access log per request "
-                f"to stdout (median over scenarios).{warn}"
+                f"({'to a file' if n == 'nginx-log' else 'to stdout'}, median over "
+                f"scenarios).{warn}"
             )
     if md:
         lines += ["> " + " ".join(notes[:8]), "", *(f"- {n}" for n in notes[8:])]  # 8: the prose
@@ -1799,6 +1822,9 @@ def main(argv: list[str] | None = None) -> int:
         "origin": bp,
         "nginx": bp + 1,
         "haproxy": bp + 2,
+        "nginx-log": bp + 36,
+        "nginx-log-h2": bp + 37,
+        "nginx-log-h2h2": bp + 38,
         "origin-h2c": bp + 7,
         "nginx-h2": bp + 8,
         "nginx-h2h2": bp + 9,
@@ -1875,12 +1901,16 @@ def main(argv: list[str] | None = None) -> int:
         os.path.join(rundir, "nginx-origin.conf"),
         {**subs, "NAME": "origin"},
     )
-    render(
-        os.path.join(HERE, "nginx-proxy.conf"),
-        os.path.join(rundir, "nginx-proxy.conf"),
-        {**subs, "PORT": ports["nginx"], "H2_PORT": ports["nginx-h2"],
-         "H2H2_PORT": ports["nginx-h2h2"], "NAME": "nginx-proxy"},
-    )  # fmt: skip
+    for name, conf, access in (
+        ("nginx", "nginx-proxy", "access_log off;"),
+        ("nginx-log", "nginx-log", NGINX_JSON_LOG.replace("@RUN@", rundir)),
+    ):
+        render(
+            os.path.join(HERE, "nginx-proxy.conf"),
+            os.path.join(rundir, f"{conf}.conf"),
+            {**subs, "PORT": ports[name], "H2_PORT": ports[f"{name}-h2"],
+             "H2H2_PORT": ports[f"{name}-h2h2"], "NAME": conf, "ACCESS_LOG": access},
+        )  # fmt: skip
     if "w" in routes:
         w_subs = {**subs, "ORIGIN_PORT": w_ports["origin-w"],
                   "H2C_ORIGIN_PORT": w_ports["origin-w-h2c"]}  # fmt: skip
@@ -1895,7 +1925,7 @@ def main(argv: list[str] | None = None) -> int:
                     os.path.join(HERE, "nginx-proxy.conf"),
                     os.path.join(rundir, f"{name}.conf"),
                     {**w_subs, "NAME": name, "WORKERS": k, "PORT": port, "H2_PORT": port + 1,
-                     "H2H2_PORT": port + 2},
+                     "H2H2_PORT": port + 2, "ACCESS_LOG": "access_log off;"},
                 )  # fmt: skip
     render(
         os.path.join(HERE, "haproxy.cfg"),
@@ -1965,12 +1995,14 @@ def main(argv: list[str] | None = None) -> int:
             by_route["h2h2"].append(Variant("direct", ports["origin-h2c"], None))
         peers = {
             "nginx": ngx("nginx-proxy.conf", "nginx-proxy"),
+            "nginx-log": ngx("nginx-log.conf", "nginx-log"),
             "haproxy": ["haproxy", "-db", "-f", os.path.join(rundir, "haproxy.cfg")],
         }
         for name, peer_argv in peers.items():
             if name in wanted and pinned:
                 srv = Server(name, peer_argv, ports[name], a.proxy_cpu, rundir, nofile)
-                by_route["h1"].append(Variant(name, ports[name], srv))
+                alog = os.path.join(rundir, "nginx-log.access.log") if name == "nginx-log" else None
+                by_route["h1"].append(Variant(name, ports[name], srv, access_log=alog))
                 by_route["h2"].append(Variant(name, ports[f"{name}-h2"], srv))
                 by_route["h2h2"].append(Variant(name, ports[f"{name}-h2h2"], srv))
         for name, cmd, port, admin, env, alog, route in fl_specs:
