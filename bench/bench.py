@@ -1711,7 +1711,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--turns",
         choices=("on", "off"),
         default="on",
-        help="trace every variant's event-loop turns during small-c50 and small-c50-w2 "
+        help="trace every variant's event-loop turns during small-c50, small-r2k and small-c50-w2 "
         "(bench/turns.py, perf's epoll_wait tracepoints; skipped with a note where perf "
         "cannot trace): the loop lag of nginx and HAProxy measured as Faultline's",
     )
